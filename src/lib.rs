@@ -10,3 +10,8 @@
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod config;
+pub mod generate;
+pub mod hooks;
+pub mod interrupt;
+pub mod model;

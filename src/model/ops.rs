@@ -1,0 +1,45 @@
+//! The few non-matmul ops of a Llama block, each in two forms: candle's fused kernels (fast, no
+//! backward) for inference, and compositions of differentiable primitives for training paths.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if !differentiable && x.dtype() == DType::F32 && x.is_contiguous() {
+        return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let d = x.dim(D::Minus1)? as f64;
+    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
+    let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    y.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if differentiable {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Half-rotation RoPE (HF's `rotate_half`) on `[b, heads, seq, hd]` with `cos`/`sin` of shape
+/// `[b, seq, hd/2]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
+    if !differentiable {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let hd = x.dim(D::Minus1)?;
+    let half = hd / 2;
+    let cos = cos.unsqueeze(1)?.to_dtype(x.dtype())?; // [b, 1, seq, hd/2]
+    let sin = sin.unsqueeze(1)?.to_dtype(x.dtype())?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}

@@ -1,0 +1,229 @@
+//! Where weights come from: a GGUF file (dequantized, llama.cpp's q/k permutation undone) or
+//! HF safetensors (single file or shards). Both answer to HF tensor names, so the model loader
+//! has one naming scheme; every failure names the file and the tensor.
+
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+/// A store of named weights, addressed by HF names (`model.layers.0.self_attn.q_proj.weight`).
+pub trait WeightSource {
+    /// Load a tensor with the given HF name and check its shape; `Ok(None)` if absent.
+    fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>>;
+    /// The file(s) this source reads, for error messages.
+    fn describe(&self) -> String;
+}
+
+/// Load a required tensor and check its shape.
+pub fn require(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = src
+        .get(name, dtype, device)?
+        .ok_or_else(|| Error::BadFile {
+            path: PathBuf::from(src.describe()),
+            msg: format!("missing tensor `{name}`"),
+        })?;
+    check_shape(src, name, &t, shape)?;
+    Ok(t)
+}
+
+/// Load an optional tensor and check its shape when present.
+pub fn optional(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    match src.get(name, dtype, device)? {
+        Some(t) => {
+            check_shape(src, name, &t, shape)?;
+            Ok(Some(t))
+        }
+        None => Ok(None),
+    }
+}
+
+fn check_shape(src: &dyn WeightSource, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.dims() != shape {
+        return Err(Error::BadFile {
+            path: PathBuf::from(src.describe()),
+            msg: format!(
+                "tensor `{name}` has shape {:?}, the config expects {:?}",
+                t.dims(),
+                shape
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A GGUF file. Tensors are dequantized on load to the requested dtype.
+pub struct GgufWeights {
+    path: PathBuf,
+    reader: BufReader<File>,
+    pub content: gguf_file::Content,
+    n_heads: usize,
+    n_kv_heads: usize,
+    /// llama.cpp permutes q/k rows for its adjacent-pair RoPE for these architectures.
+    unpermute_qk: bool,
+}
+
+impl GgufWeights {
+    /// Open a GGUF file and read its header and metadata.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader)
+            .map_err(|e| Error::bad_file(path, format!("not a readable GGUF file: {e}")))?;
+        Ok(GgufWeights {
+            path: path.to_path_buf(),
+            reader,
+            content,
+            n_heads: 0,
+            n_kv_heads: 0,
+            unpermute_qk: false,
+        })
+    }
+
+    /// Tell the loader the head counts, needed to undo the q/k permutation.
+    pub fn set_heads(&mut self, arch: &str, n_heads: usize, n_kv_heads: usize) {
+        self.n_heads = n_heads;
+        self.n_kv_heads = n_kv_heads;
+        self.unpermute_qk = matches!(arch, "llama" | "mistral");
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The GGUF name of an HF tensor name.
+    pub fn gguf_name(hf: &str) -> Option<String> {
+        let simple = match hf {
+            "model.embed_tokens.weight" => Some("token_embd.weight"),
+            "model.norm.weight" => Some("output_norm.weight"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        };
+        if let Some(s) = simple {
+            return Some(s.to_string());
+        }
+        let rest = hf.strip_prefix("model.layers.")?;
+        let (i, rest) = rest.split_once('.')?;
+        let (module, kind) = rest.rsplit_once('.')?;
+        let g = match module {
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            _ => return None,
+        };
+        Some(format!("blk.{i}.{g}.{kind}"))
+    }
+}
+
+/// Undo llama.cpp's `permute`: rows grouped `[head, hd/2, 2]` back to HF's `[head, 2, hd/2]`.
+pub fn unpermute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let out = dims[0];
+    let hd = out / n_head;
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((n_head, hd / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+impl WeightSource for GgufWeights {
+    fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        let Some(gname) = Self::gguf_name(name) else {
+            return Ok(None);
+        };
+        if !self.content.tensor_infos.contains_key(&gname) {
+            return Ok(None);
+        }
+        let q = self
+            .content
+            .tensor(&mut self.reader, &gname, device)
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}")))?;
+        let mut t = q
+            .dequantize(device)
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}")))?;
+        if self.unpermute_qk {
+            if gname.ends_with("attn_q.weight") || gname.ends_with("attn_q.bias") {
+                t = unpermute_rows(&t, self.n_heads)?;
+            } else if gname.ends_with("attn_k.weight") || gname.ends_with("attn_k.bias") {
+                t = unpermute_rows(&t, self.n_kv_heads)?;
+            }
+        }
+        Ok(Some(t.to_dtype(dtype)?))
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// HF safetensors, one file or shards, memory-mapped.
+pub struct SafetensorsWeights {
+    files: Vec<PathBuf>,
+    st: MmapedSafetensors,
+}
+
+impl SafetensorsWeights {
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        if files.is_empty() {
+            return Err(Error::invalid("no safetensors files given"));
+        }
+        // Open each file alone first, so a corrupt one is named.
+        for f in files {
+            // SAFETY: the file is only read; a concurrent writer is the user's responsibility, as
+            // with every mmap-based loader.
+            unsafe { MmapedSafetensors::new(f) }
+                .map_err(|e| Error::bad_file(f, format!("not a readable safetensors file: {e}")))?;
+        }
+        let st = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| Error::bad_file(&files[0], e))?;
+        Ok(SafetensorsWeights {
+            files: files.to_vec(),
+            st,
+        })
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        if self.st.get(name).is_err() {
+            return Ok(None);
+        }
+        let t = self
+            .st
+            .load(name, device)
+            .map_err(|e| Error::bad_file(self.describe(), format!("tensor `{name}`: {e}")))?;
+        Ok(Some(t.to_dtype(dtype)?))
+    }
+    fn describe(&self) -> String {
+        if self.files.len() == 1 {
+            self.files[0].display().to_string()
+        } else {
+            format!(
+                "{} (+{} shards)",
+                self.files[0].display(),
+                self.files.len() - 1
+            )
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Shared test fixtures: a tiny random Llama written to a temp dir through the real file formats.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const VOCAB: usize = 97;
+pub const D: usize = 64;
+pub const LAYERS: usize = 3;
+pub const HEADS: usize = 4;
+pub const KV_HEADS: usize = 2;
+pub const FF: usize = 128;
+
+pub fn tiny_config_json() -> String {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": D,
+        "intermediate_size": FF,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2
+    })
+    .to_string()
+}
+
+/// Random weights in HF names, seeded.
+pub fn tiny_weights(seed: u64) -> HashMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let mut w = HashMap::new();
+    let mut k = seed;
+    let mut rnd = |shape: &[usize], scale: f64| {
+        k += 1;
+        // deterministic pseudo-random values from a simple LCG, independent of candle's RNG
+        let n: usize = shape.iter().product();
+        let mut s = k
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (((s >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0) as f32 * scale as f32
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    w.insert("model.embed_tokens.weight".into(), rnd(&[VOCAB, D], 1.0));
+    let hd = D / HEADS;
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        let s = 1.0 / (D as f64).sqrt();
+        w.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            rnd(&[HEADS * hd, D], s * 2.0),
+        );
+        w.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            rnd(&[KV_HEADS * hd, D], s * 2.0),
+        );
+        w.insert(
+            format!("{p}.self_attn.v_proj.weight"),
+            rnd(&[KV_HEADS * hd, D], s),
+        );
+        w.insert(
+            format!("{p}.self_attn.o_proj.weight"),
+            rnd(&[D, HEADS * hd], s),
+        );
+        w.insert(format!("{p}.mlp.gate_proj.weight"), rnd(&[FF, D], s));
+        w.insert(format!("{p}.mlp.up_proj.weight"), rnd(&[FF, D], s));
+        w.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            rnd(&[D, FF], 1.0 / (FF as f64).sqrt()),
+        );
+        w.insert(
+            format!("{p}.input_layernorm.weight"),
+            (rnd(&[D], 0.1) + 1.0).unwrap(),
+        );
+        w.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            (rnd(&[D], 0.1) + 1.0).unwrap(),
+        );
+    }
+    w.insert("model.norm.weight".into(), (rnd(&[D], 0.1) + 1.0).unwrap());
+    w.insert(
+        "lm_head.weight".into(),
+        rnd(&[VOCAB, D], 1.0 / (D as f64).sqrt() * 4.0),
+    );
+    w
+}
+
+/// Write config.json + model.safetensors of a tiny random Llama into `dir`.
+pub fn write_tiny_model(dir: &Path, seed: u64) -> PathBuf {
+    std::fs::write(dir.join("config.json"), tiny_config_json()).unwrap();
+    let w = tiny_weights(seed);
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+    dir.to_path_buf()
+}
+
+pub fn load_tiny(dir: &Path) -> lqa::model::Llama {
+    let cfg = lqa::config::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let mut src =
+        lqa::model::weights::SafetensorsWeights::open(&[dir.join("model.safetensors")]).unwrap();
+    lqa::model::Llama::load(cfg, &mut src, DType::F32, &Device::Cpu).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
