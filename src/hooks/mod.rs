@@ -272,10 +272,12 @@ fn apply_patch(p: &Patch, x: &Tensor, ctx: &HookCtx) -> Result<Tensor> {
             }
             true
         }
-        _ => return Err(Error::invalid(format!(
+        _ => {
+            return Err(Error::invalid(format!(
             "patch at {}: value shape {:?} does not fit d_model {d} (expected [{d}] or [n, {d}])",
             p.point, vdims
-        ))),
+        )))
+        }
     };
     let rows: Vec<usize> = match &p.rows {
         Some(r) => r.clone(),
