@@ -15,5 +15,5 @@ pub mod config;
 pub mod generate;
 pub mod hooks;
 pub mod interrupt;
-// pub mod lm;
+pub mod lm;
 pub mod model;
