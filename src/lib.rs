@@ -7,6 +7,8 @@
 //! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
+pub mod chat;
 pub mod error;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
