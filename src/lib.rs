@@ -7,13 +7,15 @@
 //! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
-pub mod error;
-pub mod sources;
-
-pub use error::{Error, Result};
+pub mod chat;
 pub mod config;
+pub mod error;
 pub mod generate;
 pub mod hooks;
 pub mod interrupt;
 pub mod lm;
 pub mod model;
+pub mod sources;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
