@@ -30,9 +30,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::var("LQA_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("LQA_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let t0 = Instant::now();
-    let lm = lqa::lm::LanguageModel::load(lqa::sources::DEFAULT_MODEL, &lqa::lm::LoadOptions::default())?;
+    let lm = lqa::lm::LanguageModel::load(
+        lqa::sources::DEFAULT_MODEL,
+        &lqa::lm::LoadOptions::default(),
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
     let m = &lm.model;
     let rss_loaded = rss_kib("VmRSS:") as f64 / 1024.0;
@@ -50,7 +56,8 @@ fn main() -> anyhow::Result<()> {
 
     reset_peak();
     let prefill = || -> anyhow::Result<f64> {
-        let input = Input::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu)?.with_logits(Logits::Last);
+        let input = Input::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu)?
+            .with_logits(Logits::Last);
         let mut cache = KvCache::new(m.n_layers());
         let t = Instant::now();
         let out = m.forward(&input, Some(&mut cache), None)?;
@@ -60,12 +67,17 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..2 {
         prefill()?;
     }
-    let pre: Vec<f64> = (0..runs.max(5) * 2).map(|_| prefill()).collect::<anyhow::Result<_>>()?;
+    let pre: Vec<f64> = (0..runs.max(5) * 2)
+        .map(|_| prefill())
+        .collect::<anyhow::Result<_>>()?;
     let pre_peak = rss_kib("VmHWM:") as f64 / 1024.0;
 
     reset_peak();
     let n_new = 64;
-    let opts = GenOptions { max_new_tokens: n_new, ..Default::default() };
+    let opts = GenOptions {
+        max_new_tokens: n_new,
+        ..Default::default()
+    };
     let decode = || -> anyhow::Result<f64> {
         // generate() includes the prefill; time it separately and subtract, as timing.py times
         // the 64 single-token steps only.
@@ -76,15 +88,20 @@ fn main() -> anyhow::Result<()> {
     };
     decode()?;
     let pre_med = median(pre.clone());
-    let dec: Vec<f64> = (0..runs).map(|_| decode().map(|t| t - pre_med)).collect::<anyhow::Result<_>>()?;
+    let dec: Vec<f64> = (0..runs)
+        .map(|_| decode().map(|t| t - pre_med))
+        .collect::<anyhow::Result<_>>()?;
     let dec_peak = rss_kib("VmHWM:") as f64 / 1024.0;
 
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/timing_results.json"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/reference/timing_results.json"),
     )?)?;
     let find = |bench: &str, attn: &str| {
         reference["results"].as_array().and_then(|a| {
-            a.iter().find(|r| r["bench"] == bench && r["attn_implementation"] == attn).cloned()
+            a.iter()
+                .find(|r| r["bench"] == bench && r["attn_implementation"] == attn)
+                .cloned()
         })
     };
     let pt_pre = find("prefill", "sdpa").unwrap_or_default();

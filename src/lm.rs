@@ -219,14 +219,17 @@ impl LanguageModel {
             .iter()
             .map(|p| self.encode_prompt(p))
             .collect::<Result<_>>()?;
-        let mut input = Input::left_padded(&ids, self.pad_id(), self.model.device())?
-            .with_logits(Logits::None);
+        let mut input =
+            Input::left_padded(&ids, self.pad_id(), self.model.device())?.with_logits(Logits::None);
         let mut hooks = Hooks::new();
         for p in points {
             hooks = hooks.capture(*p);
         }
         let n = self.model.n_layers();
-        if !points.iter().any(|p| p.layer.is_none() && p.site != crate::hooks::Site::Embed) {
+        if !points
+            .iter()
+            .any(|p| p.layer.is_none() && p.site != crate::hooks::Site::Embed)
+        {
             input.stop_after_layer = Some(hooks.last_layer_needed(n));
         }
         self.model.forward(&input, None, Some(&mut hooks))?;
