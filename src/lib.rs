@@ -13,6 +13,7 @@ pub mod error;
 pub mod generate;
 pub mod hooks;
 pub mod interrupt;
+pub mod latentqa;
 pub mod lm;
 pub mod model;
 pub mod sources;

@@ -1,0 +1,43 @@
+//! LatentQA's semantics (Pan, Chen, Steinhardt 2024), derived from the chat template and the
+//! tokenizer, never from per-model tables: read prompts, verb masks, decoder prompts, patch
+//! spans, labels, and the patched loss.
+
+use crate::chat::Message;
+use serde::{Deserialize, Serialize};
+
+/// Which part of a read prompt is *not* patched into the decoder (the "verb" of the paper).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerbMask {
+    /// Patch everything after the first token (reading, control, and one-turn prompts).
+    None,
+    /// Mask the system prompt.
+    System,
+    /// Mask from the first user turn up to the second user turn (the control turn and reply).
+    User,
+}
+
+/// Which decoder turns carry labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Labels {
+    /// Every decoder assistant turn: the fixed reply and the answer (training).
+    AllAssistantTurns,
+    /// The final answer only (reading and control).
+    LastAnswer,
+}
+
+/// A read dialog: the target model is run on it, and its activations are patched into the
+/// decoder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReadDialog {
+    pub messages: Vec<Message>,
+    /// Add the template's generation prompt after the last message.
+    pub add_generation_prompt: bool,
+    pub mask: VerbMask,
+}
+
+/// The fixed first decoder assistant turn of the paper.
+pub const BASE_REPLY: &str = "Sure, I've analyzed the assistant.";
+/// The decoder's name for the assistant role.
+pub const DECODER_ROLE: &str = "reflect";
