@@ -362,3 +362,24 @@ fn bad_weight_files_name_the_problem() {
         .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+#[test]
+fn logits_at_columns_equal_the_full_logits_there() {
+    let (_d, m) = model();
+    let rows = vec![vec![5u32, 9, 14, 3, 77], vec![1, 2, 3]];
+    let (all, pads) = logits_all(&m, &rows);
+    let cols = vec![vec![1, 4], vec![pads[1] + 2]];
+    let input = Input::left_padded(&rows, 0, &Device::Cpu)
+        .unwrap()
+        .with_logits(Logits::At(cols.clone()));
+    let at = m.forward(&input, None, None).unwrap().logits.unwrap();
+    assert_eq!(at.dims(), &[3, VOCAB]);
+    let mut k = 0;
+    for (r, cs) in cols.iter().enumerate() {
+        for &c in cs {
+            let d = max_abs_diff(&at.get(k).unwrap(), &all.get(r).unwrap().get(c).unwrap());
+            assert!(d < 1e-5, "row {r} col {c}: {d}");
+            k += 1;
+        }
+    }
+}

@@ -27,7 +27,7 @@ pub use linear::Linear;
 use weights::{optional, require, WeightSource};
 
 /// Which logits a forward returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Logits {
     /// `[batch, seq, vocab]`
     All,
@@ -35,6 +35,9 @@ pub enum Logits {
     Last,
     /// No unembedding at all (e.g. only hooks are wanted).
     None,
+    /// Only at these columns of each row (of this chunk, padded indices): `[n_total, vocab]`,
+    /// rows in order. Saves the unembedding of positions without labels in training.
+    At(Vec<Vec<usize>>),
 }
 
 /// One forward's input: token ids of a left-padded batch and the options of the pass.
@@ -478,12 +481,39 @@ impl Llama {
         }
         let h = ops::rms_norm(&x, &self.final_norm, ctx.eps, ctx.differentiable)?;
         let h = hook(HookPoint::final_norm(), h)?;
-        let logits = match input.logits {
+        let logits = match &input.logits {
             Logits::None => None,
             Logits::All => Some(self.lm_head.forward(&h)?),
             Logits::Last => {
                 let last = h.narrow(1, s - 1, 1)?;
                 Some(self.lm_head.forward(&last)?.squeeze(1)?)
+            }
+            Logits::At(cols) => {
+                if cols.len() != b {
+                    return Err(Error::invalid(format!(
+                        "Logits::At has {} rows for a batch of {b}",
+                        cols.len()
+                    )));
+                }
+                let mut flat = Vec::new();
+                for (r, cs) in cols.iter().enumerate() {
+                    for &c in cs {
+                        if c >= s {
+                            return Err(Error::invalid(format!(
+                                "Logits::At column {c} is outside a chunk of {s}"
+                            )));
+                        }
+                        flat.push((r * s + c) as u32);
+                    }
+                }
+                let idx = Tensor::from_vec(
+                    flat,
+                    (cols.iter().map(|c| c.len()).sum::<usize>(),),
+                    &self.device,
+                )?;
+                let d = h.dim(D::Minus1)?;
+                let sel = h.reshape((b * s, d))?.index_select(&idx, 0)?;
+                Some(self.lm_head.forward(&sel)?)
             }
         };
         let logits = match logits {
