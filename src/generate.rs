@@ -152,6 +152,7 @@ pub fn generate(
             logits: Logits::Last,
             differentiable: false,
             stop_after_layer: None,
+            dropout: None,
         };
     }
     Ok(out)

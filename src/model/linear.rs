@@ -1,35 +1,208 @@
 //! The one linear layer type of the model: a frozen weight, an optional bias, and the slot where
-//! a LoRA adapter plugs in (the only place adapters touch the model).
+//! a LoRA adapter plugs in (the only place adapters touch the model; the model code does not
+//! change when LoRA is on).
+//!
+//! In a differentiable forward, the frozen `x @ W^T` runs as a custom op whose backward returns
+//! only the input's gradient: candle's matmul backward would also compute the (unused) gradient
+//! of every frozen weight, a third of a training step's work.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
+use std::sync::Arc;
+
+/// A LoRA adapter on one linear layer: `y += dropout(x) @ A^T @ B^T * scale`.
+#[derive(Clone, Debug)]
+pub struct LoraWeights {
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f64,
+}
 
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// `[out, in]`, as in HF checkpoints.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Arc<LoraWeights>>,
+    /// A stable id (from the module name) that seeds this layer's dropout masks.
+    pub uid: u64,
+}
+
+/// Dropout for LoRA inputs in training: a seed per forward, masks derived per layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub seed: u64,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A stable 64-bit id of a module name (FNV-1a).
+pub fn name_uid(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Dropout {
+    /// An inverted-dropout mask `[n]` of keep/(1-p) and 0, deterministic in (seed, uid).
+    fn mask(&self, uid: u64, shape: &Shape, p: f64, x: &Tensor) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let mut s = splitmix(self.seed ^ splitmix(uid));
+        let keep = 1.0 / (1.0 - p) as f32;
+        let thresh = (p * (u32::MAX as f64)) as u32;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = splitmix(s);
+                if ((s >> 32) as u32) < thresh {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, shape, x.device())?.to_dtype(x.dtype())
+    }
+}
+
+/// `x @ W^T` with a frozen `W`: backward gives the gradient of `x` only.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (n, k2) = self.w.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: x is [{m}, {k}] but W is [{n}, {k2}]");
+        }
+        let x = match storage {
+            CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("frozen-matmul: only f32"),
+        };
+        let (xo, xo_end) = match layout.contiguous_offsets() {
+            Some(o) => o,
+            None => candle_core::bail!("frozen-matmul: x must be contiguous"),
+        };
+        let x = &x[xo..xo_end];
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = match &*ws {
+            candle_core::Storage::Cpu(CpuStorage::F32(v)) => v,
+            _ => candle_core::bail!("frozen-matmul: W must be an f32 CPU tensor"),
+        };
+        let (wo, wo_end) = wl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: W not contiguous".into()))?;
+        let w = &w[wo..wo_end];
+        let mut dst = vec![0f32; m * n];
+        // SAFETY: the slices have exactly the sizes the strides describe: x [m, k] row-major,
+        // W [n, k] row-major read as W^T [k, n], dst [m, n] row-major.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+            );
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear {
+            weight,
+            bias,
+            lora: None,
+            uid: 0,
+        }
+    }
+
+    pub fn with_uid(mut self, name: &str) -> Self {
+        self.uid = name_uid(name);
+        self
     }
 
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
 
-    /// `x @ W^T + b` for `x` of shape `[..., in]`.
+    /// `x @ W^T + b (+ LoRA)` for `x` of shape `[..., in]`, inference (no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        let y = match x.dims() {
-            [b, s, i] => x.reshape((b * s, *i))?.matmul(&w)?.reshape((*b, *s, ()))?,
-            [_, _] => x.matmul(&w)?,
-            _ => x.broadcast_matmul(&w)?,
+        self.forward_t(x, None)
+    }
+
+    /// The same with LoRA dropout when `dropout` is given (training).
+    pub fn forward_t(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let x2 = x.reshape((rows, k))?;
+        let frozen = x2.track_op()
+            && x2.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.weight.device().is_cpu();
+        let mut y = if frozen {
+            x2.contiguous()?.apply_op1(FrozenMatmul {
+                w: self.weight.contiguous()?,
+            })?
+        } else {
+            x2.matmul(&self.weight.t()?)?
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
         }
+        if let Some(l) = &self.lora {
+            let xin = match dropout {
+                Some(d) if l.dropout > 0.0 => {
+                    let m = d.mask(self.uid, x2.shape(), l.dropout, &x2)?;
+                    (&x2 * m)?
+                }
+                _ => x2.clone(),
+            };
+            let a = l.a.as_tensor().to_dtype(x2.dtype())?;
+            let b = l.b.as_tensor().to_dtype(x2.dtype())?;
+            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (delta * l.scale)?)?;
+        }
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.out_features();
+        }
+        y.reshape(out_dims)
     }
 }

@@ -23,8 +23,31 @@ use crate::hooks::{HookCtx, HookPoint, Hooks, Site};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 pub use kv_cache::KvCache;
-pub use linear::Linear;
+pub use linear::{Dropout, Linear, LoraWeights};
 use weights::{optional, require, WeightSource};
+
+/// Short names of the linear modules, as PEFT's `target_modules` names them.
+pub const LINEAR_MODULES: [&str; 8] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+];
+
+/// The HF module name of a block's linear layer from its short name.
+pub fn module_name(layer: usize, short: &str) -> String {
+    let group =
+        if short.ends_with("_proj") && matches!(short, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+            "self_attn"
+        } else {
+            "mlp"
+        };
+    format!("model.layers.{layer}.{group}.{short}")
+}
 
 /// Which logits a forward returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +77,8 @@ pub struct Input {
     pub differentiable: bool,
     /// Stop after this block (no final norm, no logits): for reading a middle layer.
     pub stop_after_layer: Option<usize>,
+    /// LoRA dropout (training): masks derived from this seed, per layer.
+    pub dropout: Option<Dropout>,
 }
 
 impl Input {
@@ -79,6 +104,7 @@ impl Input {
             logits: Logits::Last,
             differentiable: false,
             stop_after_layer: None,
+            dropout: None,
         })
     }
 
@@ -96,6 +122,7 @@ pub struct Output {
     pub hidden: Tensor,
 }
 
+#[derive(Clone)]
 struct Attention {
     q: Linear,
     k: Linear,
@@ -106,12 +133,14 @@ struct Attention {
     hd: usize,
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
 }
 
+#[derive(Clone)]
 struct Block {
     attn_norm: Tensor,
     attn: Attention,
@@ -120,6 +149,7 @@ struct Block {
 }
 
 /// A Llama-family model with hook points.
+#[derive(Clone)]
 pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
@@ -138,6 +168,7 @@ struct Ctx<'a> {
     mask: Option<&'a Tensor>,
     differentiable: bool,
     eps: f64,
+    dropout: Option<Dropout>,
 }
 
 impl Attention {
@@ -190,15 +221,15 @@ impl Attention {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        Ok(self.o.forward(&y)?)
+        Ok(self.o.forward_t(&y, ctx.dropout)?)
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        let u = self.up.forward(x)?;
-        Ok(self.down.forward(&(g * u)?)?)
+    fn forward(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+        let g = self.gate.forward_t(x, dropout)?.silu()?;
+        let u = self.up.forward_t(x, dropout)?;
+        Ok(self.down.forward_t(&(g * u)?, dropout)?)
     }
 }
 
@@ -236,7 +267,7 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::new(w, b))
+            Ok(Linear::new(w, b).with_uid(name))
         };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -280,10 +311,10 @@ impl Llama {
         }
         let final_norm = require(src, "model.norm.weight", &[d], dtype, device)?;
         let lm_head = match optional(src, "lm_head.weight", &[cfg.vocab_size, d], dtype, device)? {
-            Some(w) if !cfg.tie_word_embeddings => Linear::new(w, None),
             Some(w) => Linear::new(w, None),
             None => Linear::new(embed.clone(), None),
-        };
+        }
+        .with_uid("lm_head");
         let inv_freq = cfg.rope_inv_freq();
         Ok(Llama {
             cfg,
@@ -307,22 +338,28 @@ impl Llama {
         self.blocks.len()
     }
 
-    /// Named weights in HF layout (`model.layers.0.self_attn.q_proj.weight`...), for checksums.
-    pub fn weight(&self, name: &str) -> Option<Tensor> {
-        if name == "model.embed_tokens.weight" {
-            return Some(self.embed.clone());
+    /// HF module names of every linear layer (`model.layers.0.self_attn.q_proj`, ...,
+    /// `lm_head`), in forward order.
+    pub fn linear_names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for i in 0..self.blocks.len() {
+            for m in LINEAR_MODULES.iter().take(7) {
+                v.push(module_name(i, m));
+            }
         }
-        if name == "model.norm.weight" {
-            return Some(self.final_norm.clone());
-        }
-        if name == "lm_head.weight" {
-            return Some(self.lm_head.weight.clone());
+        v.push("lm_head".into());
+        v
+    }
+
+    /// The linear layer with this HF module name.
+    pub fn linear(&self, name: &str) -> Option<&Linear> {
+        if name == "lm_head" {
+            return Some(&self.lm_head);
         }
         let rest = name.strip_prefix("model.layers.")?;
-        let (i, rest) = rest.split_once('.')?;
+        let (i, module) = rest.split_once('.')?;
         let b = self.blocks.get(i.parse::<usize>().ok()?)?;
-        let (module, kind) = rest.rsplit_once('.')?;
-        let lin = match module {
+        Some(match module {
             "self_attn.q_proj" => &b.attn.q,
             "self_attn.k_proj" => &b.attn.k,
             "self_attn.v_proj" => &b.attn.v,
@@ -330,10 +367,48 @@ impl Llama {
             "mlp.gate_proj" => &b.mlp.gate,
             "mlp.up_proj" => &b.mlp.up,
             "mlp.down_proj" => &b.mlp.down,
-            "input_layernorm" if kind == "weight" => return Some(b.attn_norm.clone()),
-            "post_attention_layernorm" if kind == "weight" => return Some(b.mlp_norm.clone()),
             _ => return None,
-        };
+        })
+    }
+
+    /// Mutable access to a linear layer by HF module name (to attach adapters).
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        if name == "lm_head" {
+            return Some(&mut self.lm_head);
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (i, module) = rest.split_once('.')?;
+        let b = self.blocks.get_mut(i.parse::<usize>().ok()?)?;
+        Some(match module {
+            "self_attn.q_proj" => &mut b.attn.q,
+            "self_attn.k_proj" => &mut b.attn.k,
+            "self_attn.v_proj" => &mut b.attn.v,
+            "self_attn.o_proj" => &mut b.attn.o,
+            "mlp.gate_proj" => &mut b.mlp.gate,
+            "mlp.up_proj" => &mut b.mlp.up,
+            "mlp.down_proj" => &mut b.mlp.down,
+            _ => return None,
+        })
+    }
+
+    /// Named weights in HF layout (`model.layers.0.self_attn.q_proj.weight`...), for checksums.
+    pub fn weight(&self, name: &str) -> Option<Tensor> {
+        match name {
+            "model.embed_tokens.weight" => return Some(self.embed.clone()),
+            "model.norm.weight" => return Some(self.final_norm.clone()),
+            _ => {}
+        }
+        let (module, kind) = name.rsplit_once('.')?;
+        if let Some(rest) = module.strip_prefix("model.layers.") {
+            let (i, m) = rest.split_once('.')?;
+            let b = self.blocks.get(i.parse::<usize>().ok()?)?;
+            match (m, kind) {
+                ("input_layernorm", "weight") => return Some(b.attn_norm.clone()),
+                ("post_attention_layernorm", "weight") => return Some(b.mlp_norm.clone()),
+                _ => {}
+            }
+        }
+        let lin = self.linear(module)?;
         match kind {
             "weight" => Some(lin.weight.clone()),
             "bias" => lin.bias.clone(),
@@ -442,6 +517,7 @@ impl Llama {
             mask: mask.as_ref(),
             differentiable: input.differentiable,
             eps: self.cfg.rms_norm_eps,
+            dropout: input.dropout,
         };
         let mut hook = |p: HookPoint, t: Tensor| -> Result<Tensor> {
             match hooks.as_deref_mut() {
@@ -467,7 +543,10 @@ impl Llama {
                 (&resid_pre + attn_out)?,
             )?;
             let h = ops::rms_norm(&resid_mid, &blk.mlp_norm, ctx.eps, ctx.differentiable)?;
-            let mlp_out = hook(HookPoint::block(i, Site::MlpOut), blk.mlp.forward(&h)?)?;
+            let mlp_out = hook(
+                HookPoint::block(i, Site::MlpOut),
+                blk.mlp.forward(&h, ctx.dropout)?,
+            )?;
             x = hook(HookPoint::block(i, Site::ResidPost), (resid_mid + mlp_out)?)?;
         }
         if input
