@@ -15,8 +15,10 @@ pub mod hooks;
 pub mod interrupt;
 pub mod latentqa;
 pub mod lm;
+pub mod lora;
 pub mod model;
 pub mod sources;
 pub mod tokenizer;
+pub mod util;
 
 pub use error::{Error, Result};

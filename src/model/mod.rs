@@ -210,9 +210,15 @@ impl Attention {
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = (qg.matmul(&k.t()?)? * scale)?;
-        let att = att.to_dtype(DType::F32)?.reshape((b, nh, s, kv_len))?;
+        // scores and softmax in f32 (f64 when the model is f64, for gradient checks)
+        let sdt = if v.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let att = att.to_dtype(sdt)?.reshape((b, nh, s, kv_len))?;
         let att = match ctx.mask {
-            Some(m) => att.broadcast_add(m)?,
+            Some(m) => att.broadcast_add(&m.to_dtype(sdt)?)?,
             None => att,
         };
         let att = ops::softmax_last(&att, ctx.differentiable)?.to_dtype(v.dtype())?;
@@ -596,7 +602,9 @@ impl Llama {
             }
         };
         let logits = match logits {
-            Some(l) if l.dtype() != DType::F32 => Some(l.to_dtype(DType::F32)?),
+            Some(l) if matches!(l.dtype(), DType::BF16 | DType::F16) => {
+                Some(l.to_dtype(DType::F32)?)
+            }
             l => l,
         };
         Ok(Output { logits, hidden: x })

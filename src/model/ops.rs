@@ -9,7 +9,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
         return candle_nn::ops::rms_norm(x, w, eps as f32);
     }
     let dt = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let x = if dt == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let d = x.dim(D::Minus1)? as f64;
     let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
