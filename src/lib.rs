@@ -8,5 +8,6 @@
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
 pub mod error;
+pub mod sources;
 
 pub use error::{Error, Result};
