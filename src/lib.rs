@@ -8,6 +8,7 @@
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
 pub mod error;
+pub mod interrupt;
 pub mod sources;
 
 pub use error::{Error, Result};
