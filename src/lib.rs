@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod interrupt;
+pub mod script;
 pub mod sources;
 
 pub use error::{Error, Result};
