@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod interrupt;
+pub mod repl;
 pub mod script;
 pub mod sources;
 
