@@ -463,7 +463,11 @@ fn errors_inside_modules_name_the_module_file() {
     let e = runtime().run_file(&main, vec![]).unwrap_err();
     assert_eq!(
         e,
-        format!("{}:2:5: slice: end 1 is before start 2", module.display())
+        format!(
+            "{}:2:5: slice: end 1 is before start 2 (from {}:2:6)",
+            module.display(),
+            main.display()
+        )
     );
 
     let broken = write(dir.path(), "broken.rhai", "let a = 1;\nlet b = ;\n");

@@ -73,11 +73,13 @@ pub fn one_line(msg: &str) -> String {
 }
 
 /// Where an error happened: the file (or `<eval>`, `<repl>`), the position in it, and the
-/// underlying error with the function-call and module wrappers removed.
+/// underlying error with the function-call and module wrappers removed. When that file is not
+/// the outermost one (an imported module), `entry` is where the outermost code called into it.
 pub struct Location<'a> {
     pub source: String,
     pub pos: Position,
     pub cause: &'a EvalAltResult,
+    pub entry: Option<(String, Position)>,
 }
 
 /// Walk down `ErrorInFunctionCall` / `ErrorInModule` to the underlying error, following the
@@ -85,39 +87,36 @@ pub struct Location<'a> {
 pub fn locate<'a>(err: &'a EvalAltResult, top: &str) -> Location<'a> {
     let mut source = top.to_string();
     let mut loc = (source.clone(), err.position());
+    let mut entry = None;
     let mut e = err;
     loop {
-        match e {
-            EvalAltResult::ErrorInFunctionCall(_, fn_source, inner, pos) => {
-                if !pos.is_none() {
-                    loc = (source.clone(), *pos);
-                }
-                if !fn_source.is_empty() {
-                    source = fn_source.clone();
-                }
-                e = inner;
-            }
-            EvalAltResult::ErrorInModule(module, inner, pos) => {
-                if !pos.is_none() {
-                    loc = (source.clone(), *pos);
-                }
-                if !module.is_empty() {
-                    source = module.clone();
-                }
-                e = inner;
-            }
+        let (next_source, inner, pos) = match e {
+            EvalAltResult::ErrorInFunctionCall(_, fn_source, inner, pos) => (fn_source, inner, pos),
+            EvalAltResult::ErrorInModule(module, inner, pos) => (module, inner, pos),
             other => {
                 if !other.position().is_none() {
                     loc = (source, other.position());
                 }
                 break;
             }
+        };
+        if !pos.is_none() {
+            loc = (source.clone(), *pos);
+            if source == top && !next_source.is_empty() && next_source != top {
+                entry = Some((source.clone(), *pos));
+            }
         }
+        if !next_source.is_empty() {
+            source = next_source.clone();
+        }
+        e = inner;
     }
+    let entry = entry.filter(|_| loc.0 != top);
     Location {
         source: loc.0,
         pos: loc.1,
         cause: e,
+        entry,
     }
 }
 
@@ -220,11 +219,16 @@ pub fn format_location(source: &str, pos: Position) -> String {
     }
 }
 
-/// The one line the user sees: `file:line:col: cause`.
+/// The one line the user sees: `file:line:col: cause`, and for an error inside an imported
+/// module, `(from main.rhai:line:col)` naming where the outermost script called into it.
 pub fn format_error(err: &EvalAltResult, top: &str, hints: &LimitHints) -> String {
     let loc = locate(err, top);
+    let from = match &loc.entry {
+        Some((source, pos)) => format!(" (from {})", format_location(source, *pos)),
+        None => String::new(),
+    };
     format!(
-        "{}: {}",
+        "{}: {}{from}",
         format_location(&loc.source, loc.pos),
         cause_message(loc.cause, hints)
     )
@@ -266,7 +270,7 @@ mod tests {
         let module =
             EvalAltResult::ErrorInModule("lib/m.rhai".into(), call.into(), Position::new(1, 1));
         let msg = format_error(&module, "main.rhai", &LimitHints::default());
-        assert_eq!(msg, "lib/m.rhai:3:7: boom");
+        assert_eq!(msg, "lib/m.rhai:3:7: boom (from main.rhai:1:1)");
     }
 
     #[test]

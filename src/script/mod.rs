@@ -3,6 +3,27 @@
 //!
 //! [`Runtime`] owns a configured [`Engine`] (limits, Ctrl-C, module lookup, print/debug) and a
 //! persistent [`Scope`], so that the CLI, `-e` and the REPL all run code the same way.
+//!
+//! Adding an object (say `model.rs`): register the Rust type under its script name, take
+//! `i64`/`f64` and convert with [`arg_usize`] (a negative value is an error naming the
+//! argument), take a [`NativeCallContext`] first in fallible functions and turn `lqa::Error` /
+//! candle errors into script errors at the call with [`ToScript::at`] or [`ctx_err`], return
+//! tensors with [`tensor::to_dynamic`] (or as [`ScriptTensor`]), then add the `register` call
+//! to [`register_all`]:
+//!
+//! ```ignore
+//! pub fn register(engine: &mut Engine) {
+//!     engine.register_type_with_name::<ScriptModel>("Model");
+//!     engine.register_get("n_layers", |m: &mut ScriptModel| m.0.n_layers() as i64);
+//!     engine.register_fn("hidden", |ctx: NativeCallContext, m: &mut ScriptModel, layer: i64| {
+//!         let layer = arg_usize(&ctx, "layer", layer)?;
+//!         m.0.hidden(layer).map(ScriptTensor).at(&ctx)
+//!     });
+//! }
+//! ```
+//!
+//! Long Rust work should call [`crate::interrupt::check`] between steps: its error becomes a
+//! Ctrl-C termination of the script.
 
 pub mod error;
 pub mod globals;
