@@ -1,31 +1,58 @@
-//! A process-wide stop flag (Ctrl-C): long work polls it, the REPL clears it.
+//! A process-wide stop flag for Ctrl-C. Long Rust work (generation, training) calls [`check`]
+//! between steps; the script engine polls [`requested`] on every operation. The first Ctrl-C asks
+//! for a stop; a second one while the first is still pending ends the process (exit code 130),
+//! for work that never checks the flag.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
 
-static STOP: AtomicBool = AtomicBool::new(false);
+use crate::{Error, Result};
 
-/// Install the Ctrl-C handler that raises the flag (once; later calls do nothing).
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+static INSTALL: Once = Once::new();
+
+/// The message of the error [`check`] returns; the script layer recognises it.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// Install the Ctrl-C handler (once; later calls do nothing).
 pub fn install_ctrlc_handler() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    INSTALL.call_once(|| {
+        let result = ctrlc::set_handler(|| {
+            if REQUESTED.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C before the first was honoured: give up on a clean stop.
+                eprintln!("\ninterrupted twice: exiting");
+                std::process::exit(130);
+            }
+        });
+        if let Err(e) = result {
+            tracing::warn!("cannot install the Ctrl-C handler: {e}");
+        }
     });
 }
 
-pub fn request() {
-    STOP.store(true, Ordering::SeqCst);
-}
+/// Has a stop been asked for (and not yet cleared)?
 pub fn requested() -> bool {
-    STOP.load(Ordering::SeqCst)
+    REQUESTED.load(Ordering::Relaxed)
 }
+
+/// Ask for a stop, as Ctrl-C does (for tests and for code that cancels work itself).
+pub fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Forget a pending stop request (before starting new work).
 pub fn clear() {
-    STOP.store(false, Ordering::SeqCst);
+    REQUESTED.store(false, Ordering::SeqCst);
 }
-/// `Err(interrupted)` once the flag is raised.
-pub fn check() -> crate::Result<()> {
+
+/// `Err(Error::Invalid("interrupted"))` when a stop was asked for.
+pub fn check() -> Result<()> {
     if requested() {
-        Err(crate::Error::invalid("interrupted"))
+        Err(Error::Invalid(INTERRUPTED.to_string()))
     } else {
         Ok(())
     }
 }
+
+// No unit test here: the flag is process-wide, and setting it would stop whatever other test
+// runs at the same time. tests/cli.rs interrupts a real `lqa` process instead.

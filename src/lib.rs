@@ -17,6 +17,8 @@ pub mod latentqa;
 pub mod lm;
 pub mod lora;
 pub mod model;
+pub mod repl;
+pub mod script;
 pub mod sources;
 pub mod tokenizer;
 pub mod util;
