@@ -8,7 +8,8 @@ use crate::generate::GenOptions;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions, Site};
 use crate::lm::{parse_device, parse_dtype, LanguageModel, LoadOptions};
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// A loaded model as the Rhai type `Model`: a shared handle, cheap to copy.
 #[derive(Clone)]
@@ -45,15 +46,26 @@ pub fn messages_from(ctx: &NativeCallContext, arr: &Array) -> ScriptResult<Vec<M
     arr.iter()
         .enumerate()
         .map(|(i, m)| {
-            let map = m
-                .read_lock::<Map>()
-                .ok_or_else(|| ctx_err(ctx, format!("messages[{i}] is a {}, expected a map #{{role: ..., content: ...}}", m.type_name())))?;
+            let map = m.read_lock::<Map>().ok_or_else(|| {
+                ctx_err(
+                    ctx,
+                    format!(
+                        "messages[{i}] is a {}, expected a map #{{role: ..., content: ...}}",
+                        m.type_name()
+                    ),
+                )
+            })?;
             let field = |k: &str| -> ScriptResult<String> {
                 map.get(k)
                     .ok_or_else(|| ctx_err(ctx, format!("messages[{i}] has no `{k}`")))?
                     .clone()
                     .into_string()
-                    .map_err(|t| ctx_err(ctx, format!("messages[{i}].{k} is a {t}, expected a string")))
+                    .map_err(|t| {
+                        ctx_err(
+                            ctx,
+                            format!("messages[{i}].{k} is a {t}, expected a string"),
+                        )
+                    })
             };
             Ok(Message::new(field("role")?, field("content")?))
         })
@@ -65,7 +77,10 @@ fn opt_f64(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Optio
         None => Ok(None),
         Some(v) if v.is_float() => Ok(Some(v.as_float().unwrap())),
         Some(v) if v.is_int() => Ok(Some(v.as_int().unwrap() as f64)),
-        Some(v) => Err(ctx_err(ctx, format!("option `{key}` is a {}, expected a number", v.type_name()))),
+        Some(v) => Err(ctx_err(
+            ctx,
+            format!("option `{key}` is a {}, expected a number", v.type_name()),
+        )),
     }
 }
 
@@ -74,8 +89,14 @@ fn opt_usize(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Opt
         None => Ok(None),
         Some(v) => match v.as_int() {
             Ok(n) if n >= 0 => Ok(Some(n as usize)),
-            Ok(n) => Err(ctx_err(ctx, format!("option `{key}` must be >= 0, got {n}"))),
-            Err(t) => Err(ctx_err(ctx, format!("option `{key}` is a {t}, expected an integer"))),
+            Ok(n) => Err(ctx_err(
+                ctx,
+                format!("option `{key}` must be >= 0, got {n}"),
+            )),
+            Err(t) => Err(ctx_err(
+                ctx,
+                format!("option `{key}` is a {t}, expected an integer"),
+            )),
         },
     }
 }
@@ -83,19 +104,35 @@ fn opt_usize(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Opt
 fn opt_bool(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Option<bool>> {
     match opts.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .map_err(|t| ctx_err(ctx, format!("option `{key}` is a {t}, expected true or false"))),
+        Some(v) => v.as_bool().map(Some).map_err(|t| {
+            ctx_err(
+                ctx,
+                format!("option `{key}` is a {t}, expected true or false"),
+            )
+        }),
     }
 }
 
-const GEN_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_p", "seed", "stop", "use_cache"];
+const GEN_KEYS: &[&str] = &[
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "use_cache",
+];
 
 /// Generation options from a script map; unknown keys are errors (typos never pass silently).
-pub fn gen_options(ctx: &NativeCallContext, lm: &LanguageModel, opts: &Map) -> ScriptResult<GenOptions> {
+pub fn gen_options(
+    ctx: &NativeCallContext,
+    lm: &LanguageModel,
+    opts: &Map,
+) -> ScriptResult<GenOptions> {
     if let Some(k) = opts.keys().find(|k| !GEN_KEYS.contains(&k.as_str())) {
-        return Err(ctx_err(ctx, format!("unknown option `{k}` (known: {})", GEN_KEYS.join(", "))));
+        return Err(ctx_err(
+            ctx,
+            format!("unknown option `{k}` (known: {})", GEN_KEYS.join(", ")),
+        ));
     }
     let d = GenOptions::default();
     Ok(GenOptions {
@@ -103,7 +140,11 @@ pub fn gen_options(ctx: &NativeCallContext, lm: &LanguageModel, opts: &Map) -> S
         temperature: opt_f64(ctx, opts, "temperature")?.unwrap_or(d.temperature),
         top_p: opt_f64(ctx, opts, "top_p")?.unwrap_or(d.top_p),
         seed: opt_usize(ctx, opts, "seed")?.unwrap_or(0) as u64,
-        stop_ids: if opt_bool(ctx, opts, "stop")?.unwrap_or(true) { lm.stop_ids() } else { vec![] },
+        stop_ids: if opt_bool(ctx, opts, "stop")?.unwrap_or(true) {
+            lm.stop_ids()
+        } else {
+            vec![]
+        },
         use_cache: opt_bool(ctx, opts, "use_cache")?.unwrap_or(true),
     })
 }
@@ -128,13 +169,25 @@ fn prompts_from(ctx: &NativeCallContext, v: &Dynamic) -> ScriptResult<(Vec<Strin
         }
         return Ok((p, true));
     }
-    Err(ctx_err(ctx, format!("prompt is a {}, expected a string or an array of strings", v.type_name())))
+    Err(ctx_err(
+        ctx,
+        format!(
+            "prompt is a {}, expected a string or an array of strings",
+            v.type_name()
+        ),
+    ))
 }
 
 fn load(ctx: &NativeCallContext, name: &str, opts: &Map) -> ScriptResult<ScriptModel> {
     const KEYS: &[&str] = &["dtype", "device"];
     if let Some(k) = opts.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ctx_err(ctx, format!("unknown load_model option `{k}` (known: {})", KEYS.join(", "))));
+        return Err(ctx_err(
+            ctx,
+            format!(
+                "unknown load_model option `{k}` (known: {})",
+                KEYS.join(", ")
+            ),
+        ));
     }
     let mut lo = LoadOptions::default();
     if let Some(d) = opts.get("dtype") {
@@ -143,11 +196,34 @@ fn load(ctx: &NativeCallContext, name: &str, opts: &Map) -> ScriptResult<ScriptM
     if let Some(d) = opts.get("device") {
         lo.device = parse_device(&d.to_string()).at(ctx)?;
     }
-    let lm = LanguageModel::load(name, &lo).at(ctx)?;
-    Ok(ScriptModel { lm: Arc::new(lm), template: None })
+    // Models are shared handles: loading the same model twice (same dtype and device) while it
+    // is alive gives the same weights, not a second copy.
+    type Cache = Mutex<HashMap<String, Weak<LanguageModel>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = format!("{name}|{:?}|{:?}", lo.dtype, lo.device.location());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(lm) = cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&key).and_then(Weak::upgrade))
+    {
+        return Ok(ScriptModel { lm, template: None });
+    }
+    let lm = Arc::new(LanguageModel::load(name, &lo).at(ctx)?);
+    if let Ok(mut c) = cache.lock() {
+        c.retain(|_, w| w.strong_count() > 0);
+        c.insert(key, Arc::downgrade(&lm));
+    }
+    Ok(ScriptModel { lm, template: None })
 }
 
-fn generate(ctx: &NativeCallContext, m: &ScriptModel, prompt: &Dynamic, opts: &Map, hooks: Option<&Array>) -> ScriptResult<Dynamic> {
+fn generate(
+    ctx: &NativeCallContext,
+    m: &ScriptModel,
+    prompt: &Dynamic,
+    opts: &Map,
+    hooks: Option<&Array>,
+) -> ScriptResult<Dynamic> {
     let (prompts, batch) = prompts_from(ctx, prompt)?;
     let g = gen_options(ctx, &m.lm, opts)?;
     let mut hs = match hooks {
@@ -163,7 +239,12 @@ fn generate(ctx: &NativeCallContext, m: &ScriptModel, prompt: &Dynamic, opts: &M
 }
 
 /// Resolve script hooks into model hooks; negative positions count from each prompt's end.
-fn build_hooks(ctx: &NativeCallContext, m: &ScriptModel, hooks: &Array, prompts: &[String]) -> ScriptResult<Hooks> {
+fn build_hooks(
+    ctx: &NativeCallContext,
+    m: &ScriptModel,
+    hooks: &Array,
+    prompts: &[String],
+) -> ScriptResult<Hooks> {
     let lens: Vec<usize> = prompts
         .iter()
         .map(|p| m.lm.encode_prompt(p).map(|v| v.len()))
@@ -173,7 +254,15 @@ fn build_hooks(ctx: &NativeCallContext, m: &ScriptModel, hooks: &Array, prompts:
     for (i, h) in hooks.iter().enumerate() {
         let h = h
             .read_lock::<ScriptHook>()
-            .ok_or_else(|| ctx_err(ctx, format!("hooks[{i}] is a {}, expected a hook from patch(...) or add(...)", h.type_name())))?
+            .ok_or_else(|| {
+                ctx_err(
+                    ctx,
+                    format!(
+                        "hooks[{i}] is a {}, expected a hook from patch(...) or add(...)",
+                        h.type_name()
+                    ),
+                )
+            })?
             .clone();
         let point = m.point(ctx, &h.name)?;
         for (row, &len) in lens.iter().enumerate() {
@@ -204,13 +293,29 @@ fn build_hooks(ctx: &NativeCallContext, m: &ScriptModel, hooks: &Array, prompts:
     Ok(out)
 }
 
-fn make_hook(ctx: &NativeCallContext, name: &str, value: &Dynamic, positions: &Dynamic, mode: PatchMode) -> ScriptResult<ScriptHook> {
-    let value = from_dynamic(value)
-        .ok_or_else(|| ctx_err(ctx, format!("the value of a hook must be a Tensor, got {}", value.type_name())))?;
+fn make_hook(
+    ctx: &NativeCallContext,
+    name: &str,
+    value: &Dynamic,
+    positions: &Dynamic,
+    mode: PatchMode,
+) -> ScriptResult<ScriptHook> {
+    let value = from_dynamic(value).ok_or_else(|| {
+        ctx_err(
+            ctx,
+            format!(
+                "the value of a hook must be a Tensor, got {}",
+                value.type_name()
+            ),
+        )
+    })?;
     let positions = if let Some(a) = positions.read_lock::<Array>() {
         Some(
             a.iter()
-                .map(|p| p.as_int().map_err(|t| ctx_err(ctx, format!("positions must be integers, got {t}"))))
+                .map(|p| {
+                    p.as_int()
+                        .map_err(|t| ctx_err(ctx, format!("positions must be integers, got {t}")))
+                })
                 .collect::<ScriptResult<Vec<i64>>>()?,
         )
     } else if positions.is_int() {
@@ -218,9 +323,17 @@ fn make_hook(ctx: &NativeCallContext, name: &str, value: &Dynamic, positions: &D
     } else if positions.to_string() == "all" {
         None
     } else {
-        return Err(ctx_err(ctx, "positions must be an array of integers, an integer, or \"all\""));
+        return Err(ctx_err(
+            ctx,
+            "positions must be an array of integers, an integer, or \"all\"",
+        ));
     };
-    Ok(ScriptHook { name: name.to_string(), mode, value, positions })
+    Ok(ScriptHook {
+        name: name.to_string(),
+        mode,
+        value,
+        positions,
+    })
 }
 
 fn info(m: &ScriptModel) -> Map {
@@ -240,10 +353,19 @@ fn info(m: &ScriptModel) -> Map {
     put("d_head", (c.head_dim as i64).into());
     put("vocab_size", (c.vocab_size as i64).into());
     put("rope_theta", c.rope_theta.into());
-    put("max_position_embeddings", (c.max_position_embeddings as i64).into());
+    put(
+        "max_position_embeddings",
+        (c.max_position_embeddings as i64).into(),
+    );
     put("tied_embeddings", c.tie_word_embeddings.into());
-    put("dtype", format!("{:?}", m.lm.model.dtype()).to_lowercase().into());
-    put("device", format!("{:?}", m.lm.model.device()).to_lowercase().into());
+    put(
+        "dtype",
+        format!("{:?}", m.lm.model.dtype()).to_lowercase().into(),
+    );
+    put(
+        "device",
+        format!("{:?}", m.lm.model.device()).to_lowercase().into(),
+    );
     map
 }
 
@@ -251,29 +373,63 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptModel>("Model");
     engine.register_type_with_name::<ScriptHook>("Hook");
 
-    engine.register_fn("load_model", |ctx: NativeCallContext, name: &str| load(&ctx, name, &Map::new()));
-    engine.register_fn("load_model", |ctx: NativeCallContext, name: &str, opts: Map| load(&ctx, name, &opts));
-    engine.register_fn("patch", |ctx: NativeCallContext, name: &str, value: Dynamic, positions: Dynamic| {
-        make_hook(&ctx, name, &value, &positions, PatchMode::Replace)
+    engine.register_fn("load_model", |ctx: NativeCallContext, name: &str| {
+        load(&ctx, name, &Map::new())
     });
-    engine.register_fn("add", |ctx: NativeCallContext, name: &str, value: Dynamic, positions: Dynamic| {
-        make_hook(&ctx, name, &value, &positions, PatchMode::Add)
-    });
+    engine.register_fn(
+        "load_model",
+        |ctx: NativeCallContext, name: &str, opts: Map| load(&ctx, name, &opts),
+    );
+    engine.register_fn(
+        "patch",
+        |ctx: NativeCallContext, name: &str, value: Dynamic, positions: Dynamic| {
+            make_hook(&ctx, name, &value, &positions, PatchMode::Replace)
+        },
+    );
+    engine.register_fn(
+        "add",
+        |ctx: NativeCallContext, name: &str, value: Dynamic, positions: Dynamic| {
+            make_hook(&ctx, name, &value, &positions, PatchMode::Add)
+        },
+    );
     engine.register_fn("to_string", |h: &mut ScriptHook| {
-        let verb = if h.mode == PatchMode::Replace { "patch" } else { "add" };
-        format!("Hook({verb} {} at {:?}, value {:?})", h.name, h.positions, h.value.dims())
+        let verb = if h.mode == PatchMode::Replace {
+            "patch"
+        } else {
+            "add"
+        };
+        format!(
+            "Hook({verb} {} at {:?}, value {:?})",
+            h.name,
+            h.positions,
+            h.value.dims()
+        )
     });
 
     engine.register_get("name", |m: &mut ScriptModel| m.lm.name.clone());
     engine.register_fn("info", |m: &mut ScriptModel| info(m));
     engine.register_fn("to_string", |m: &mut ScriptModel| {
         let c = &m.lm.model.cfg;
-        format!("Model({}: {} layers, d_model {}, {} heads / {} kv, vocab {})", m.lm.name, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size)
+        format!(
+            "Model({}: {} layers, d_model {}, {} heads / {} kv, vocab {})",
+            m.lm.name,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.vocab_size
+        )
     });
     engine.register_fn("hook_names", |m: &mut ScriptModel| {
         let mut v: Array = vec!["hook_embed".into()];
         for i in 0..m.lm.model.n_layers() {
-            for s in [Site::ResidPre, Site::AttnOut, Site::ResidMid, Site::MlpOut, Site::ResidPost] {
+            for s in [
+                Site::ResidPre,
+                Site::AttnOut,
+                Site::ResidMid,
+                Site::MlpOut,
+                Site::ResidPost,
+            ] {
                 v.push(HookPoint::block(i, s).to_string().into());
             }
         }
@@ -281,76 +437,163 @@ pub fn register(engine: &mut Engine) {
         v
     });
 
-    engine.register_fn("tokenize", |ctx: NativeCallContext, m: &mut ScriptModel, text: &str| -> ScriptResult<Array> {
-        Ok(m.lm.tokenizer.encode(text).at(&ctx)?.into_iter().map(|t| Dynamic::from(t as i64)).collect())
-    });
-    engine.register_fn("tokens", |ctx: NativeCallContext, m: &mut ScriptModel, text: &str| -> ScriptResult<Array> {
-        let ids = m.lm.tokenizer.encode(text).at(&ctx)?;
-        Ok(ids.iter().map(|&t| m.lm.tokenizer.id_to_token(t).unwrap_or_default().into()).collect())
-    });
-    engine.register_fn("detokenize", |ctx: NativeCallContext, m: &mut ScriptModel, ids: Array| -> ScriptResult<String> {
-        let vocab = m.lm.tokenizer.vocab_size();
-        let ids = ids
-            .iter()
-            .enumerate()
-            .map(|(i, x)| match x.as_int() {
-                Ok(n) if n >= 0 && (n as usize) < vocab => Ok(n as u32),
-                Ok(n) => Err(ctx_err(&ctx, format!("ids[{i}] = {n} is not a token id (vocabulary of {vocab})"))),
-                Err(t) => Err(ctx_err(&ctx, format!("ids[{i}] is a {t}, expected an integer"))),
-            })
-            .collect::<ScriptResult<Vec<u32>>>()?;
-        m.lm.tokenizer.decode(&ids).at(&ctx)
-    });
+    engine.register_fn(
+        "tokenize",
+        |ctx: NativeCallContext, m: &mut ScriptModel, text: &str| -> ScriptResult<Array> {
+            Ok(m.lm
+                .tokenizer
+                .encode(text)
+                .at(&ctx)?
+                .into_iter()
+                .map(|t| Dynamic::from(t as i64))
+                .collect())
+        },
+    );
+    engine.register_fn(
+        "tokens",
+        |ctx: NativeCallContext, m: &mut ScriptModel, text: &str| -> ScriptResult<Array> {
+            let ids = m.lm.tokenizer.encode(text).at(&ctx)?;
+            Ok(ids
+                .iter()
+                .map(|&t| m.lm.tokenizer.id_to_token(t).unwrap_or_default().into())
+                .collect())
+        },
+    );
+    engine.register_fn(
+        "detokenize",
+        |ctx: NativeCallContext, m: &mut ScriptModel, ids: Array| -> ScriptResult<String> {
+            let vocab = m.lm.tokenizer.vocab_size();
+            let ids = ids
+                .iter()
+                .enumerate()
+                .map(|(i, x)| match x.as_int() {
+                    Ok(n) if n >= 0 && (n as usize) < vocab => Ok(n as u32),
+                    Ok(n) => Err(ctx_err(
+                        &ctx,
+                        format!("ids[{i}] = {n} is not a token id (vocabulary of {vocab})"),
+                    )),
+                    Err(t) => Err(ctx_err(
+                        &ctx,
+                        format!("ids[{i}] is a {t}, expected an integer"),
+                    )),
+                })
+                .collect::<ScriptResult<Vec<u32>>>()?;
+            m.lm.tokenizer.decode(&ids).at(&ctx)
+        },
+    );
 
-    engine.register_fn("chat_template", |ctx: NativeCallContext, m: &mut ScriptModel, messages: Array, add_gen: bool| -> ScriptResult<String> {
-        let msgs = messages_from(&ctx, &messages)?;
-        m.template().and_then(|t| t.render(&msgs, add_gen)).at(&ctx)
-    });
-    engine.register_fn("set_chat_template", |ctx: NativeCallContext, m: &mut ScriptModel, source: &str| -> ScriptResult<()> {
-        let t = ChatTemplate::new(source, m.lm.tokenizer.bos_token(), m.lm.tokenizer.eos_token()).at(&ctx)?;
-        m.template = Some(Arc::new(t));
-        Ok(())
-    });
+    engine.register_fn(
+        "chat_template",
+        |ctx: NativeCallContext,
+         m: &mut ScriptModel,
+         messages: Array,
+         add_gen: bool|
+         -> ScriptResult<String> {
+            let msgs = messages_from(&ctx, &messages)?;
+            m.template().and_then(|t| t.render(&msgs, add_gen)).at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "set_chat_template",
+        |ctx: NativeCallContext, m: &mut ScriptModel, source: &str| -> ScriptResult<()> {
+            let t = ChatTemplate::new(
+                source,
+                m.lm.tokenizer.bos_token(),
+                m.lm.tokenizer.eos_token(),
+            )
+            .at(&ctx)?;
+            m.template = Some(Arc::new(t));
+            Ok(())
+        },
+    );
 
-    engine.register_fn("generate", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic| generate(&ctx, m, &prompt, &Map::new(), None));
-    engine.register_fn("generate", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, opts: Map| generate(&ctx, m, &prompt, &opts, None));
-    let chat = |ctx: &NativeCallContext, m: &ScriptModel, messages: &Array, opts: &Map| -> ScriptResult<Dynamic> {
+    engine.register_fn(
+        "generate",
+        |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic| {
+            generate(&ctx, m, &prompt, &Map::new(), None)
+        },
+    );
+    engine.register_fn(
+        "generate",
+        |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, opts: Map| {
+            generate(&ctx, m, &prompt, &opts, None)
+        },
+    );
+    let chat = |ctx: &NativeCallContext,
+                m: &ScriptModel,
+                messages: &Array,
+                opts: &Map|
+     -> ScriptResult<Dynamic> {
         let msgs = messages_from(ctx, messages)?;
         let prompt = m.template().and_then(|t| t.render(&msgs, true)).at(ctx)?;
         generate(ctx, m, &Dynamic::from(prompt), opts, None)
     };
-    engine.register_fn("chat", move |ctx: NativeCallContext, m: &mut ScriptModel, messages: Array| chat(&ctx, m, &messages, &Map::new()));
-    engine.register_fn("chat", move |ctx: NativeCallContext, m: &mut ScriptModel, messages: Array, opts: Map| chat(&ctx, m, &messages, &opts));
-    engine.register_fn("logits", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: &str| -> ScriptResult<Dynamic> {
-        Ok(to_dynamic(m.lm.logits(prompt).at(&ctx)?))
-    });
-    engine.register_fn("run_with_cache", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, names: Array| -> ScriptResult<Map> {
-        let (prompts, batch) = prompts_from(&ctx, &prompt)?;
-        let mut points = Vec::with_capacity(names.len());
-        for (i, n) in names.iter().enumerate() {
-            let n = n.clone().into_string().map_err(|t| ctx_err(&ctx, format!("hook names[{i}] is a {t}, expected a string")))?;
-            points.push((n.clone(), m.point(&ctx, &n)?));
-        }
-        if points.is_empty() {
-            return Err(ctx_err(&ctx, "run_with_cache needs at least one hook name"));
-        }
-        let pts: Vec<HookPoint> = points.iter().map(|p| p.1).collect();
-        let (cap, pads) = m.lm.run_with_cache(&prompts, &pts).at(&ctx)?;
-        let mut out = Map::new();
-        for (name, p) in points {
-            let t = cap[&p].clone();
-            let t = if batch { t } else { t.get(0).at(&ctx)? };
-            out.insert(name.into(), to_dynamic(t));
-        }
-        if batch {
-            out.insert("pads".into(), pads.into_iter().map(|p| Dynamic::from(p as i64)).collect::<Array>().into());
-        }
-        Ok(out)
-    });
-    engine.register_fn("run_with_hooks", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, hooks: Array| {
-        generate(&ctx, m, &prompt, &Map::new(), Some(&hooks))
-    });
-    engine.register_fn("run_with_hooks", |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, hooks: Array, opts: Map| {
-        generate(&ctx, m, &prompt, &opts, Some(&hooks))
-    });
+    engine.register_fn(
+        "chat",
+        move |ctx: NativeCallContext, m: &mut ScriptModel, messages: Array| {
+            chat(&ctx, m, &messages, &Map::new())
+        },
+    );
+    engine.register_fn(
+        "chat",
+        move |ctx: NativeCallContext, m: &mut ScriptModel, messages: Array, opts: Map| {
+            chat(&ctx, m, &messages, &opts)
+        },
+    );
+    engine.register_fn(
+        "logits",
+        |ctx: NativeCallContext, m: &mut ScriptModel, prompt: &str| -> ScriptResult<Dynamic> {
+            Ok(to_dynamic(m.lm.logits(prompt).at(&ctx)?))
+        },
+    );
+    engine.register_fn(
+        "run_with_cache",
+        |ctx: NativeCallContext,
+         m: &mut ScriptModel,
+         prompt: Dynamic,
+         names: Array|
+         -> ScriptResult<Map> {
+            let (prompts, batch) = prompts_from(&ctx, &prompt)?;
+            let mut points = Vec::with_capacity(names.len());
+            for (i, n) in names.iter().enumerate() {
+                let n = n.clone().into_string().map_err(|t| {
+                    ctx_err(&ctx, format!("hook names[{i}] is a {t}, expected a string"))
+                })?;
+                points.push((n.clone(), m.point(&ctx, &n)?));
+            }
+            if points.is_empty() {
+                return Err(ctx_err(&ctx, "run_with_cache needs at least one hook name"));
+            }
+            let pts: Vec<HookPoint> = points.iter().map(|p| p.1).collect();
+            let (cap, pads) = m.lm.run_with_cache(&prompts, &pts).at(&ctx)?;
+            let mut out = Map::new();
+            for (name, p) in points {
+                let t = cap[&p].clone();
+                let t = if batch { t } else { t.get(0).at(&ctx)? };
+                out.insert(name.into(), to_dynamic(t));
+            }
+            if batch {
+                out.insert(
+                    "pads".into(),
+                    pads.into_iter()
+                        .map(|p| Dynamic::from(p as i64))
+                        .collect::<Array>()
+                        .into(),
+                );
+            }
+            Ok(out)
+        },
+    );
+    engine.register_fn(
+        "run_with_hooks",
+        |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, hooks: Array| {
+            generate(&ctx, m, &prompt, &Map::new(), Some(&hooks))
+        },
+    );
+    engine.register_fn(
+        "run_with_hooks",
+        |ctx: NativeCallContext, m: &mut ScriptModel, prompt: Dynamic, hooks: Array, opts: Map| {
+            generate(&ctx, m, &prompt, &opts, Some(&hooks))
+        },
+    );
 }
