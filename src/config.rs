@@ -93,7 +93,7 @@ impl LlamaConfig {
             Some(v) => parse_rope_scaling(v)?,
         };
         if c.num_attention_heads == 0
-            || c.hidden_size % c.num_attention_heads != 0 && c.head_dim.is_none()
+            || !c.hidden_size.is_multiple_of(c.num_attention_heads) && c.head_dim.is_none()
         {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
@@ -192,14 +192,17 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         Ok(())

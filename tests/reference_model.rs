@@ -209,7 +209,7 @@ fn greedy_continuations_match_the_reference() {
             max_new_tokens: want.len(),
             ..Default::default()
         };
-        let got = generate(&m, &[ids], 2, &opts, None).unwrap();
+        let got = generate(m, &[ids], 2, &opts, None).unwrap();
         assert_eq!(got[0], want, "{}", case["user_message"]);
     }
 }

@@ -127,7 +127,7 @@ pub struct Adapter {
 
 /// A tiny seeded uniform generator for PEFT's kaiming-uniform init of `A`.
 fn uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x5DEE_CE66_D;
+    let mut s = seed ^ 0x0005_DEEC_E66D;
     (0..n)
         .map(|_| {
             s = s

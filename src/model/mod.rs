@@ -480,11 +480,11 @@ impl Llama {
     pub fn forward(
         &self,
         input: &Input,
-        mut cache: Option<&mut KvCache>,
-        mut hooks: Option<&mut Hooks>,
+        cache: Option<&mut KvCache>,
+        hooks: Option<&mut Hooks>,
     ) -> Result<Output> {
         let x = self.embed(&input.ids)?;
-        self.forward_embeds(x, input, cache.as_deref_mut(), hooks.as_deref_mut())
+        self.forward_embeds(x, input, cache, hooks)
     }
 
     /// Run the model from embeddings `[batch, seq, d]` (the value of `hook_embed`).
