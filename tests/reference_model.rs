@@ -140,7 +140,7 @@ fn hidden_states_match_the_reference() {
     for l in &layers {
         hooks = hooks.capture(HookPoint::resid_post(l["layer"].as_u64().unwrap() as usize));
     }
-    let input = Input::left_padded(&[ids.clone()], 2, &Device::Cpu)
+    let input = Input::left_padded(std::slice::from_ref(&ids), 2, &Device::Cpu)
         .unwrap()
         .with_logits(Logits::None);
     m.forward(&input, None, Some(&mut hooks)).unwrap();
