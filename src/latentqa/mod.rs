@@ -1,6 +1,25 @@
 //! LatentQA's semantics (Pan, Chen, Steinhardt 2024), derived from the chat template and the
 //! tokenizer, never from per-model tables: read prompts, verb masks, decoder prompts, patch
 //! spans, labels, and the patched loss.
+//!
+//! - [`format`](mod@format): the read prompt (what the target reads, which positions are
+//!   patched, the verb masks) and the decoder prompt (`"? " * k` placeholders, the fixed reply,
+//!   question/answer turns as the `reflect` role, label positions);
+//! - [`loss`](mod@loss): the patched forward of a left-padded batch (target up to the read
+//!   layer, its activations written over the decoder's placeholders) and the decoder's
+//!   cross-entropy, differentiable into the decoder and, for control, into the target.
+
+pub mod format;
+pub mod loss;
+
+pub use format::{
+    decoder_dialog, decoder_prompt, decoder_prompt_from_dialog, read_prompt, DecoderPrompt,
+    ReadPrompt,
+};
+pub use loss::{
+    latentqa_loss, latentqa_loss_with_hooks, latentqa_token_nll, patch_vectors, patched_token_nll,
+    LossConfig, LossOutput, PatchedBatch, PatchedExample, TokenNll,
+};
 
 use crate::chat::Message;
 use serde::{Deserialize, Serialize};

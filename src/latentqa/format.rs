@@ -1,0 +1,373 @@
+//! LatentQA's prompt formats, derived from a model's chat template and tokenizer (no per-model
+//! tables).
+//!
+//! The paper's code (`lit/utils/dataset_utils.py`) describes every model by magic numbers: the
+//! token ids of the BOS and of the role headers, how many tokens precede the first placeholder
+//! (`NUM_WRITE_TOKENS_TO_SHIFT`), how many placeholders `"? " * k` make one token each
+//! (`NUM_READ_TOKENS_TO_SHIFT`). Here the same quantities come from the template's turn spans
+//! ([`ChatTemplate::turn_spans`]) and the tokenizer's byte offsets, so ChatML (SmolLM2, Qwen)
+//! and Llama-3 templates work alike. For SmolLM2 the results equal the paper's code with the
+//! `smollm2` table entries of the reference (`shared/reference/README.md`).
+//!
+//! Two prompts make one LatentQA example:
+//!
+//! - the **read prompt** ([`read_prompt`]): the dialog the *target* model is run on. Its
+//!   activations at the read layer, at [`ReadPrompt::patch_positions`], are what the decoder
+//!   reads;
+//! - the **decoder prompt** ([`decoder_prompt`]): a user turn of `"? " * k` placeholders (one
+//!   token per patched activation), the fixed reply [`BASE_REPLY`], then question/answer turns.
+//!   The decoder's assistant role is renamed [`DECODER_ROLE`] (`reflect`). The activations
+//!   replace the placeholders' residual stream at the write layer.
+
+use super::{Labels, ReadDialog, VerbMask, BASE_REPLY, DECODER_ROLE};
+use crate::chat::{ChatTemplate, Message};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use std::ops::Range;
+
+/// The tokenized read prompt and which of its positions are patched into the decoder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadPrompt {
+    /// Token ids of the rendered read dialog (the template's own preamble, e.g. a BOS,
+    /// included; nothing else prepended).
+    pub ids: Vec<u32>,
+    /// Length of the "verb" (the masked part at the start of the prompt that is not patched;
+    /// the paper's `verb_lengths`): 0 without a verb mask.
+    pub verb_len: usize,
+    /// Read positions whose activations are patched, in order: the last
+    /// `n = len - 1 - verb_len` positions. Position 0 is never patched (the paper's
+    /// `read_lengths = len - 1`).
+    pub patch_positions: Vec<usize>,
+    /// The paper's `mask_verbs` quirk: with a verb mask, the first patched vector is replaced
+    /// by the activation at this position (always 1, the token after the first one). `None`
+    /// without a verb mask. When the verb is empty this changes nothing, since the first
+    /// patched position is then 1 anyway.
+    pub first_from: Option<usize>,
+}
+
+impl ReadPrompt {
+    /// The number of patched activations (= the decoder's placeholder count).
+    pub fn n_patch(&self) -> usize {
+        self.patch_positions.len()
+    }
+}
+
+/// The tokenized decoder prompt: placeholders to overwrite, and the tokens that are labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecoderPrompt {
+    /// Token ids of the rendered decoder dialog.
+    pub ids: Vec<u32>,
+    /// The number of `"? "` repetitions in the placeholder user turn (the paper's `k`).
+    pub k: usize,
+    /// Positions of the placeholder tokens (the content of the first user turn), one per
+    /// patched activation, in order.
+    pub write_positions: Vec<usize>,
+    /// Positions `t` whose token `ids[t]` is a label, predicted from position `t - 1`: the
+    /// content of the chosen decoder (`reflect`) turns plus the end-of-turn text the template
+    /// writes after it (ChatML: `<|im_end|>` and `\n`; Llama-3: `<|eot_id|>`).
+    pub label_positions: Vec<usize>,
+}
+
+/// The token that starts exactly at byte `byte` of the text (the first one, if a multi-byte
+/// character is split over several tokens).
+fn token_starting_at(offsets: &[(usize, usize)], byte: usize, what: &str) -> Result<usize> {
+    offsets.iter().position(|o| o.0 == byte).ok_or_else(|| {
+        Error::invalid(format!(
+            "{what} (byte {byte}) does not start at a token boundary; the template/tokenizer \
+                 pair does not fit LatentQA's token geometry"
+        ))
+    })
+}
+
+/// The tokens that exactly tile the byte range `[a, b)` of the text.
+fn tokens_tiling(
+    offsets: &[(usize, usize)],
+    a: usize,
+    b: usize,
+    what: &str,
+) -> Result<Range<usize>> {
+    if a == b {
+        let i = offsets
+            .iter()
+            .position(|o| o.0 >= a)
+            .unwrap_or(offsets.len());
+        return Ok(i..i);
+    }
+    let start = token_starting_at(offsets, a, what)?;
+    let end = offsets
+        .iter()
+        .rposition(|o| o.1 == b)
+        .map(|i| i + 1)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{what} (ending at byte {b}) does not end at a token boundary; the \
+                 template/tokenizer pair does not fit LatentQA's token geometry"
+            ))
+        })?;
+    if end <= start || offsets[start..end].iter().any(|o| o.0 < a || o.1 > b) {
+        return Err(Error::invalid(format!(
+            "{what} (bytes {a}..{b}) is not tiled by whole tokens"
+        )));
+    }
+    Ok(start..end)
+}
+
+/// Tokenize the read dialog and find the patched positions, as the paper does.
+///
+/// The dialog is rendered with [`ChatTemplate::render_plain`] (the template without any
+/// default system prompt it would inject: the verb masks assume the masked turns follow the
+/// first token), plus the generation prompt if asked. Turn starts are found in token positions
+/// from [`ChatTemplate::turn_spans`] and the tokenizer's offsets. With `L` tokens:
+///
+/// - position 0 (a BOS, or ChatML's first `<|im_start|>`) is never patched;
+/// - [`VerbMask::User`] with at least two user turns: the verb runs from the start of the first
+///   user turn to the start of the second (the control instruction and its reply);
+/// - [`VerbMask::System`] when the first message is a system message: the verb is
+///   `start of the first user turn - 1` (the paper masks `[1, first user header)`);
+/// - otherwise the verb is empty;
+/// - the patch is the last `n = L - 1 - verb` positions, and with a verb mask its first vector
+///   is taken from position 1 instead ([`ReadPrompt::first_from`]).
+///
+/// For ChatML (no BOS) this reproduces the reference's asymmetry: the user mask patches from
+/// the second user turn's role token, the system mask from the first user turn's
+/// `<|im_start|>`.
+pub fn read_prompt(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    dialog: &ReadDialog,
+) -> Result<ReadPrompt> {
+    let msgs = &dialog.messages;
+    let (text, spans, _) = template.turn_spans(msgs, dialog.add_generation_prompt)?;
+    let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
+    let len = ids.len();
+    if len < 2 {
+        return Err(Error::invalid(format!(
+            "the read prompt has {len} token(s); LatentQA patches all but the first, so it \
+             needs at least 2"
+        )));
+    }
+    let user_starts: Vec<usize> = msgs
+        .iter()
+        .zip(&spans)
+        .enumerate()
+        .filter(|(_, (m, _))| m.role == "user")
+        .map(|(i, (_, &(s, _)))| token_starting_at(&offsets, s, &format!("read turn {i}")))
+        .collect::<Result<_>>()?;
+    let verb_len = match dialog.mask {
+        VerbMask::User if user_starts.len() >= 2 => user_starts[1] - user_starts[0],
+        VerbMask::System
+            if msgs.first().is_some_and(|m| m.role == "system") && !user_starts.is_empty() =>
+        {
+            user_starts[0].saturating_sub(1)
+        }
+        _ => 0,
+    };
+    let n = len - 1 - verb_len.min(len - 1);
+    if n == 0 {
+        return Err(Error::invalid(
+            "the verb mask covers the whole read prompt: nothing is left to patch",
+        ));
+    }
+    Ok(ReadPrompt {
+        ids,
+        verb_len,
+        patch_positions: (len - n..len).collect(),
+        first_from: (dialog.mask != VerbMask::None).then_some(1),
+    })
+}
+
+/// The decoder messages of the paper: the fixed reply, then each question and answer. With
+/// `add_generation_prompt` the last answer must be empty and is left out (it is to be
+/// generated).
+pub fn decoder_dialog(
+    qa: &[(String, String)],
+    add_generation_prompt: bool,
+) -> Result<Vec<Message>> {
+    let mut dialog = vec![Message::new("assistant", BASE_REPLY)];
+    for (i, (q, a)) in qa.iter().enumerate() {
+        dialog.push(Message::new("user", q.as_str()));
+        if add_generation_prompt && i + 1 == qa.len() {
+            if !a.is_empty() {
+                return Err(Error::invalid(
+                    "with a generation prompt the last answer must be empty (it is generated)",
+                ));
+            }
+            continue;
+        }
+        dialog.push(Message::new("assistant", a.as_str()));
+    }
+    Ok(dialog)
+}
+
+/// The decoder prompt for `n_patch` activations and question/answer pairs: messages
+/// `[user: "? " * k, assistant: BASE_REPLY, user: q1, assistant: a1, ...]` (see
+/// [`decoder_dialog`]), rendered by [`decoder_prompt_from_dialog`].
+pub fn decoder_prompt(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    n_patch: usize,
+    qa: &[(String, String)],
+    labels: Labels,
+    add_generation_prompt: bool,
+) -> Result<DecoderPrompt> {
+    let dialog = decoder_dialog(qa, add_generation_prompt)?;
+    decoder_prompt_from_dialog(
+        template,
+        tokenizer,
+        n_patch,
+        &dialog,
+        labels,
+        add_generation_prompt,
+    )
+}
+
+/// One rendering of the decoder prompt with `k` placeholders.
+struct Rendered {
+    ids: Vec<u32>,
+    offsets: Vec<(usize, usize)>,
+    text: String,
+    spans: Vec<(usize, usize)>,
+}
+
+/// The byte range of a turn's content (after its header), and of its end-of-turn text.
+fn content_bytes(
+    template: &ChatTemplate,
+    r: &Rendered,
+    turn: usize,
+    role: &str,
+) -> Result<(usize, usize, usize)> {
+    let (s, e) = r.spans[turn];
+    let header = template.role_header(role).ok_or_else(|| {
+        Error::invalid(format!(
+            "chat template `{}`: its turn shape could not be derived, so the decoder prompt's \
+             placeholders and labels cannot be located",
+            template.name()
+        ))
+    })?;
+    let eot = template.end_of_turn().unwrap_or("");
+    let seg = &r.text[s..e];
+    if !seg.starts_with(&header) || !seg.ends_with(eot) || seg.len() < header.len() + eot.len() {
+        return Err(Error::invalid(format!(
+            "chat template `{}`: decoder turn {turn} is not `{header:?} + content + {eot:?}`",
+            template.name()
+        )));
+    }
+    Ok((s + header.len(), e - eot.len(), e))
+}
+
+/// The role a decoder message is rendered with.
+fn rendered_role(role: &str) -> &str {
+    if role == "assistant" {
+        DECODER_ROLE
+    } else {
+        role
+    }
+}
+
+fn is_decoder_turn(m: &Message) -> bool {
+    m.role == "assistant" || m.role == DECODER_ROLE
+}
+
+fn render_decoder(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    k: usize,
+    dialog: &[Message],
+    add_generation_prompt: bool,
+) -> Result<(Rendered, Range<usize>)> {
+    let mut msgs = Vec::with_capacity(dialog.len() + 1);
+    msgs.push(Message::new("user", "? ".repeat(k)));
+    msgs.extend_from_slice(dialog);
+    let (text, spans, _) = template.turn_spans_with_role_renamed(
+        &msgs,
+        add_generation_prompt,
+        "assistant",
+        DECODER_ROLE,
+    )?;
+    let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
+    let r = Rendered {
+        ids,
+        offsets,
+        text,
+        spans,
+    };
+    let (a, b, _) = content_bytes(template, &r, 0, "user")?;
+    let placeholders = tokens_tiling(&r.offsets, a, b, "the placeholder content")?;
+    Ok((r, placeholders))
+}
+
+/// The decoder prompt for `n_patch` activations and a decoder dialog (the messages after the
+/// placeholder turn; role `assistant` for the decoder's turns, rendered as `reflect`).
+///
+/// Rendered with the assistant role renamed and no injected system prompt
+/// ([`ChatTemplate::turn_spans_with_role_renamed`]). `k` is chosen so that the placeholder
+/// content is exactly `n_patch` tokens: templates that do not trim content (ChatML) render
+/// `"? " * k` as `k + 1` tokens (`?`, `k - 1` times ` ?`, and ` `), templates that trim
+/// (Llama-3) as `k` tokens. This replaces the paper's `NUM_READ_TOKENS_TO_SHIFT` (2 and 1), and
+/// the placeholder positions replace `NUM_WRITE_TOKENS_TO_SHIFT`.
+///
+/// Labels are the content of the decoder turns plus their end-of-turn text: every decoder turn
+/// for [`Labels::AllAssistantTurns`] (training also learns the fixed reply), the last one only
+/// for [`Labels::LastAnswer`]. With `add_generation_prompt` the prompt ends with the decoder's
+/// generation prompt (a question whose answer is to be generated): the dialog should then end
+/// with a user turn, and [`Labels::LastAnswer`] gives no labels.
+pub fn decoder_prompt_from_dialog(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    n_patch: usize,
+    dialog: &[Message],
+    labels: Labels,
+    add_generation_prompt: bool,
+) -> Result<DecoderPrompt> {
+    if n_patch == 0 {
+        return Err(Error::invalid(
+            "a decoder prompt needs at least one placeholder",
+        ));
+    }
+    // The placeholder count grows by one token per "? ": probe with k = 1, then correct.
+    let (_, probe) = render_decoder(template, tokenizer, 1, &[], false)?;
+    let extra = probe.len() as isize - 1;
+    let mut k = (n_patch as isize - extra).max(1) as usize;
+    let mut tried = Vec::new();
+    let (r, placeholders) = loop {
+        let (r, ph) = render_decoder(template, tokenizer, k, dialog, add_generation_prompt)?;
+        if ph.len() == n_patch {
+            break (r, ph);
+        }
+        tried.push((k, ph.len()));
+        let next = k as isize + n_patch as isize - ph.len() as isize;
+        if tried.len() >= 4 || next < 1 || tried.iter().any(|&(t, _)| t as isize == next) {
+            return Err(Error::invalid(format!(
+                "no number of \"? \" placeholders gives exactly {n_patch} placeholder tokens with \
+                 this template and tokenizer (tried k, tokens: {tried:?})"
+            )));
+        }
+        k = next as usize;
+    };
+    // Turn indices in the rendered messages (the placeholder turn is 0).
+    let decoder_turns: Vec<usize> = dialog
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| is_decoder_turn(m))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let chosen: Vec<usize> = match labels {
+        Labels::AllAssistantTurns => decoder_turns,
+        Labels::LastAnswer if add_generation_prompt => Vec::new(),
+        Labels::LastAnswer => decoder_turns.last().copied().into_iter().collect(),
+    };
+    let mut label_positions = Vec::new();
+    for turn in chosen {
+        let role = rendered_role(&dialog[turn - 1].role);
+        let (a, _, e) = content_bytes(template, &r, turn, role)?;
+        let range = tokens_tiling(&r.offsets, a, e, &format!("decoder turn {turn}"))?;
+        label_positions.extend(range);
+    }
+    debug_assert!(label_positions.iter().all(|&t| t >= 1));
+    Ok(DecoderPrompt {
+        ids: r.ids,
+        k,
+        write_positions: placeholders.collect(),
+        label_positions,
+    })
+}
