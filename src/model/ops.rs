@@ -35,7 +35,8 @@ pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
 /// `[b, seq, hd/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Result<Tensor> {
     if !differentiable {
-        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin);
     }
     let hd = x.dim(D::Minus1)?;
     let half = hd / 2;
