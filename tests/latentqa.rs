@@ -128,6 +128,7 @@ fn loss_config(use_first_from: bool) -> LossConfig {
         differentiable: false,
         grad_through_target: false,
         use_first_from,
+        dropout: None,
     }
 }
 
@@ -434,6 +435,7 @@ fn loss_gradient_matches_finite_differences() {
         differentiable: true,
         grad_through_target: true,
         use_first_from: true,
+        dropout: None,
     };
     let dev = Device::Cpu;
     let vars: Vec<Var> = batch

@@ -93,7 +93,7 @@ impl PatchedBatch {
 }
 
 /// How the loss is computed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct LossConfig {
     /// The target's block whose output is read (`blocks.{read_layer}.hook_resid_post`).
     pub read_layer: usize,
@@ -108,6 +108,8 @@ pub struct LossConfig {
     pub grad_through_target: bool,
     /// Apply [`ReadPrompt::first_from`] (the paper's `mask_verbs=True`, used in training).
     pub use_first_from: bool,
+    /// LoRA dropout in the decoder's forward (training); `None` in evaluation.
+    pub dropout: Option<crate::model::Dropout>,
 }
 
 /// The loss of a batch.
@@ -154,6 +156,7 @@ pub fn patch_vectors(
     let mut input =
         Input::left_padded(&rows, cfg.pad_id, target.device())?.with_logits(Logits::None);
     input.differentiable = cfg.differentiable;
+    input.dropout = cfg.dropout;
     input.stop_after_layer = Some(cfg.read_layer);
     let hidden = target.forward(&input, None, target_hooks)?.hidden;
     let hidden = if cfg.grad_through_target {
