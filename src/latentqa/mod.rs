@@ -9,6 +9,7 @@
 //!   layer, its activations written over the decoder's placeholders) and the decoder's
 //!   cross-entropy, differentiable into the decoder and, for control, into the target.
 
+pub mod decoder;
 pub mod format;
 pub mod loss;
 

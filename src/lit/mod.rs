@@ -5,3 +5,6 @@
 //!   length-bucketed, resumable batching.
 
 pub mod data;
+pub mod optim;
+pub mod plot;
+pub mod trainer;

@@ -25,11 +25,13 @@
 //! Long Rust work should call [`crate::interrupt::check`] between steps: its error becomes a
 //! Ctrl-C termination of the script.
 
+pub mod decoder;
 pub mod error;
 pub mod globals;
 pub mod model;
 pub mod modules;
 pub mod tensor;
+pub mod trainer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,7 +47,8 @@ pub fn register_all(engine: &mut Engine) {
     globals::register(engine);
     tensor::register(engine);
     model::register(engine);
-    // decoder::register(engine);
+    decoder::register(engine);
+    trainer::register(engine);
 }
 
 /// Source names for code that is not in a file.

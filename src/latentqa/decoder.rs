@@ -1,0 +1,178 @@
+//! A trained decoder as a user holds it: the target model, the decoder (the target's weights
+//! plus a LoRA adapter), and the layers it reads and writes. Scores answers to questions about
+//! the target's activations on a dialog.
+
+use super::format::{decoder_prompt, read_prompt};
+use super::loss::{latentqa_token_nll, LossConfig, PatchedBatch, PatchedExample};
+use super::{Labels, ReadDialog, VerbMask};
+use crate::chat::Message;
+use crate::lm::LanguageModel;
+use crate::lora::Adapter;
+use crate::model::Llama;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// `lqa_decoder.json`, written next to a decoder's PEFT files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DecoderMeta {
+    /// The model the decoder was trained on (and reads).
+    pub base_model: String,
+    pub read_layer: usize,
+    pub write_layer: usize,
+}
+
+pub const META_FILE: &str = "lqa_decoder.json";
+
+/// Where the project's shipped decoders live (`decoders/NAME/`), `$LQA_DECODERS` first.
+pub fn shipped_decoder_dir(model_name: &str) -> Option<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var("LQA_DECODERS") {
+        roots.push(PathBuf::from(p));
+    }
+    roots.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("decoders"));
+    if let Ok(exe) = std::env::current_exe() {
+        for a in exe.ancestors().skip(1).take(4) {
+            roots.push(a.join("decoders"));
+        }
+    }
+    roots
+        .into_iter()
+        .map(|r| r.join(model_name))
+        .find(|d| d.join("adapter_config.json").is_file())
+}
+
+pub struct Decoder {
+    pub target: Arc<LanguageModel>,
+    pub model: Llama,
+    pub meta: DecoderMeta,
+    pub path: PathBuf,
+}
+
+impl Decoder {
+    /// Load the decoder at `dir` (PEFT files + `lqa_decoder.json`), or the shipped one for the
+    /// target when `dir` is `None`.
+    pub fn load(target: Arc<LanguageModel>, dir: Option<&Path>) -> Result<Self> {
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => shipped_decoder_dir(&target.name).ok_or_else(|| {
+                Error::invalid(format!(
+                    "no decoder is shipped for `{}`: train one with scripts/train_decoder.rhai \
+                     and pass its directory",
+                    target.name
+                ))
+            })?,
+        };
+        let meta_path = dir.join(META_FILE);
+        let meta: DecoderMeta = if meta_path.exists() {
+            let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&meta_path, e))?
+        } else {
+            // a plain PEFT adapter: the paper's layers scaled to this model
+            let n = target.model.n_layers();
+            DecoderMeta {
+                base_model: target.name.clone(),
+                read_layer: n / 2,
+                write_layer: 0,
+            }
+        };
+        let n = target.model.n_layers();
+        if meta.read_layer >= n || meta.write_layer >= n {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!("layers {}/{} do not fit a model of {n} layers", meta.read_layer, meta.write_layer),
+            ));
+        }
+        let mut model = target.model.clone();
+        let adapter = Adapter::load_peft(&dir, &model)?;
+        adapter.attach(&mut model)?;
+        Ok(Decoder {
+            target,
+            model,
+            meta,
+            path: dir,
+        })
+    }
+
+    /// A decoder that is the target itself with no adapter (the base model as its own decoder).
+    pub fn untrained(target: Arc<LanguageModel>, read_layer: usize, write_layer: usize) -> Self {
+        let model = target.model.clone();
+        Decoder {
+            meta: DecoderMeta {
+                base_model: target.name.clone(),
+                read_layer,
+                write_layer,
+            },
+            target,
+            model,
+            path: PathBuf::new(),
+        }
+    }
+
+    /// The read dialog of a conversation: the generation prompt is added when the last turn is
+    /// the user's; the verb mask of training applies unless `patch_all`.
+    pub fn read_dialog(messages: &[Message], patch_all: bool) -> ReadDialog {
+        let add_generation_prompt = messages.last().is_some_and(|m| m.role == "user");
+        let mask = if patch_all {
+            VerbMask::None
+        } else if messages.first().is_some_and(|m| m.role == "system") {
+            VerbMask::System
+        } else {
+            VerbMask::User
+        };
+        ReadDialog {
+            messages: messages.to_vec(),
+            add_generation_prompt,
+            mask,
+        }
+    }
+
+    /// Build the patched example for (dialog, question, answer), labels on the answer only.
+    pub fn example(&self, dialog: &[Message], question: &str, answer: &str, patch_all: bool) -> Result<PatchedExample> {
+        let lm = &self.target;
+        let template = lm.template()?;
+        let read = read_prompt(template, &lm.tokenizer, &Self::read_dialog(dialog, patch_all))?;
+        let dec = decoder_prompt(
+            template,
+            &lm.tokenizer,
+            read.n_patch(),
+            &[(question.to_string(), answer.to_string())],
+            Labels::LastAnswer,
+            false,
+        )?;
+        PatchedExample::new(read, dec)
+    }
+
+    pub fn loss_config(&self, patch_all: bool) -> LossConfig {
+        LossConfig {
+            read_layer: self.meta.read_layer,
+            write_layer: self.meta.write_layer,
+            pad_id: self.target.pad_id(),
+            differentiable: false,
+            grad_through_target: false,
+            use_first_from: !patch_all,
+            dropout: None,
+        }
+    }
+
+    /// Mean NLL (nats per answer token) of each `(dialog, question, answer)`, as one batch.
+    pub fn score_many(&self, items: &[(Vec<Message>, String, String)], patch_all: bool) -> Result<Vec<f64>> {
+        let examples = items
+            .iter()
+            .map(|(d, q, a)| self.example(d, q, a, patch_all))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = PatchedBatch::new(examples)?;
+        let nll = latentqa_token_nll(&self.target.model, &self.model, &batch, &self.loss_config(patch_all))?;
+        Ok(nll
+            .iter()
+            .map(|v| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64)
+            .collect())
+    }
+
+    /// Mean NLL (nats per answer token) of `answer` to `question` about the target's
+    /// activations on `dialog`.
+    pub fn score(&self, dialog: &[Message], question: &str, answer: &str, patch_all: bool) -> Result<f64> {
+        Ok(self.score_many(&[(dialog.to_vec(), question.into(), answer.into())], patch_all)?[0])
+    }
+}

@@ -1,0 +1,575 @@
+//! The LIT training loop: a LoRA decoder learns to answer questions about a frozen target's
+//! activations (the paper's `lit/train.py`), with length-bucketed batches, a read layer sampled
+//! per step, AdamW + cosine schedule with warm-up, gradient accumulation and clipping, optional
+//! EMA, evaluation on labels held out by behaviour, atomic checkpoints that resume exactly,
+//! metrics as JSONL and a loss-curve SVG.
+
+use crate::latentqa::format::{decoder_prompt, read_prompt};
+use crate::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
+use crate::latentqa::Labels;
+use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position, SplitMix64};
+use crate::lit::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
+use crate::lit::plot::{smooth, write_loss_curve, Series};
+use crate::lm::LanguageModel;
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{Dropout, Llama};
+use crate::util::atomic_write;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything a run is configured by. Saved in each checkpoint; a resumed run uses the saved one.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// A folder of LatentQA data (control.json, stimulus.json, system.json, qa.json).
+    pub data_dir: PathBuf,
+    /// Where checkpoints, metrics, the plot and the final adapter go.
+    pub out_dir: PathBuf,
+    /// Items per file (for quick runs); all when `None`.
+    pub limit: Option<usize>,
+    /// Fraction of behaviour labels held out for evaluation.
+    pub eval_fraction: f64,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    /// Total optimizer steps (the schedule's length); `epochs` sets it when `None`.
+    pub max_steps: Option<usize>,
+    pub epochs: f64,
+    pub min_lr_ratio: f64,
+    pub clip: f64,
+    /// EMA decay of the adapter weights (evaluation and the final adapter use the EMA).
+    pub ema: Option<f64>,
+    pub min_read_layer: usize,
+    pub max_read_layer: usize,
+    pub write_layer: usize,
+    pub lora: LoraConfig,
+    pub eval_every: usize,
+    /// Evaluation batches (all of the held-out split when `None`).
+    pub eval_batches: Option<usize>,
+    pub checkpoint_every: usize,
+    /// Examples whose read + decoder prompts exceed this many tokens are skipped.
+    pub max_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data_dir: PathBuf::from("../shared/latentqa-data"),
+            out_dir: PathBuf::from("runs/decoder"),
+            limit: None,
+            eval_fraction: 0.1,
+            seed: 42,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 5e-5,
+            weight_decay: 0.01,
+            warmup_steps: 50,
+            max_steps: None,
+            epochs: 1.0,
+            min_lr_ratio: 0.0,
+            clip: 1.0,
+            ema: None,
+            min_read_layer: 15,
+            max_read_layer: 15,
+            write_layer: 0,
+            lora: LoraConfig::paper_decoder(),
+            eval_every: 100,
+            eval_batches: None,
+            checkpoint_every: 100,
+            max_tokens: 1024,
+        }
+    }
+}
+
+/// One tokenized training example.
+#[derive(Clone)]
+struct Prepared {
+    ex: PatchedExample,
+    len: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepStats {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub read_layer: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub epoch: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// Saved alongside the adapter and optimizer state.
+#[derive(Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    next: Position,
+    config: TrainConfig,
+    split: LabelSplit,
+    base_model: String,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    target: Arc<LanguageModel>,
+    decoder: Llama,
+    adapter: Adapter,
+    opt: AdamW,
+    ema: Option<Ema>,
+    train: Vec<Prepared>,
+    eval: Vec<Prepared>,
+    batcher: Batcher,
+    split: LabelSplit,
+    next: Position,
+    step: usize,
+    total_steps: usize,
+    history: Vec<StepStats>,
+}
+
+fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Result<Vec<Prepared>> {
+    let template = lm.template()?;
+    let tok = &lm.tokenizer;
+    let mut cache: std::collections::HashMap<*const crate::lit::data::DataItem, crate::latentqa::format::ReadPrompt> =
+        Default::default();
+    let mut out = Vec::with_capacity(examples.len());
+    for e in examples {
+        let key = Arc::as_ptr(&e.item);
+        let read = match cache.get(&key) {
+            Some(r) => r.clone(),
+            None => {
+                let r = read_prompt(template, tok, &e.item.read).map_err(|err| {
+                    Error::bad_file(&e.item.file, format!("item {}: {err}", e.item.index))
+                })?;
+                cache.insert(key, r.clone());
+                r
+            }
+        };
+        let dec = decoder_prompt(
+            template,
+            tok,
+            read.n_patch(),
+            &[(e.question.clone(), e.answer.clone())],
+            Labels::AllAssistantTurns,
+            false,
+        )
+        .map_err(|err| Error::bad_file(&e.item.file, format!("item {}: {err}", e.item.index)))?;
+        let len = read.ids.len() + dec.ids.len();
+        if len > max_tokens {
+            continue;
+        }
+        out.push(Prepared {
+            ex: PatchedExample::new(read, dec)?,
+            len,
+        });
+    }
+    Ok(out)
+}
+
+fn ckpt_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+impl Trainer {
+    /// A new run, or the continuation of the one checkpointed in `config.out_dir` when `resume`.
+    pub fn new(target: Arc<LanguageModel>, config: TrainConfig, resume: bool) -> Result<Self> {
+        let ck = ckpt_dir(&config.out_dir);
+        let state: Option<TrainState> = if resume {
+            Self::recover_checkpoint(&config.out_dir)?;
+            if ck.join("state.json").exists() {
+                let p = ck.join("state.json");
+                let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+                Some(serde_json::from_str(&text).map_err(|e| Error::bad_file(&p, e))?)
+            } else {
+                tracing::warn!("no checkpoint in {}: starting a new run", config.out_dir.display());
+                None
+            }
+        } else {
+            None
+        };
+        let config = match &state {
+            Some(s) => TrainConfig {
+                out_dir: config.out_dir.clone(),
+                ..s.config.clone()
+            },
+            None => config,
+        };
+        let n_layers = target.model.n_layers();
+        if config.max_read_layer >= n_layers
+            || config.min_read_layer > config.max_read_layer
+            || config.write_layer >= n_layers
+        {
+            return Err(Error::invalid(format!(
+                "read layers {}..={} / write layer {} do not fit a model of {n_layers} layers",
+                config.min_read_layer, config.max_read_layer, config.write_layer
+            )));
+        }
+        if config.batch_size == 0 || config.grad_accum == 0 {
+            return Err(Error::invalid("batch_size and grad_accum must be > 0"));
+        }
+        let data = LitData::load_dir(
+            &config.data_dir,
+            &DataOptions {
+                limit: config.limit,
+                ..Default::default()
+            },
+        )?;
+        let split = match &state {
+            Some(s) => s.split.clone(),
+            None => data.split_labels(config.eval_fraction, config.seed),
+        };
+        let (train_ex, eval_ex) = data.split_with(&split);
+        let train = prepare(&target, &train_ex, config.max_tokens)?;
+        let eval = prepare(&target, &eval_ex, config.max_tokens)?;
+        if train.is_empty() {
+            return Err(Error::invalid(format!(
+                "{}: no training examples (after the split and the {}-token limit)",
+                config.data_dir.display(),
+                config.max_tokens
+            )));
+        }
+        let batcher = Batcher::new(train.iter().map(|p| p.len).collect(), config.batch_size, config.seed)?;
+        let per_epoch = batcher.batches_per_epoch().div_ceil(config.grad_accum);
+        let total_steps = config
+            .max_steps
+            .unwrap_or(((per_epoch as f64) * config.epochs).ceil() as usize)
+            .max(1);
+        let mut decoder = target.model.clone();
+        let (adapter, opt_state) = match &state {
+            Some(_) => (
+                Adapter::load_peft(&ck.join("adapter"), &decoder)?,
+                Some(ck.join("optimizer.safetensors")),
+            ),
+            None => (Adapter::new(&decoder, config.lora.clone(), config.seed)?, None),
+        };
+        adapter.attach(&mut decoder)?;
+        let mut opt = AdamW::new(
+            adapter.named_vars(),
+            AdamWParams {
+                lr: config.lr,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        if let Some(p) = opt_state {
+            opt.load(&p)?;
+        }
+        let mut ema = config.ema.map(|d| Ema::new(&adapter.vars(), d)).transpose()?;
+        if let (Some(e), Some(_)) = (ema.as_mut(), &state) {
+            let p = ck.join("ema.safetensors");
+            let t = candle_core::safetensors::load(&p, target.model.device())
+                .map_err(|e| Error::bad_file(&p, e))?;
+            e.load_state(&t)?;
+        }
+        let mut history = Vec::new();
+        let metrics = config.out_dir.join("metrics.jsonl");
+        let step = state.as_ref().map(|s| s.step).unwrap_or(0);
+        if state.is_some() && metrics.exists() {
+            // keep the metrics up to the checkpoint: the resumed run rewrites what follows
+            let text = std::fs::read_to_string(&metrics).map_err(|e| Error::io(&metrics, e))?;
+            for line in text.lines() {
+                if let Ok(s) = serde_json::from_str::<StepStats>(line) {
+                    if s.step <= step {
+                        history.push(s);
+                    }
+                }
+            }
+            let kept: String = history
+                .iter()
+                .map(|s| serde_json::to_string(s).unwrap() + "\n")
+                .collect();
+            atomic_write(&metrics, kept.as_bytes())?;
+        } else if state.is_none() {
+            std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
+            atomic_write(&metrics, b"")?;
+        }
+        Ok(Trainer {
+            next: state.as_ref().map(|s| s.next).unwrap_or_default(),
+            split,
+            config,
+            target,
+            decoder,
+            adapter,
+            opt,
+            ema,
+            train,
+            eval,
+            batcher,
+            step,
+            total_steps,
+            history,
+        })
+    }
+
+    /// A checkpoint swap interrupted between its two renames leaves `checkpoint.old`: use it.
+    fn recover_checkpoint(out: &Path) -> Result<()> {
+        let ck = ckpt_dir(out);
+        let old = out.join("checkpoint.old");
+        if !ck.exists() && old.exists() {
+            std::fs::rename(&old, &ck).map_err(|e| Error::io(&ck, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+    pub fn n_train(&self) -> usize {
+        self.train.len()
+    }
+    pub fn n_eval(&self) -> usize {
+        self.eval.len()
+    }
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+    pub fn decoder(&self) -> &Llama {
+        &self.decoder
+    }
+    pub fn history(&self) -> &[StepStats] {
+        &self.history
+    }
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    fn loss_config(&self, read_layer: usize, dropout: Option<Dropout>) -> LossConfig {
+        LossConfig {
+            read_layer,
+            write_layer: self.config.write_layer,
+            pad_id: self.target.pad_id(),
+            differentiable: dropout.is_some(),
+            grad_through_target: false,
+            use_first_from: true,
+            dropout,
+        }
+    }
+
+    fn batch(&self, set: &[Prepared], idx: &[usize]) -> Result<PatchedBatch> {
+        PatchedBatch::new(idx.iter().map(|&i| set[i].ex.clone()).collect())
+    }
+
+    /// One optimizer step (`grad_accum` micro-batches).
+    pub fn step(&mut self) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let mut rng = SplitMix64::derive(self.config.seed, self.step as u64);
+        let span = (self.config.max_read_layer - self.config.min_read_layer + 1) as u64;
+        let read_layer = self.config.min_read_layer + rng.below(span) as usize;
+        let vars = self.adapter.vars();
+        let mut acc = GradAccumulator::new(&vars);
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        let mut epoch = self.next.epoch;
+        for micro in 0..self.config.grad_accum {
+            crate::interrupt::check()?;
+            let (pos, idx) = self
+                .batcher
+                .iter_from(self.next)
+                .next()
+                .ok_or_else(|| Error::invalid("the batcher is empty"))?;
+            epoch = pos.epoch;
+            self.next = Position {
+                epoch: pos.epoch,
+                batch: pos.batch + 1,
+            };
+            let batch = self.batch(&self.train, &idx)?;
+            let dropout = Dropout {
+                seed: rng.next_u64() ^ micro as u64,
+            };
+            let out = latentqa_loss(&self.target.model, &self.decoder, &batch, &self.loss_config(read_layer, Some(dropout)))?;
+            let l = (out.loss / self.config.grad_accum as f64)?;
+            loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            tokens += idx.iter().map(|&i| self.train[i].len).sum::<usize>();
+            acc.add(&l.backward()?)?;
+        }
+        let mut grads = acc.into_grads();
+        let grad_norm = clip_grad_norm(&mut grads, &vars, self.config.clip)?;
+        let lr = cosine_lr(
+            self.step,
+            self.config.lr,
+            self.config.warmup_steps,
+            self.total_steps,
+            self.config.min_lr_ratio,
+        );
+        self.opt.set_lr(lr);
+        self.opt.step(&grads)?;
+        if let Some(e) = self.ema.as_mut() {
+            e.update(&vars)?;
+        }
+        self.step += 1;
+        let stats = StepStats {
+            step: self.step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            read_layer,
+            tokens,
+            seconds: t0.elapsed().as_secs_f64(),
+            epoch,
+            eval_loss: None,
+        };
+        Ok(stats)
+    }
+
+    /// Mean loss per label token on the held-out labels (EMA weights when EMA is on), at the
+    /// middle of the read-layer range, no dropout.
+    pub fn evaluate(&mut self) -> Result<f64> {
+        if self.eval.is_empty() {
+            return Err(Error::invalid("no held-out examples to evaluate on (eval_fraction is 0?)"));
+        }
+        let vars = self.adapter.vars();
+        if let Some(e) = self.ema.as_mut() {
+            e.swap_into(&vars)?;
+        }
+        let res = self.eval_loss();
+        if let Some(e) = self.ema.as_mut() {
+            e.swap_into(&vars)?;
+        }
+        res
+    }
+
+    fn eval_loss(&self) -> Result<f64> {
+        let read_layer = (self.config.min_read_layer + self.config.max_read_layer) / 2;
+        let cfg = self.loss_config(read_layer, None);
+        let eval_batcher = Batcher::new(self.eval.iter().map(|p| p.len).collect(), self.config.batch_size, 0)?;
+        let batches = eval_batcher.epoch(0);
+        let take = self.config.eval_batches.unwrap_or(batches.len()).min(batches.len());
+        let (mut sum, mut n) = (0.0, 0usize);
+        for idx in batches.iter().take(take) {
+            crate::interrupt::check()?;
+            let batch = self.batch(&self.eval, idx)?;
+            let out = latentqa_loss(&self.target.model, &self.decoder, &batch, &cfg)?;
+            let l = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sum += l * out.n_label_tokens as f64;
+            n += out.n_label_tokens;
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+
+    /// Record a step's stats (JSONL) and keep them for the plot.
+    pub fn record(&mut self, stats: &StepStats) -> Result<()> {
+        let p = self.config.out_dir.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{}", serde_json::to_string(stats).expect("json")).map_err(|e| Error::io(&p, e))?;
+        self.history.push(stats.clone());
+        Ok(())
+    }
+
+    /// Write the loss curve (train, smoothed, and eval) as SVG.
+    pub fn plot(&self) -> Result<PathBuf> {
+        let train: Vec<(f64, f64)> = self.history.iter().map(|s| (s.step as f64, s.loss)).collect();
+        let eval: Vec<(f64, f64)> = self
+            .history
+            .iter()
+            .filter_map(|s| s.eval_loss.map(|e| (s.step as f64, e)))
+            .collect();
+        let series = vec![
+            Series { name: "train".into(), points: train.clone(), color: "#9ecae1" },
+            Series { name: "train (smoothed)".into(), points: smooth(&train, 25), color: "#3182bd" },
+            Series { name: "eval (held-out labels)".into(), points: eval, color: "#e6550d" },
+        ];
+        let path = self.config.out_dir.join("loss.svg");
+        write_loss_curve(&path, &series, "LIT: decoder loss", "step", "loss (nats / label token)")?;
+        Ok(path)
+    }
+
+    /// Write a checkpoint atomically: adapter (f32), optimizer, EMA, state. The previous
+    /// checkpoint is replaced only once the new one is complete.
+    pub fn checkpoint(&self) -> Result<PathBuf> {
+        let out = &self.config.out_dir;
+        let tmp = out.join(format!("checkpoint.tmp{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.adapter
+            .save_peft(&tmp.join("adapter"), &self.target.name, candle_core::DType::F32)?;
+        self.opt.save(&tmp.join("optimizer.safetensors"))?;
+        if let Some(e) = &self.ema {
+            let p = tmp.join("ema.safetensors");
+            candle_core::safetensors::save(&e.state_tensors()?, &p).map_err(|e| Error::bad_file(&p, e))?;
+        }
+        let state = TrainState {
+            step: self.step,
+            next: self.next,
+            config: self.config.clone(),
+            split: self.split.clone(),
+            base_model: self.target.name.clone(),
+        };
+        atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        let ck = ckpt_dir(out);
+        let old = out.join("checkpoint.old");
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        if ck.exists() {
+            std::fs::rename(&ck, &old).map_err(|e| Error::io(&ck, e))?;
+        }
+        std::fs::rename(&tmp, &ck).map_err(|e| Error::io(&ck, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(ck)
+    }
+
+    /// Save the adapter (EMA weights when EMA is on) in PEFT format, e.g. bf16 to ship.
+    pub fn save_adapter(&mut self, dir: &Path, dtype: candle_core::DType) -> Result<()> {
+        let vars = self.adapter.vars();
+        if let Some(e) = self.ema.as_mut() {
+            e.swap_into(&vars)?;
+        }
+        let res = self.adapter.save_peft(dir, &self.target.name, dtype);
+        if let Some(e) = self.ema.as_mut() {
+            e.swap_into(&vars)?;
+        }
+        res?;
+        let meta = crate::latentqa::decoder::DecoderMeta {
+            base_model: self.target.name.clone(),
+            read_layer: (self.config.min_read_layer + self.config.max_read_layer) / 2,
+            write_layer: self.config.write_layer,
+        };
+        atomic_write(
+            &dir.join(crate::latentqa::decoder::META_FILE),
+            serde_json::to_string_pretty(&meta).expect("json").as_bytes(),
+        )
+    }
+
+    /// Train to the end: evaluation, checkpoints, metrics and plot on their schedules.
+    /// `on_step` sees every step's stats and may return `false` to stop early (a checkpoint is
+    /// written).
+    pub fn train(&mut self, mut on_step: impl FnMut(&StepStats) -> Result<bool>) -> Result<()> {
+        while !self.is_done() {
+            let mut stats = self.step()?;
+            let every = |n: usize| n > 0 && stats.step % n == 0;
+            if every(self.config.eval_every) || (self.is_done() && !self.eval.is_empty()) {
+                stats.eval_loss = Some(self.evaluate()?);
+            }
+            self.record(&stats)?;
+            let go_on = on_step(&stats)?;
+            if every(self.config.checkpoint_every) || self.is_done() || !go_on {
+                self.checkpoint()?;
+                self.plot()?;
+            }
+            if !go_on {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
