@@ -3,6 +3,9 @@
 //!
 //! - [`data`]: the LatentQA data (read dialogs and their QA pairs), label splits, and
 //!   length-bucketed, resumable batching.
+//! - [`optim`]: AdamW with checkpointable state, gradient clipping and accumulation, the cosine
+//!   learning-rate schedule, and an EMA of the weights.
+//! - [`plot`]: self-contained SVG line charts of loss curves.
 
 pub mod data;
 pub mod optim;

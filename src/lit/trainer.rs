@@ -263,7 +263,7 @@ impl Trainer {
         if let Some(p) = opt_state {
             opt.load(&p)?;
         }
-        let mut ema = config.ema.map(|d| Ema::new(&adapter.vars(), d)).transpose()?;
+        let mut ema = config.ema.map(|d| Ema::new(&adapter.named_vars(), d)).transpose()?;
         if let (Some(e), Some(_)) = (ema.as_mut(), &state) {
             let p = ck.join("ema.safetensors");
             let t = candle_core::safetensors::load(&p, target.model.device())
@@ -394,7 +394,7 @@ impl Trainer {
             tokens += idx.iter().map(|&i| self.train[i].len).sum::<usize>();
             acc.add(&l.backward()?)?;
         }
-        let mut grads = acc.into_grads();
+        let mut grads = acc.finish(1.0)?;
         let grad_norm = clip_grad_norm(&mut grads, &vars, self.config.clip)?;
         let lr = cosine_lr(
             self.step,
@@ -406,7 +406,7 @@ impl Trainer {
         self.opt.set_lr(lr);
         self.opt.step(&grads)?;
         if let Some(e) = self.ema.as_mut() {
-            e.update(&vars)?;
+            e.update()?;
         }
         self.step += 1;
         let stats = StepStats {
@@ -429,13 +429,12 @@ impl Trainer {
         if self.eval.is_empty() {
             return Err(Error::invalid("no held-out examples to evaluate on (eval_fraction is 0?)"));
         }
-        let vars = self.adapter.vars();
         if let Some(e) = self.ema.as_mut() {
-            e.swap_into(&vars)?;
+            e.swap()?;
         }
         let res = self.eval_loss();
         if let Some(e) = self.ema.as_mut() {
-            e.swap_into(&vars)?;
+            e.swap()?;
         }
         res
     }
@@ -480,9 +479,9 @@ impl Trainer {
             .filter_map(|s| s.eval_loss.map(|e| (s.step as f64, e)))
             .collect();
         let series = vec![
-            Series { name: "train".into(), points: train.clone(), color: "#9ecae1" },
-            Series { name: "train (smoothed)".into(), points: smooth(&train, 25), color: "#3182bd" },
-            Series { name: "eval (held-out labels)".into(), points: eval, color: "#e6550d" },
+            Series::new("train", train.clone(), "#9ecae1"),
+            Series::new("train (smoothed)", smooth(&train, 25), "#3182bd"),
+            Series::new("eval (held-out labels)", eval, "#e6550d"),
         ];
         let path = self.config.out_dir.join("loss.svg");
         write_loss_curve(&path, &series, "LIT: decoder loss", "step", "loss (nats / label token)")?;
@@ -503,7 +502,7 @@ impl Trainer {
         self.opt.save(&tmp.join("optimizer.safetensors"))?;
         if let Some(e) = &self.ema {
             let p = tmp.join("ema.safetensors");
-            candle_core::safetensors::save(&e.state_tensors()?, &p).map_err(|e| Error::bad_file(&p, e))?;
+            candle_core::safetensors::save(&e.state_tensors(), &p).map_err(|e| Error::bad_file(&p, e))?;
         }
         let state = TrainState {
             step: self.step,
@@ -530,13 +529,12 @@ impl Trainer {
 
     /// Save the adapter (EMA weights when EMA is on) in PEFT format, e.g. bf16 to ship.
     pub fn save_adapter(&mut self, dir: &Path, dtype: candle_core::DType) -> Result<()> {
-        let vars = self.adapter.vars();
         if let Some(e) = self.ema.as_mut() {
-            e.swap_into(&vars)?;
+            e.swap()?;
         }
         let res = self.adapter.save_peft(dir, &self.target.name, dtype);
         if let Some(e) = self.ema.as_mut() {
-            e.swap_into(&vars)?;
+            e.swap()?;
         }
         res?;
         let meta = crate::latentqa::decoder::DecoderMeta {

@@ -1,5 +1,9 @@
 //! Shared test fixtures: a tiny random Llama written to a temp dir through the real file formats.
+//! [`chat_model`] adds a complete chat model directory (tokenizer, chat template) and a toy
+//! LatentQA data folder.
 #![allow(dead_code)]
+
+pub mod chat_model;
 
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -34,6 +38,18 @@ pub fn tiny_config_json() -> String {
 
 /// Random weights in HF names, seeded.
 pub fn tiny_weights(seed: u64) -> HashMap<String, Tensor> {
+    tiny_weights_with(seed, VOCAB, LAYERS, false)
+}
+
+/// [`tiny_weights`] for another vocabulary size and depth (d = [`D`], [`HEADS`] heads,
+/// [`KV_HEADS`] kv heads, [`FF`] wide MLP); no `lm_head.weight` when `tied` (the head is the
+/// embedding). The same seed, vocabulary and depth give the same values as [`tiny_weights`].
+pub fn tiny_weights_with(
+    seed: u64,
+    vocab: usize,
+    layers: usize,
+    tied: bool,
+) -> HashMap<String, Tensor> {
     let dev = Device::Cpu;
     let mut w = HashMap::new();
     let mut k = seed;
@@ -54,9 +70,9 @@ pub fn tiny_weights(seed: u64) -> HashMap<String, Tensor> {
             .collect();
         Tensor::from_vec(v, shape, &dev).unwrap()
     };
-    w.insert("model.embed_tokens.weight".into(), rnd(&[VOCAB, D], 1.0));
+    w.insert("model.embed_tokens.weight".into(), rnd(&[vocab, D], 1.0));
     let hd = D / HEADS;
-    for i in 0..LAYERS {
+    for i in 0..layers {
         let p = format!("model.layers.{i}");
         let s = 1.0 / (D as f64).sqrt();
         w.insert(
@@ -91,10 +107,12 @@ pub fn tiny_weights(seed: u64) -> HashMap<String, Tensor> {
         );
     }
     w.insert("model.norm.weight".into(), (rnd(&[D], 0.1) + 1.0).unwrap());
-    w.insert(
-        "lm_head.weight".into(),
-        rnd(&[VOCAB, D], 1.0 / (D as f64).sqrt() * 4.0),
-    );
+    if !tied {
+        w.insert(
+            "lm_head.weight".into(),
+            rnd(&[vocab, D], 1.0 / (D as f64).sqrt() * 4.0),
+        );
+    }
     w
 }
 
