@@ -81,7 +81,10 @@ impl Decoder {
         if meta.read_layer >= n || meta.write_layer >= n {
             return Err(Error::bad_file(
                 &meta_path,
-                format!("layers {}/{} do not fit a model of {n} layers", meta.read_layer, meta.write_layer),
+                format!(
+                    "layers {}/{} do not fit a model of {n} layers",
+                    meta.read_layer, meta.write_layer
+                ),
             ));
         }
         let mut model = target.model.clone();
@@ -129,10 +132,20 @@ impl Decoder {
     }
 
     /// Build the patched example for (dialog, question, answer), labels on the answer only.
-    pub fn example(&self, dialog: &[Message], question: &str, answer: &str, patch_all: bool) -> Result<PatchedExample> {
+    pub fn example(
+        &self,
+        dialog: &[Message],
+        question: &str,
+        answer: &str,
+        patch_all: bool,
+    ) -> Result<PatchedExample> {
         let lm = &self.target;
         let template = lm.template()?;
-        let read = read_prompt(template, &lm.tokenizer, &Self::read_dialog(dialog, patch_all))?;
+        let read = read_prompt(
+            template,
+            &lm.tokenizer,
+            &Self::read_dialog(dialog, patch_all),
+        )?;
         let dec = decoder_prompt(
             template,
             &lm.tokenizer,
@@ -157,13 +170,22 @@ impl Decoder {
     }
 
     /// Mean NLL (nats per answer token) of each `(dialog, question, answer)`, as one batch.
-    pub fn score_many(&self, items: &[(Vec<Message>, String, String)], patch_all: bool) -> Result<Vec<f64>> {
+    pub fn score_many(
+        &self,
+        items: &[(Vec<Message>, String, String)],
+        patch_all: bool,
+    ) -> Result<Vec<f64>> {
         let examples = items
             .iter()
             .map(|(d, q, a)| self.example(d, q, a, patch_all))
             .collect::<Result<Vec<_>>>()?;
         let batch = PatchedBatch::new(examples)?;
-        let nll = latentqa_token_nll(&self.target.model, &self.model, &batch, &self.loss_config(patch_all))?;
+        let nll = latentqa_token_nll(
+            &self.target.model,
+            &self.model,
+            &batch,
+            &self.loss_config(patch_all),
+        )?;
         Ok(nll
             .iter()
             .map(|v| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64)
@@ -172,7 +194,16 @@ impl Decoder {
 
     /// Mean NLL (nats per answer token) of `answer` to `question` about the target's
     /// activations on `dialog`.
-    pub fn score(&self, dialog: &[Message], question: &str, answer: &str, patch_all: bool) -> Result<f64> {
-        Ok(self.score_many(&[(dialog.to_vec(), question.into(), answer.into())], patch_all)?[0])
+    pub fn score(
+        &self,
+        dialog: &[Message],
+        question: &str,
+        answer: &str,
+        patch_all: bool,
+    ) -> Result<f64> {
+        Ok(self.score_many(
+            &[(dialog.to_vec(), question.into(), answer.into())],
+            patch_all,
+        )?[0])
     }
 }

@@ -139,8 +139,10 @@ pub struct Trainer {
 fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Result<Vec<Prepared>> {
     let template = lm.template()?;
     let tok = &lm.tokenizer;
-    let mut cache: std::collections::HashMap<*const crate::lit::data::DataItem, crate::latentqa::format::ReadPrompt> =
-        Default::default();
+    let mut cache: std::collections::HashMap<
+        *const crate::lit::data::DataItem,
+        crate::latentqa::format::ReadPrompt,
+    > = Default::default();
     let mut out = Vec::with_capacity(examples.len());
     for e in examples {
         let key = Arc::as_ptr(&e.item);
@@ -190,7 +192,10 @@ impl Trainer {
                 let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
                 Some(serde_json::from_str(&text).map_err(|e| Error::bad_file(&p, e))?)
             } else {
-                tracing::warn!("no checkpoint in {}: starting a new run", config.out_dir.display());
+                tracing::warn!(
+                    "no checkpoint in {}: starting a new run",
+                    config.out_dir.display()
+                );
                 None
             }
         } else {
@@ -237,7 +242,11 @@ impl Trainer {
                 config.max_tokens
             )));
         }
-        let batcher = Batcher::new(train.iter().map(|p| p.len).collect(), config.batch_size, config.seed)?;
+        let batcher = Batcher::new(
+            train.iter().map(|p| p.len).collect(),
+            config.batch_size,
+            config.seed,
+        )?;
         let per_epoch = batcher.batches_per_epoch().div_ceil(config.grad_accum);
         let total_steps = config
             .max_steps
@@ -249,7 +258,10 @@ impl Trainer {
                 Adapter::load_peft(&ck.join("adapter"), &decoder)?,
                 Some(ck.join("optimizer.safetensors")),
             ),
-            None => (Adapter::new(&decoder, config.lora.clone(), config.seed)?, None),
+            None => (
+                Adapter::new(&decoder, config.lora.clone(), config.seed)?,
+                None,
+            ),
         };
         adapter.attach(&mut decoder)?;
         let mut opt = AdamW::new(
@@ -263,7 +275,10 @@ impl Trainer {
         if let Some(p) = opt_state {
             opt.load(&p)?;
         }
-        let mut ema = config.ema.map(|d| Ema::new(&adapter.named_vars(), d)).transpose()?;
+        let mut ema = config
+            .ema
+            .map(|d| Ema::new(&adapter.named_vars(), d))
+            .transpose()?;
         if let (Some(e), Some(_)) = (ema.as_mut(), &state) {
             let p = ck.join("ema.safetensors");
             let t = candle_core::safetensors::load(&p, target.model.device())
@@ -388,7 +403,12 @@ impl Trainer {
             let dropout = Dropout {
                 seed: rng.next_u64() ^ micro as u64,
             };
-            let out = latentqa_loss(&self.target.model, &self.decoder, &batch, &self.loss_config(read_layer, Some(dropout)))?;
+            let out = latentqa_loss(
+                &self.target.model,
+                &self.decoder,
+                &batch,
+                &self.loss_config(read_layer, Some(dropout)),
+            )?;
             let l = (out.loss / self.config.grad_accum as f64)?;
             loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             tokens += idx.iter().map(|&i| self.train[i].len).sum::<usize>();
@@ -427,7 +447,9 @@ impl Trainer {
     /// middle of the read-layer range, no dropout.
     pub fn evaluate(&mut self) -> Result<f64> {
         if self.eval.is_empty() {
-            return Err(Error::invalid("no held-out examples to evaluate on (eval_fraction is 0?)"));
+            return Err(Error::invalid(
+                "no held-out examples to evaluate on (eval_fraction is 0?)",
+            ));
         }
         if let Some(e) = self.ema.as_mut() {
             e.swap()?;
@@ -442,15 +464,26 @@ impl Trainer {
     fn eval_loss(&self) -> Result<f64> {
         let read_layer = (self.config.min_read_layer + self.config.max_read_layer) / 2;
         let cfg = self.loss_config(read_layer, None);
-        let eval_batcher = Batcher::new(self.eval.iter().map(|p| p.len).collect(), self.config.batch_size, 0)?;
+        let eval_batcher = Batcher::new(
+            self.eval.iter().map(|p| p.len).collect(),
+            self.config.batch_size,
+            0,
+        )?;
         let batches = eval_batcher.epoch(0);
-        let take = self.config.eval_batches.unwrap_or(batches.len()).min(batches.len());
+        let take = self
+            .config
+            .eval_batches
+            .unwrap_or(batches.len())
+            .min(batches.len());
         let (mut sum, mut n) = (0.0, 0usize);
         for idx in batches.iter().take(take) {
             crate::interrupt::check()?;
             let batch = self.batch(&self.eval, idx)?;
             let out = latentqa_loss(&self.target.model, &self.decoder, &batch, &cfg)?;
-            let l = out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let l = out
+                .loss
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             sum += l * out.n_label_tokens as f64;
             n += out.n_label_tokens;
         }
@@ -465,14 +498,19 @@ impl Trainer {
             .append(true)
             .open(&p)
             .map_err(|e| Error::io(&p, e))?;
-        writeln!(f, "{}", serde_json::to_string(stats).expect("json")).map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{}", serde_json::to_string(stats).expect("json"))
+            .map_err(|e| Error::io(&p, e))?;
         self.history.push(stats.clone());
         Ok(())
     }
 
     /// Write the loss curve (train, smoothed, and eval) as SVG.
     pub fn plot(&self) -> Result<PathBuf> {
-        let train: Vec<(f64, f64)> = self.history.iter().map(|s| (s.step as f64, s.loss)).collect();
+        let train: Vec<(f64, f64)> = self
+            .history
+            .iter()
+            .map(|s| (s.step as f64, s.loss))
+            .collect();
         let eval: Vec<(f64, f64)> = self
             .history
             .iter()
@@ -484,7 +522,13 @@ impl Trainer {
             Series::new("eval (held-out labels)", eval, "#e6550d"),
         ];
         let path = self.config.out_dir.join("loss.svg");
-        write_loss_curve(&path, &series, "LIT: decoder loss", "step", "loss (nats / label token)")?;
+        write_loss_curve(
+            &path,
+            &series,
+            "LIT: decoder loss",
+            "step",
+            "loss (nats / label token)",
+        )?;
         Ok(path)
     }
 
@@ -497,12 +541,16 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.adapter
-            .save_peft(&tmp.join("adapter"), &self.target.name, candle_core::DType::F32)?;
+        self.adapter.save_peft(
+            &tmp.join("adapter"),
+            &self.target.name,
+            candle_core::DType::F32,
+        )?;
         self.opt.save(&tmp.join("optimizer.safetensors"))?;
         if let Some(e) = &self.ema {
             let p = tmp.join("ema.safetensors");
-            candle_core::safetensors::save(&e.state_tensors(), &p).map_err(|e| Error::bad_file(&p, e))?;
+            candle_core::safetensors::save(&e.state_tensors(), &p)
+                .map_err(|e| Error::bad_file(&p, e))?;
         }
         let state = TrainState {
             step: self.step,
@@ -511,7 +559,12 @@ impl Trainer {
             split: self.split.clone(),
             base_model: self.target.name.clone(),
         };
-        atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&state).expect("json").as_bytes())?;
+        atomic_write(
+            &tmp.join("state.json"),
+            serde_json::to_string_pretty(&state)
+                .expect("json")
+                .as_bytes(),
+        )?;
         let ck = ckpt_dir(out);
         let old = out.join("checkpoint.old");
         if old.exists() {
@@ -544,7 +597,9 @@ impl Trainer {
         };
         atomic_write(
             &dir.join(crate::latentqa::decoder::META_FILE),
-            serde_json::to_string_pretty(&meta).expect("json").as_bytes(),
+            serde_json::to_string_pretty(&meta)
+                .expect("json")
+                .as_bytes(),
         )
     }
 

@@ -17,7 +17,8 @@ pub struct ScriptTrainer {
 }
 
 fn stats_map(s: &StepStats) -> Map {
-    match super::globals::json_to_dynamic(serde_json::to_value(s).expect("json")).try_cast::<Map>() {
+    match super::globals::json_to_dynamic(serde_json::to_value(s).expect("json")).try_cast::<Map>()
+    {
         Some(m) => m,
         None => Map::new(),
     }
@@ -29,7 +30,9 @@ fn config_from(ctx: &NativeCallContext, map: &Map) -> ScriptResult<(TrainConfig,
     let mut map = map.clone();
     let resume = match map.remove("resume") {
         None => false,
-        Some(v) => v.as_bool().map_err(|t| ctx_err(ctx, format!("resume is a {t}, expected true or false")))?,
+        Some(v) => v
+            .as_bool()
+            .map_err(|t| ctx_err(ctx, format!("resume is a {t}, expected true or false")))?,
     };
     let user = dynamic_to_json(&Dynamic::from_map(map), "config").map_err(|e| ctx_err(ctx, e))?;
     let mut base = serde_json::to_value(TrainConfig::default()).expect("json");
@@ -39,10 +42,16 @@ fn config_from(ctx: &NativeCallContext, map: &Map) -> ScriptResult<(TrainConfig,
     for (k, v) in u {
         if !b.contains_key(k) {
             let known: Vec<&String> = b.keys().collect();
-            return Err(ctx_err(ctx, format!("unknown trainer option `{k}` (known: {known:?})")));
+            return Err(ctx_err(
+                ctx,
+                format!("unknown trainer option `{k}` (known: {known:?})"),
+            ));
         }
         if k == "lora" {
-            if let (Some(bl), Some(ul)) = (b.get_mut("lora").and_then(|x| x.as_object_mut()), v.as_object()) {
+            if let (Some(bl), Some(ul)) = (
+                b.get_mut("lora").and_then(|x| x.as_object_mut()),
+                v.as_object(),
+            ) {
                 for (lk, lv) in ul {
                     bl.insert(lk.clone(), lv.clone());
                 }
@@ -51,11 +60,16 @@ fn config_from(ctx: &NativeCallContext, map: &Map) -> ScriptResult<(TrainConfig,
         }
         b.insert(k.clone(), v.clone());
     }
-    let cfg: TrainConfig = serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("trainer config: {e}")))?;
+    let cfg: TrainConfig =
+        serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("trainer config: {e}")))?;
     Ok((cfg, resume))
 }
 
-fn run_step(ctx: &NativeCallContext, t: &mut ScriptTrainer, stats: &mut StepStats) -> ScriptResult<bool> {
+fn run_step(
+    ctx: &NativeCallContext,
+    t: &mut ScriptTrainer,
+    stats: &mut StepStats,
+) -> ScriptResult<bool> {
     let _ = stats;
     match &t.on_step {
         None => Ok(true),
@@ -68,74 +82,128 @@ fn run_step(ctx: &NativeCallContext, t: &mut ScriptTrainer, stats: &mut StepStat
 
 pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptTrainer>("Trainer");
-    engine.register_fn("lit_trainer", |ctx: NativeCallContext, target: ScriptModel, config: Map| -> ScriptResult<ScriptTrainer> {
-        let (cfg, resume) = config_from(&ctx, &config)?;
-        let t = Trainer::new(target.lm.clone(), cfg, resume).at(&ctx)?;
-        Ok(ScriptTrainer { inner: Arc::new(Mutex::new(t)), on_step: None })
-    });
+    engine.register_fn(
+        "lit_trainer",
+        |ctx: NativeCallContext, target: ScriptModel, config: Map| -> ScriptResult<ScriptTrainer> {
+            let (cfg, resume) = config_from(&ctx, &config)?;
+            let t = Trainer::new(target.lm.clone(), cfg, resume).at(&ctx)?;
+            Ok(ScriptTrainer {
+                inner: Arc::new(Mutex::new(t)),
+                on_step: None,
+            })
+        },
+    );
     engine.register_fn("on_step", |t: &mut ScriptTrainer, f: FnPtr| {
         t.on_step = Some(f);
     });
-    engine.register_fn("step", |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<Map> {
-        let stats = {
-            let mut tr = t.inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-            let s = tr.step().at(&ctx)?;
-            tr.record(&s).at(&ctx)?;
-            s
-        };
-        Ok(stats_map(&stats))
-    });
-    engine.register_fn("evaluate", |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<f64> {
-        t.inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?.evaluate().at(&ctx)
-    });
-    engine.register_fn("checkpoint", |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<String> {
-        let tr = t.inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-        tr.plot().at(&ctx)?;
-        Ok(tr.checkpoint().at(&ctx)?.display().to_string())
-    });
-    engine.register_fn("save", |ctx: NativeCallContext, t: &mut ScriptTrainer, dir: &str| -> ScriptResult<()> {
-        let mut tr = t.inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-        tr.save_adapter(Path::new(dir), candle_core::DType::BF16).at(&ctx)
-    });
-    engine.register_fn("info", |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<Map> {
-        let tr = t.inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-        let mut m = Map::new();
-        m.insert("step".into(), (tr.step_count() as i64).into());
-        m.insert("total_steps".into(), (tr.total_steps() as i64).into());
-        m.insert("train_examples".into(), (tr.n_train() as i64).into());
-        m.insert("eval_examples".into(), (tr.n_eval() as i64).into());
-        m.insert("trainable_parameters".into(), (tr.adapter().num_parameters() as i64).into());
-        m.insert("out_dir".into(), tr.config.out_dir.display().to_string().into());
-        Ok(m)
-    });
-    engine.register_fn("train", |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<()> {
-        let inner = t.inner.clone();
-        let mut tr = inner.lock().map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-        let bar = indicatif::ProgressBar::new(tr.total_steps() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+    engine.register_fn(
+        "step",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<Map> {
+            let stats = {
+                let mut tr = t
+                    .inner
+                    .lock()
+                    .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
+                let s = tr.step().at(&ctx)?;
+                tr.record(&s).at(&ctx)?;
+                s
+            };
+            Ok(stats_map(&stats))
+        },
+    );
+    engine.register_fn(
+        "evaluate",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<f64> {
+            t.inner
+                .lock()
+                .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?
+                .evaluate()
+                .at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "checkpoint",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<String> {
+            let tr = t
+                .inner
+                .lock()
+                .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
+            tr.plot().at(&ctx)?;
+            Ok(tr.checkpoint().at(&ctx)?.display().to_string())
+        },
+    );
+    engine.register_fn(
+        "save",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer, dir: &str| -> ScriptResult<()> {
+            let mut tr = t
+                .inner
+                .lock()
+                .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
+            tr.save_adapter(Path::new(dir), candle_core::DType::BF16)
+                .at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "info",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<Map> {
+            let tr = t
+                .inner
+                .lock()
+                .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
+            let mut m = Map::new();
+            m.insert("step".into(), (tr.step_count() as i64).into());
+            m.insert("total_steps".into(), (tr.total_steps() as i64).into());
+            m.insert("train_examples".into(), (tr.n_train() as i64).into());
+            m.insert("eval_examples".into(), (tr.n_eval() as i64).into());
+            m.insert(
+                "trainable_parameters".into(),
+                (tr.adapter().num_parameters() as i64).into(),
+            );
+            m.insert(
+                "out_dir".into(),
+                tr.config.out_dir.display().to_string().into(),
+            );
+            Ok(m)
+        },
+    );
+    engine.register_fn(
+        "train",
+        |ctx: NativeCallContext, t: &mut ScriptTrainer| -> ScriptResult<()> {
+            let inner = t.inner.clone();
+            let mut tr = inner
+                .lock()
+                .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
+            let bar = indicatif::ProgressBar::new(tr.total_steps() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
                 .expect("template"),
-        );
-        bar.set_position(tr.step_count() as u64);
-        let mut err: Option<Box<rhai::EvalAltResult>> = None;
-        let mut tt = t.clone();
-        let res = tr.train(|s| {
-            bar.set_position(s.step as u64);
-            let eval = s.eval_loss.map(|e| format!(" eval {e:.3}")).unwrap_or_default();
-            bar.set_message(format!("loss {:.3}{eval}  lr {:.2e}", s.loss, s.lr));
-            let mut s2 = s.clone();
-            match run_step(&ctx, &mut tt, &mut s2) {
-                Ok(go) => Ok(go),
-                Err(e) => {
-                    err = Some(e);
-                    Ok(false)
+            );
+            bar.set_position(tr.step_count() as u64);
+            let mut err: Option<Box<rhai::EvalAltResult>> = None;
+            let mut tt = t.clone();
+            let res = tr.train(|s| {
+                bar.set_position(s.step as u64);
+                let eval = s
+                    .eval_loss
+                    .map(|e| format!(" eval {e:.3}"))
+                    .unwrap_or_default();
+                bar.set_message(format!("loss {:.3}{eval}  lr {:.2e}", s.loss, s.lr));
+                let mut s2 = s.clone();
+                match run_step(&ctx, &mut tt, &mut s2) {
+                    Ok(go) => Ok(go),
+                    Err(e) => {
+                        err = Some(e);
+                        Ok(false)
+                    }
                 }
+            });
+            bar.finish();
+            if let Some(e) = err {
+                return Err(e);
             }
-        });
-        bar.finish();
-        if let Some(e) = err {
-            return Err(e);
-        }
-        res.at(&ctx)
-    });
+            res.at(&ctx)
+        },
+    );
 }

@@ -12,7 +12,7 @@ pub const IM_END: &str = "<|im_end|>";
 pub const SPECIALS: [&str; 3] = [ENDOFTEXT, IM_START, IM_END];
 
 /// The merges, in rank order, on top of the 256 byte tokens.
-pub const MERGES: [(&str, &str); 10] = [
+pub const MERGES: [(&str, &str); 11] = [
     ("Ġ", "t"),
     ("h", "e"),
     ("Ġt", "he"),
@@ -23,6 +23,7 @@ pub const MERGES: [(&str, &str); 10] = [
     ("o", "l"),
     ("Ġc", "ol"),
     ("Ġcol", "or"),
+    ("Ġ", "?"),
 ];
 
 /// Ids: 3 specials, then the 256 bytes in byte order, then one per merge.
