@@ -17,11 +17,7 @@ pub struct ScriptTrainer {
 }
 
 fn stats_map(s: &StepStats) -> Map {
-    match super::globals::json_to_dynamic(serde_json::to_value(s).expect("json")).try_cast::<Map>()
-    {
-        Some(m) => m,
-        None => Map::new(),
-    }
+    super::globals::json_to_dynamic(serde_json::to_value(s).expect("json")).try_cast::<Map>().unwrap_or_default()
 }
 
 /// Build a config from a script map: keys are `TrainConfig` fields (`lora` a map of PEFT keys);
