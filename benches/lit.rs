@@ -46,7 +46,11 @@ const QUESTIONS: [&str; 4] = [
 fn rss_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .unwrap_or(0.0)
         / 1024.0
 }
@@ -67,9 +71,15 @@ fn main() -> anyhow::Result<()> {
     let mut examples = Vec::new();
     for i in 0..4usize {
         let d = (i % 3) as isize - 1;
-        let stimulus_user = format!("{} What do you think?", take(PARAGRAPHS[i % 6], (33 + d) as usize)?);
+        let stimulus_user = format!(
+            "{} What do you think?",
+            take(PARAGRAPHS[i % 6], (33 + d) as usize)?
+        );
         let stimulus_model = take(PARAGRAPHS[(i + 3) % 6], 30)?;
-        let answer = format!("The assistant {}", take(PARAGRAPHS[(i + 1) % 6], 27)?.to_lowercase());
+        let answer = format!(
+            "The assistant {}",
+            take(PARAGRAPHS[(i + 1) % 6], 27)?.to_lowercase()
+        );
         let dialog = ReadDialog {
             messages: vec![
                 Message::new("user", CONTROLS[i % 4]),
@@ -81,7 +91,14 @@ fn main() -> anyhow::Result<()> {
             mask: VerbMask::User,
         };
         let read = read_prompt(template, tok, &dialog)?;
-        let dec = decoder_prompt(template, tok, read.n_patch(), &[(QUESTIONS[i % 4].to_string(), answer)], Labels::AllAssistantTurns, false)?;
+        let dec = decoder_prompt(
+            template,
+            tok,
+            read.n_patch(),
+            &[(QUESTIONS[i % 4].to_string(), answer)],
+            Labels::AllAssistantTurns,
+            false,
+        )?;
         examples.push(PatchedExample::new(read, dec)?);
     }
     let batch = PatchedBatch::new(examples)?;
@@ -91,7 +108,14 @@ fn main() -> anyhow::Result<()> {
     let mut decoder = lm.model.clone();
     let adapter = Adapter::new(&decoder, LoraConfig::paper_decoder(), 0)?;
     adapter.attach(&mut decoder)?;
-    let mut opt = AdamW::new(adapter.named_vars(), AdamWParams { lr: 3e-5, weight_decay: 0.01, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        adapter.named_vars(),
+        AdamWParams {
+            lr: 3e-5,
+            weight_decay: 0.01,
+            ..Default::default()
+        },
+    )?;
     let rss_loaded = rss_mib("VmRSS:");
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let mut seed = 0u64;
@@ -113,13 +137,20 @@ fn main() -> anyhow::Result<()> {
         Ok(t.elapsed().as_secs_f64())
     };
     step()?;
-    let runs: usize = std::env::var("LQA_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::var("LQA_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let times: Vec<f64> = (0..runs).map(|_| step()).collect::<anyhow::Result<_>>()?;
     let peak = rss_mib("VmHWM:");
     let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/timing_results.json"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/reference/timing_results.json"),
     )?)?;
-    let pt = reference["results"].as_array().and_then(|a| a.iter().find(|r| r["bench"] == "train_step").cloned()).unwrap_or_default();
+    let pt = reference["results"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["bench"] == "train_step").cloned())
+        .unwrap_or_default();
     let pt_s = pt["median_s"].as_f64().unwrap_or(f64::NAN);
     let med = median(times.clone());
     println!("LIT step, batch 4: read lengths {read_lens:?}, decoder lengths {dec_lens:?}, {} label tokens, {} trainable parameters", batch.n_label_tokens(), adapter.num_parameters());

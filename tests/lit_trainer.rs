@@ -182,3 +182,40 @@ fn bad_data_names_the_file_and_item_and_keeps_earlier_outputs() {
     );
     assert_eq!(std::fs::read(&ck).unwrap(), before);
 }
+
+#[test]
+fn the_reading_test_scores_true_and_shuffled_activations() {
+    let root = tempfile::tempdir().unwrap();
+    let target = setup(root.path());
+    let mut t = Trainer::new(
+        target.clone(),
+        TrainConfig {
+            max_steps: Some(2),
+            ..config(root.path(), "e")
+        },
+        false,
+    )
+    .unwrap();
+    t.train(|_| Ok(true)).unwrap();
+    let dir = root.path().join("dec");
+    t.save_adapter(&dir, candle_core::DType::F32).unwrap();
+    let d = lqa::latentqa::decoder::Decoder::load(target, Some(&dir)).unwrap();
+    let data =
+        lqa::lit::data::LitData::load_dir(&root.path().join("data"), &Default::default()).unwrap();
+    let split = lqa::lit::data::LabelSplit::load(&root.path().join("e/split.json")).unwrap();
+    let (_, held_out) = data.split_with(&split);
+    let r = lqa::lit::eval::reading_gap(&d, &data, &split, None, 4, 0).unwrap();
+    assert_eq!(r.n, held_out.len());
+    assert!(r.true_mean.is_finite() && r.shuffled_mean.is_finite());
+    assert!((r.gap - (r.shuffled_mean - r.true_mean)).abs() < 1e-9);
+    // with the dialog of the example itself, "shuffled" equals true: the score depends on the
+    // activations only through the dialog
+    let e = &held_out[0];
+    let a = d
+        .score(&e.item.read.messages, &e.question, &e.answer, false)
+        .unwrap();
+    let b = d
+        .score(&e.item.read.messages, &e.question, &e.answer, false)
+        .unwrap();
+    assert_eq!(a, b);
+}

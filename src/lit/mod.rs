@@ -8,6 +8,7 @@
 //! - [`plot`]: self-contained SVG line charts of loss curves.
 
 pub mod data;
+pub mod eval;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

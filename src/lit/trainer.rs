@@ -232,6 +232,10 @@ impl Trainer {
             Some(s) => s.split.clone(),
             None => data.split_labels(config.eval_fraction, config.seed),
         };
+        if state.is_none() {
+            std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
+            split.save(&config.out_dir.join("split.json"))?;
+        }
         let (train_ex, eval_ex) = data.split_with(&split);
         let train = prepare(&target, &train_ex, config.max_tokens)?;
         let eval = prepare(&target, &eval_ex, config.max_tokens)?;

@@ -91,3 +91,52 @@ pub fn register(engine: &mut Engine) {
     });
     let _ = Dynamic::UNIT;
 }
+
+/// `evaluate_reading(decoder, #{data_dir, split, limit, batch_size, seed})`: the held-out
+/// reading test (true vs shuffled activations); `split` is the `split.json` a training run
+/// wrote.
+pub fn register_eval(engine: &mut Engine) {
+    engine.register_fn(
+        "evaluate_reading",
+        |ctx: NativeCallContext, d: ScriptDecoder, opts: Map| -> ScriptResult<Map> {
+            const KEYS: &[&str] = &["data_dir", "split", "limit", "batch_size", "seed"];
+            if let Some(k) = opts.keys().find(|k| !KEYS.contains(&k.as_str())) {
+                return Err(ctx_err(
+                    &ctx,
+                    format!("unknown option `{k}` (known: {})", KEYS.join(", ")),
+                ));
+            }
+            let s = |k: &str| opts.get(k).map(|v| v.to_string());
+            let n = |k: &str, def: i64| opts.get(k).and_then(|v| v.as_int().ok()).unwrap_or(def);
+            let data_dir = s("data_dir").unwrap_or_else(|| "../shared/latentqa-data".into());
+            let split_path = s("split").ok_or_else(|| {
+                ctx_err(
+                    &ctx,
+                    "evaluate_reading needs `split` (a split.json from training)",
+                )
+            })?;
+            let data =
+                crate::lit::data::LitData::load_dir(Path::new(&data_dir), &Default::default())
+                    .at(&ctx)?;
+            let split = crate::lit::data::LabelSplit::load(Path::new(&split_path)).at(&ctx)?;
+            let limit = opts
+                .get("limit")
+                .and_then(|v| v.as_int().ok())
+                .map(|l| l.max(0) as usize);
+            let r = crate::lit::eval::reading_gap(
+                &d.0,
+                &data,
+                &split,
+                limit,
+                n("batch_size", 8).max(1) as usize,
+                n("seed", 0) as u64,
+            )
+            .at(&ctx)?;
+            let v = serde_json::to_value(&r).expect("json");
+            Ok(super::globals::json_to_dynamic(v)
+                .try_cast::<Map>()
+                .unwrap_or_default())
+        },
+    );
+    let _: Option<Array> = None;
+}

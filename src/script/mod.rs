@@ -48,6 +48,7 @@ pub fn register_all(engine: &mut Engine) {
     tensor::register(engine);
     model::register(engine);
     decoder::register(engine);
+    decoder::register_eval(engine);
     trainer::register(engine);
 }
 

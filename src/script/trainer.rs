@@ -17,7 +17,9 @@ pub struct ScriptTrainer {
 }
 
 fn stats_map(s: &StepStats) -> Map {
-    super::globals::json_to_dynamic(serde_json::to_value(s).expect("json")).try_cast::<Map>().unwrap_or_default()
+    super::globals::json_to_dynamic(serde_json::to_value(s).expect("json"))
+        .try_cast::<Map>()
+        .unwrap_or_default()
 }
 
 /// Build a config from a script map: keys are `TrainConfig` fields (`lora` a map of PEFT keys);
