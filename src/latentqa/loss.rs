@@ -155,8 +155,9 @@ pub fn patch_vectors(
     let rows: Vec<Vec<u32>> = batch.examples.iter().map(|e| e.read.ids.clone()).collect();
     let mut input =
         Input::left_padded(&rows, cfg.pad_id, target.device())?.with_logits(Logits::None);
-    input.differentiable = cfg.differentiable;
-    input.dropout = cfg.dropout;
+    // The target needs differentiable ops only when the gradient flows into it (control); it
+    // runs without LoRA dropout, as the paper leaves it in eval mode.
+    input.differentiable = cfg.differentiable && cfg.grad_through_target;
     input.stop_after_layer = Some(cfg.read_layer);
     let hidden = target.forward(&input, None, target_hooks)?.hidden;
     let hidden = if cfg.grad_through_target {
