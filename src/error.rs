@@ -46,6 +46,15 @@ impl Error {
     pub fn invalid(msg: impl std::fmt::Display) -> Self {
         Error::Invalid(msg.to_string())
     }
+    /// Say which item an error is about (`dialog 3: ...`). File errors already name their file
+    /// and a Ctrl-C stays a Ctrl-C; both are left as they are.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        match self {
+            Error::Invalid(m) if m == crate::interrupt::INTERRUPTED => Error::Invalid(m),
+            e @ (Error::Io { .. } | Error::BadFile { .. }) => e,
+            e => Error::Invalid(format!("{what}: {e}")),
+        }
+    }
 }
 
 /// `bail!`-style helper for [`Error::Invalid`].

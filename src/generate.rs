@@ -17,6 +17,9 @@ pub struct GenOptions {
     /// Nucleus sampling threshold (1 = off).
     pub top_p: f64,
     pub seed: u64,
+    /// One seed per batch row, so that a row samples the same tokens whatever else is in the
+    /// batch. Empty: all rows share one generator seeded with `seed`.
+    pub row_seeds: Vec<u64>,
     /// Generation of a row stops after it emits one of these (the token is kept).
     pub stop_ids: Vec<u32>,
     /// Use the KV cache (default). Without it every step recomputes the whole sequence.
@@ -30,6 +33,7 @@ impl Default for GenOptions {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            row_seeds: vec![],
             stop_ids: vec![],
             use_cache: true,
         }
@@ -106,7 +110,18 @@ pub fn generate(
         return Ok(out);
     }
     let mut done = vec![false; b];
-    let mut rng = StdRng::seed_from_u64(opts.seed);
+    if !opts.row_seeds.is_empty() && opts.row_seeds.len() != b {
+        return Err(Error::invalid(format!(
+            "{} row seeds for a batch of {b}",
+            opts.row_seeds.len()
+        )));
+    }
+    let mut shared = StdRng::seed_from_u64(opts.seed);
+    let mut own: Vec<StdRng> = opts
+        .row_seeds
+        .iter()
+        .map(|&s| StdRng::seed_from_u64(s))
+        .collect();
     let mut input = Input::left_padded(prompts, pad_id, model.device())?.with_logits(Logits::Last);
     let pads = input.pads.clone();
     let mut cache = KvCache::new(model.n_layers());
@@ -130,7 +145,12 @@ pub fn generate(
             let tok = if done[r] {
                 pad_id
             } else {
-                pick(row, opts, &mut rng)
+                let rng = if own.is_empty() {
+                    &mut shared
+                } else {
+                    &mut own[r]
+                };
+                pick(row, opts, rng)
             };
             if !done[r] {
                 out[r].push(tok);

@@ -32,11 +32,25 @@ pub fn atomic_replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
         }
     }
     let tmp = temp_path(path);
-    match write(&tmp) {
+    match write(&tmp).and_then(|()| readable(&tmp)) {
         Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
         }
     }
+}
+
+/// Make a file readable by everyone (`rw-r--r--`): some writers (safetensors) create files
+/// private to the owner, which is wrong for outputs and shipped adapters.
+fn readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }

@@ -145,6 +145,21 @@ pub fn patch_vectors(
     cfg: &LossConfig,
     target_hooks: Option<&mut Hooks>,
 ) -> Result<Vec<Tensor>> {
+    let reads: Vec<&ReadPrompt> = batch.examples.iter().map(|e| &e.read).collect();
+    read_vectors(target, &reads, cfg, target_hooks)
+}
+
+/// [`patch_vectors`] for bare read prompts (reading needs no decoder prompt to get them):
+/// one left-padded target forward up to `cfg.read_layer`.
+pub fn read_vectors(
+    target: &Llama,
+    reads: &[&ReadPrompt],
+    cfg: &LossConfig,
+    target_hooks: Option<&mut Hooks>,
+) -> Result<Vec<Tensor>> {
+    if reads.is_empty() {
+        return Ok(Vec::new());
+    }
     if cfg.read_layer >= target.n_layers() {
         return Err(Error::invalid(format!(
             "read layer {} is out of range: the target has {} layers",
@@ -152,7 +167,7 @@ pub fn patch_vectors(
             target.n_layers()
         )));
     }
-    let rows: Vec<Vec<u32>> = batch.examples.iter().map(|e| e.read.ids.clone()).collect();
+    let rows: Vec<Vec<u32>> = reads.iter().map(|r| r.ids.clone()).collect();
     let mut input =
         Input::left_padded(&rows, cfg.pad_id, target.device())?.with_logits(Logits::None);
     // The target needs differentiable ops only when the gradient flows into it (control); it
@@ -165,22 +180,34 @@ pub fn patch_vectors(
     } else {
         hidden.detach()
     };
+    gather_patches(&hidden, &input.pads, reads, cfg.use_first_from)
+}
+
+/// Each read prompt's patch `[n_patch, d]` out of a left-padded `[batch, seq, d]` activation
+/// (row `r` padded by `pads[r]`): [`ReadPrompt::patch_positions`], the first taken from
+/// [`ReadPrompt::first_from`] when `use_first_from`. Differentiable in `hidden`.
+pub fn gather_patches(
+    hidden: &Tensor,
+    pads: &[usize],
+    reads: &[&ReadPrompt],
+    use_first_from: bool,
+) -> Result<Vec<Tensor>> {
     let (b, s, d) = hidden.dims3()?;
     let mut idx = Vec::new();
     let mut counts = Vec::with_capacity(b);
-    for (r, ex) in batch.examples.iter().enumerate() {
-        let pad = input.pads[r];
-        for (j, &p) in ex.read.patch_positions.iter().enumerate() {
-            let p = match ex.read.first_from {
-                Some(f) if j == 0 && cfg.use_first_from => f,
+    for (r, read) in reads.iter().enumerate() {
+        let pad = pads[r];
+        for (j, &p) in read.patch_positions.iter().enumerate() {
+            let p = match read.first_from {
+                Some(f) if j == 0 && use_first_from => f,
                 _ => p,
             };
             idx.push((r * s + pad + p) as u32);
         }
-        counts.push(ex.read.patch_positions.len());
+        counts.push(read.patch_positions.len());
     }
     let n = idx.len();
-    let idx = Tensor::from_vec(idx, (n,), target.device())?;
+    let idx = Tensor::from_vec(idx, (n,), hidden.device())?;
     let all = hidden.reshape((b * s, d))?.index_select(&idx, 0)?;
     let mut out = Vec::with_capacity(b);
     let mut at = 0;

@@ -12,14 +12,16 @@
 pub mod decoder;
 pub mod format;
 pub mod loss;
+pub mod read;
 
 pub use format::{
     decoder_dialog, decoder_prompt, decoder_prompt_from_dialog, read_prompt, DecoderPrompt,
     ReadPrompt,
 };
 pub use loss::{
-    latentqa_loss, latentqa_loss_with_hooks, latentqa_token_nll, patch_vectors, patched_token_nll,
-    LossConfig, LossOutput, PatchedBatch, PatchedExample, TokenNll,
+    gather_patches, latentqa_loss, latentqa_loss_with_hooks, latentqa_token_nll, patch_vectors,
+    patched_token_nll, read_vectors, LossConfig, LossOutput, PatchedBatch, PatchedExample,
+    TokenNll,
 };
 
 use crate::chat::Message;

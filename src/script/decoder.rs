@@ -1,9 +1,15 @@
-//! The `Decoder` script object: `load_decoder(target)` / `load_decoder(target, path)` and
-//! `d.score(dialog, question, answer)`.
+//! The `Decoder` script object: `load_decoder(target)` / `load_decoder(target, path)`,
+//! `d.score(dialog, question, answer)`, `d.ask(dialogs, questions)` and
+//! `d.read_table(dialogs, questions)`.
+//!
+//! A dialog is a string (one user turn) or an array of message maps; `dialogs` is one dialog or
+//! an array of them.
 
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::model::{messages_from, ScriptModel};
+use super::model::{gen_options_with, messages_from, messages_named, ScriptModel};
+use crate::chat::Message;
 use crate::latentqa::decoder::Decoder;
+use crate::latentqa::read::AskOptions;
 use rhai::{Array, Dynamic, Engine, Map, NativeCallContext};
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +45,288 @@ fn score(
     d.0.score(&msgs, q, a, patch_all(ctx, opts)?).at(ctx)
 }
 
+/// One dialog: a string (a single user turn), an array of message maps, or a map with
+/// `messages` (and any other fields, e.g. a `name`).
+fn dialog_from(ctx: &NativeCallContext, v: &Dynamic, what: &str) -> ScriptResult<Vec<Message>> {
+    if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
+        if s.trim().is_empty() {
+            return Err(ctx_err(ctx, format!("{what} is an empty string")));
+        }
+        return Ok(vec![Message::new("user", s.as_str())]);
+    }
+    if let Some(m) = v.read_lock::<Map>() {
+        let msgs = m.get("messages").ok_or_else(|| {
+            ctx_err(
+                ctx,
+                format!("{what} is a map without `messages` (expected #{{messages: [...]}})"),
+            )
+        })?;
+        return dialog_from(ctx, msgs, &format!("{what}.messages"));
+    }
+    if let Some(a) = v.read_lock::<Array>() {
+        if a.is_empty() {
+            return Err(ctx_err(ctx, format!("{what} has no messages")));
+        }
+        return messages_named(ctx, &a, what);
+    }
+    Err(ctx_err(
+        ctx,
+        format!(
+            "{what} is a {}, expected a string or an array of #{{role, content}} maps",
+            v.type_name()
+        ),
+    ))
+}
+
+/// One dialog or many: a string or an array of maps is one dialog; an array of strings or
+/// arrays is many. Returns the dialogs and whether one was given.
+fn dialogs_from(ctx: &NativeCallContext, v: &Dynamic) -> ScriptResult<(Vec<Vec<Message>>, bool)> {
+    dialogs_named(ctx, v, "dialogs")
+}
+
+/// [`dialogs_from`] with errors naming the value `what` (a file, say).
+fn dialogs_named(
+    ctx: &NativeCallContext,
+    v: &Dynamic,
+    what: &str,
+) -> ScriptResult<(Vec<Vec<Message>>, bool)> {
+    if let Some(a) = v.read_lock::<Array>() {
+        // an array of message maps is one dialog; anything else in an array is many
+        let many = a
+            .first()
+            .is_some_and(|x| !x.read_lock::<Map>().is_some_and(|m| m.contains_key("role")));
+        if many {
+            let ds = a
+                .iter()
+                .enumerate()
+                .map(|(i, d)| dialog_from(ctx, d, &format!("{what}[{i}]")))
+                .collect::<ScriptResult<Vec<_>>>()?;
+            return Ok((ds, false));
+        }
+        if a.is_empty() {
+            return Err(ctx_err(ctx, format!("{what} is empty")));
+        }
+    }
+    Ok((vec![dialog_from(ctx, v, what)?], true))
+}
+
+/// A JSON file's value, errors naming the file.
+fn read_json_file(ctx: &NativeCallContext, path: &str) -> ScriptResult<Dynamic> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::Error::io(path, e))
+        .at(ctx)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| crate::Error::bad_file(path, format!("invalid JSON: {e}")))
+        .at(ctx)?;
+    Ok(super::globals::json_to_dynamic(v))
+}
+
+/// `load_dialogs(path)`: a JSON array of dialogs (strings, message arrays, or maps with
+/// `messages`), checked item by item; returns them as arrays of message maps.
+fn load_dialogs(ctx: &NativeCallContext, path: &str) -> ScriptResult<Array> {
+    let v = read_json_file(ctx, path)?;
+    if !v.is_array() {
+        return Err(ctx_err(
+            ctx,
+            format!(
+                "{path}: expected a JSON array of dialogs, found a {}",
+                v.type_name()
+            ),
+        ));
+    }
+    let (ds, _) = dialogs_named(ctx, &v, &format!("{path}: dialogs"))?;
+    Ok(ds
+        .into_iter()
+        .map(|d| {
+            Dynamic::from_array(
+                d.into_iter()
+                    .map(|m| {
+                        let mut map = Map::new();
+                        map.insert("role".into(), m.role.into());
+                        map.insert("content".into(), m.content.into());
+                        map.into()
+                    })
+                    .collect(),
+            )
+        })
+        .collect())
+}
+
+/// `load_questions(path)`: a JSON array of strings, or a controls file
+/// (`{prompt: [[question, answer], ...]}`, whose questions are taken).
+fn load_questions(ctx: &NativeCallContext, path: &str) -> ScriptResult<Array> {
+    let v = read_json_file(ctx, path)?;
+    if let Some(m) = v.read_lock::<Map>() {
+        let (_, pairs) = m
+            .iter()
+            .next()
+            .ok_or_else(|| ctx_err(ctx, format!("{path}: the controls file has no prompt")))?;
+        let pairs = pairs.read_lock::<Array>().ok_or_else(|| {
+            ctx_err(
+                ctx,
+                format!("{path}: a prompt's value must be [[question, answer], ...]"),
+            )
+        })?;
+        return pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.read_lock::<Array>()
+                    .filter(|a| a.len() == 2 && a[0].is_string())
+                    .map(|a| a[0].clone())
+                    .ok_or_else(|| {
+                        ctx_err(
+                            ctx,
+                            format!("{path}: pair {i} is not [question, answer] (strings)"),
+                        )
+                    })
+            })
+            .collect();
+    }
+    let what = format!("{path}: questions");
+    let (qs, one) = questions_named(ctx, &v, &what)?;
+    if one {
+        return Err(ctx_err(
+            ctx,
+            format!("{what}: expected a JSON array of strings"),
+        ));
+    }
+    Ok(qs.into_iter().map(Dynamic::from).collect())
+}
+
+/// One question (a string) or many (an array of strings).
+fn questions_from(ctx: &NativeCallContext, v: &Dynamic) -> ScriptResult<(Vec<String>, bool)> {
+    questions_named(ctx, v, "questions")
+}
+
+fn questions_named(
+    ctx: &NativeCallContext,
+    v: &Dynamic,
+    what: &str,
+) -> ScriptResult<(Vec<String>, bool)> {
+    if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
+        return Ok((vec![s.to_string()], true));
+    }
+    if let Some(a) = v.read_lock::<Array>() {
+        let qs = a
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                q.clone()
+                    .into_string()
+                    .map_err(|t| ctx_err(ctx, format!("{what}[{i}] is a {t}, expected a string")))
+            })
+            .collect::<ScriptResult<Vec<_>>>()?;
+        if qs.is_empty() {
+            return Err(ctx_err(ctx, format!("{what} is empty")));
+        }
+        return Ok((qs, false));
+    }
+    Err(ctx_err(
+        ctx,
+        format!(
+            "{what} is a {}, expected a string or an array of strings",
+            v.type_name()
+        ),
+    ))
+}
+
+const ASK_KEYS: &[&str] = &["read_layer", "patch_all"];
+
+fn ask_options(ctx: &NativeCallContext, d: &Decoder, opts: &Map) -> ScriptResult<AskOptions> {
+    let mut gen_map = opts.clone();
+    let mut o = AskOptions::default();
+    if let Some(v) = gen_map.remove("read_layer") {
+        let l = v
+            .as_int()
+            .map_err(|t| ctx_err(ctx, format!("read_layer is a {t}, expected an integer")))?;
+        let n = d.target.model.n_layers();
+        if l < 0 || l as usize >= n {
+            return Err(ctx_err(
+                ctx,
+                format!(
+                    "read_layer {l} is out of range: the target has {n} layers (0..{})",
+                    n - 1
+                ),
+            ));
+        }
+        o.read_layer = Some(l as usize);
+    }
+    if let Some(v) = gen_map.remove("patch_all") {
+        o.patch_all = v
+            .as_bool()
+            .map_err(|t| ctx_err(ctx, format!("patch_all is a {t}, expected true or false")))?;
+    }
+    if !gen_map.contains_key("max_new_tokens") {
+        gen_map.insert(
+            "max_new_tokens".into(),
+            (o.gen.max_new_tokens as i64).into(),
+        );
+    }
+    o.gen = gen_options_with(ctx, &d.target, &gen_map, ASK_KEYS)?;
+    Ok(o)
+}
+
+fn ask(
+    ctx: &NativeCallContext,
+    d: &ScriptDecoder,
+    dialogs: &Dynamic,
+    questions: &Dynamic,
+    opts: &Map,
+) -> ScriptResult<Dynamic> {
+    let (ds, one_dialog) = dialogs_from(ctx, dialogs)?;
+    let (qs, one_question) = questions_from(ctx, questions)?;
+    let o = ask_options(ctx, &d.0, opts)?;
+    let answers = d.0.ask(&ds, &qs, &o).at(ctx)?;
+    let per_dialog: Vec<Dynamic> = answers
+        .into_iter()
+        .map(|a| {
+            if one_question {
+                Dynamic::from(a.into_iter().next().unwrap_or_default())
+            } else {
+                Dynamic::from_array(a.into_iter().map(Dynamic::from).collect())
+            }
+        })
+        .collect();
+    Ok(if one_dialog {
+        per_dialog.into_iter().next().unwrap_or(Dynamic::UNIT)
+    } else {
+        Dynamic::from_array(per_dialog)
+    })
+}
+
+/// A dialog as one line of text for a table: `user: ... | assistant: ...`.
+fn dialog_text(d: &[Message]) -> String {
+    d.iter()
+        .map(|m| format!("{}: {}", m.role, m.content.replace('\n', " ")))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn read_table(
+    ctx: &NativeCallContext,
+    d: &ScriptDecoder,
+    dialogs: &Dynamic,
+    questions: &Dynamic,
+    opts: &Map,
+) -> ScriptResult<Array> {
+    let (ds, _) = dialogs_from(ctx, dialogs)?;
+    let (qs, _) = questions_from(ctx, questions)?;
+    let o = ask_options(ctx, &d.0, opts)?;
+    let answers = d.0.ask(&ds, &qs, &o).at(ctx)?;
+    let mut rows = Array::new();
+    for (dialog, ans) in ds.iter().zip(answers) {
+        for (q, a) in qs.iter().zip(ans) {
+            let mut m = Map::new();
+            m.insert("dialog".into(), dialog_text(dialog).into());
+            m.insert("question".into(), q.clone().into());
+            m.insert("answer".into(), a.into());
+            rows.push(m.into());
+        }
+    }
+    Ok(rows)
+}
+
 pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptDecoder>("Decoder");
     engine.register_fn(
@@ -72,6 +360,36 @@ pub fn register(engine: &mut Engine) {
          a: &str,
          opts: Map| { score(&ctx, d, &dialog, q, a, &opts) },
     );
+    engine.register_fn(
+        "ask",
+        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialogs: Dynamic, q: Dynamic| {
+            ask(&ctx, d, &dialogs, &q, &Map::new())
+        },
+    );
+    engine.register_fn(
+        "ask",
+        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialogs: Dynamic, q: Dynamic, o: Map| {
+            ask(&ctx, d, &dialogs, &q, &o)
+        },
+    );
+    engine.register_fn(
+        "read_table",
+        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialogs: Dynamic, q: Dynamic| {
+            read_table(&ctx, d, &dialogs, &q, &Map::new())
+        },
+    );
+    engine.register_fn(
+        "read_table",
+        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialogs: Dynamic, q: Dynamic, o: Map| {
+            read_table(&ctx, d, &dialogs, &q, &o)
+        },
+    );
+    engine.register_fn("load_dialogs", |ctx: NativeCallContext, path: &str| {
+        load_dialogs(&ctx, path)
+    });
+    engine.register_fn("load_questions", |ctx: NativeCallContext, path: &str| {
+        load_questions(&ctx, path)
+    });
     engine.register_fn("info", |d: &mut ScriptDecoder| {
         let mut m = Map::new();
         m.insert("base_model".into(), d.0.meta.base_model.clone().into());

@@ -1,5 +1,6 @@
 //! Global helper functions: `env(name)`, `read_text(path)`, `write_text(path, text)`,
-//! `read_json(path)`, `write_json(path, value)`, `file_exists(path)`, `timestamp()`, `clock()`.
+//! `read_json(path)`, `write_json(path, value)`, `to_json(array)`, `file_exists(path)`,
+//! `timestamp()`, `clock()`.
 //! (`ARGS` is set by the runtime.)
 
 use std::path::Path;
@@ -56,6 +57,15 @@ pub fn register(engine: &mut Engine) {
                 std::fs::write(tmp, &text).map_err(|e| Error::io(path, e))
             })
             .at(&ctx)
+        },
+    );
+    // Rhai has `to_json` for maps; this one takes arrays (e.g. a list of results).
+    engine.register_fn(
+        "to_json",
+        |ctx: NativeCallContext, value: Array| -> ScriptResult<String> {
+            let json = dynamic_to_json(&Dynamic::from_array(value), "value")
+                .map_err(|e| ctx_err(&ctx, format!("to_json: {e}")))?;
+            serde_json::to_string_pretty(&json).map_err(|e| ctx_err(&ctx, format!("to_json: {e}")))
         },
     );
     engine.register_fn("timestamp", timestamp);

@@ -25,11 +25,13 @@
 //! Long Rust work should call [`crate::interrupt::check`] between steps: its error becomes a
 //! Ctrl-C termination of the script.
 
+pub mod control;
 pub mod decoder;
 pub mod error;
 pub mod globals;
 pub mod model;
 pub mod modules;
+pub mod table;
 pub mod tensor;
 pub mod trainer;
 
@@ -45,11 +47,13 @@ pub use tensor::ScriptTensor;
 /// Every object scripts can see. New bindings (model, decoder, trainer, ...) are added here.
 pub fn register_all(engine: &mut Engine) {
     globals::register(engine);
+    table::register(engine);
     tensor::register(engine);
     model::register(engine);
     decoder::register(engine);
     decoder::register_eval(engine);
     trainer::register(engine);
+    control::register(engine);
 }
 
 /// Source names for code that is not in a file.
@@ -276,6 +280,11 @@ impl Runtime {
 
     /// How the REPL shows a value: Rhai's `to_debug` (so tensors in arrays print well).
     pub fn show(&self, value: &Dynamic) -> String {
+        if let Some(rows) = value.read_lock::<Array>() {
+            if let Some(cols) = table::uniform_columns(&rows) {
+                return table::render(&rows, &cols);
+            }
+        }
         let mut scope = Scope::new();
         scope.push("__value", value.clone());
         self.engine

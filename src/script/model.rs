@@ -43,6 +43,15 @@ impl ScriptModel {
 
 /// `[#{role, content}, ...]` -> messages, with errors naming the item.
 pub fn messages_from(ctx: &NativeCallContext, arr: &Array) -> ScriptResult<Vec<Message>> {
+    messages_named(ctx, arr, "messages")
+}
+
+/// [`messages_from`] with errors naming the array `what` (`dialogs[2][1] has no content`).
+pub fn messages_named(
+    ctx: &NativeCallContext,
+    arr: &Array,
+    what: &str,
+) -> ScriptResult<Vec<Message>> {
     arr.iter()
         .enumerate()
         .map(|(i, m)| {
@@ -50,21 +59,18 @@ pub fn messages_from(ctx: &NativeCallContext, arr: &Array) -> ScriptResult<Vec<M
                 ctx_err(
                     ctx,
                     format!(
-                        "messages[{i}] is a {}, expected a map #{{role: ..., content: ...}}",
+                        "{what}[{i}] is a {}, expected a map #{{role: ..., content: ...}}",
                         m.type_name()
                     ),
                 )
             })?;
             let field = |k: &str| -> ScriptResult<String> {
                 map.get(k)
-                    .ok_or_else(|| ctx_err(ctx, format!("messages[{i}] has no `{k}`")))?
+                    .ok_or_else(|| ctx_err(ctx, format!("{what}[{i}] has no `{k}`")))?
                     .clone()
                     .into_string()
                     .map_err(|t| {
-                        ctx_err(
-                            ctx,
-                            format!("messages[{i}].{k} is a {t}, expected a string"),
-                        )
+                        ctx_err(ctx, format!("{what}[{i}].{k} is a {t}, expected a string"))
                     })
             };
             Ok(Message::new(field("role")?, field("content")?))
@@ -128,10 +134,22 @@ pub fn gen_options(
     lm: &LanguageModel,
     opts: &Map,
 ) -> ScriptResult<GenOptions> {
+    gen_options_with(ctx, lm, opts, &[])
+}
+
+/// [`gen_options`] for a call that also takes `extra` options (handled by the caller: they
+/// are only named in the error for an unknown key).
+pub fn gen_options_with(
+    ctx: &NativeCallContext,
+    lm: &LanguageModel,
+    opts: &Map,
+    extra: &[&str],
+) -> ScriptResult<GenOptions> {
     if let Some(k) = opts.keys().find(|k| !GEN_KEYS.contains(&k.as_str())) {
+        let known: Vec<&str> = GEN_KEYS.iter().chain(extra).copied().collect();
         return Err(ctx_err(
             ctx,
-            format!("unknown option `{k}` (known: {})", GEN_KEYS.join(", ")),
+            format!("unknown option `{k}` (known: {})", known.join(", ")),
         ));
     }
     let d = GenOptions::default();
@@ -140,6 +158,7 @@ pub fn gen_options(
         temperature: opt_f64(ctx, opts, "temperature")?.unwrap_or(d.temperature),
         top_p: opt_f64(ctx, opts, "top_p")?.unwrap_or(d.top_p),
         seed: opt_usize(ctx, opts, "seed")?.unwrap_or(0) as u64,
+        row_seeds: vec![],
         stop_ids: if opt_bool(ctx, opts, "stop")?.unwrap_or(true) {
             lm.stop_ids()
         } else {
@@ -179,7 +198,19 @@ fn prompts_from(ctx: &NativeCallContext, v: &Dynamic) -> ScriptResult<(Vec<Strin
 }
 
 fn load(ctx: &NativeCallContext, name: &str, opts: &Map) -> ScriptResult<ScriptModel> {
-    const KEYS: &[&str] = &["dtype", "device"];
+    const KEYS: &[&str] = &["dtype", "device", "adapter"];
+    if let Some(dir) = opts.get("adapter") {
+        // the base model (shared), then a copy with the adapter attached
+        let mut base_opts = opts.clone();
+        base_opts.remove("adapter");
+        let base = load(ctx, name, &base_opts)?;
+        let dir = dir.to_string();
+        let lm = base.lm.with_adapter(std::path::Path::new(&dir)).at(ctx)?;
+        return Ok(ScriptModel {
+            lm: Arc::new(lm),
+            template: None,
+        });
+    }
     if let Some(k) = opts.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(ctx_err(
             ctx,

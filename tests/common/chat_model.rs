@@ -120,6 +120,11 @@ pub fn chat_tokenizer_config_json() -> String {
 
 /// The `config.json`: a [`super::D`]-wide, [`CHAT_LAYERS`]-layer Llama with tied embeddings.
 pub fn chat_config_json() -> String {
+    chat_config_json_with(true)
+}
+
+/// [`chat_config_json`] with tied or untied embeddings.
+pub fn chat_config_json_with(tied: bool) -> String {
     serde_json::to_string_pretty(&serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -133,7 +138,7 @@ pub fn chat_config_json() -> String {
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": tied,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 2,
@@ -146,8 +151,16 @@ pub fn chat_config_json() -> String {
 /// tokenizer.json, tokenizer_config.json, model.safetensors) with weights from `seed`; returns
 /// `dir`. Load it with `LanguageModel::load(dir.to_str().unwrap(), &Default::default())`.
 pub fn write_tiny_chat_model(dir: &Path, seed: u64) -> PathBuf {
+    write_tiny_chat_model_with(dir, seed, true)
+}
+
+/// [`write_tiny_chat_model`] with a separate `lm_head` when `!tied`. A random tied model
+/// mostly repeats its last token (its logits are dominated by the token's own embedding); an
+/// untied one generates varied text, which generation tests need.
+#[allow(dead_code)]
+pub fn write_tiny_chat_model_with(dir: &Path, seed: u64, tied: bool) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), chat_config_json()).unwrap();
+    std::fs::write(dir.join("config.json"), chat_config_json_with(tied)).unwrap();
     std::fs::write(
         dir.join("generation_config.json"),
         r#"{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}"#,
@@ -159,7 +172,7 @@ pub fn write_tiny_chat_model(dir: &Path, seed: u64) -> PathBuf {
         chat_tokenizer_config_json(),
     )
     .unwrap();
-    let w = super::tiny_weights_with(seed, CHAT_VOCAB, CHAT_LAYERS, true);
+    let w = super::tiny_weights_with(seed, CHAT_VOCAB, CHAT_LAYERS, tied);
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
     dir.to_path_buf()
 }
