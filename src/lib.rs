@@ -10,6 +10,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod generate;
 pub mod hooks;

@@ -131,6 +131,26 @@ impl LanguageModel {
         }
     }
 
+    /// The same language model (tokenizer, template) around other weights, e.g. a steered
+    /// copy of this model.
+    pub fn with_model(&self, model: Llama) -> LanguageModel {
+        LanguageModel {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            model,
+            tokenizer: self.tokenizer.clone(),
+            chat_template: self.chat_template.clone(),
+        }
+    }
+
+    /// This model with the PEFT adapter in `dir` attached (e.g. a steered target saved by
+    /// control).
+    pub fn with_adapter(&self, dir: &std::path::Path) -> Result<LanguageModel> {
+        let mut model = self.model.clone();
+        crate::lora::Adapter::load_peft(dir, &model)?.attach(&mut model)?;
+        Ok(self.with_model(model))
+    }
+
     /// The token used to left-pad batches: the tokenizer's pad, else its eos, else 0.
     pub fn pad_id(&self) -> u32 {
         self.tokenizer

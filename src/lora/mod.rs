@@ -68,7 +68,7 @@ impl LoraConfig {
         Ok(v.iter().map(|s| s.to_string()).collect())
     }
 
-    fn validate(&self, n_layers: usize) -> Result<()> {
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
         if self.r == 0 {
             return Err(Error::invalid("LoRA rank r must be > 0"));
         }
@@ -201,6 +201,25 @@ impl Adapter {
             lin.lora = Some(w.clone());
         }
         Ok(())
+    }
+
+    /// A copy of `model` with every attached adapter folded into its weights
+    /// (`W + scale * B A`) and no adapter left: the same function, run at the base model's
+    /// cost, with nothing to differentiate (a frozen decoder in control).
+    pub fn merged(model: &Llama) -> Result<Llama> {
+        let mut m = model.clone();
+        for name in m.linear_names() {
+            if let Some(l) = m.linear_mut(&name) {
+                if let Some(w) = l.lora.take() {
+                    let dt = l.weight.dtype();
+                    let a = w.a.as_tensor().to_dtype(DType::F32)?;
+                    let b = w.b.as_tensor().to_dtype(DType::F32)?;
+                    let delta = (b.matmul(&a)? * w.scale)?;
+                    l.weight = (l.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dt)?;
+                }
+            }
+        }
+        Ok(m)
     }
 
     /// Remove every adapter from a model.

@@ -1,0 +1,497 @@
+//! Control: steer the *target* model by descending the decoder's loss on a desired answer
+//! (the paper's `lit/control.py`). The decoder is frozen; its loss on a control QA pair, given
+//! the target's activations on a sampled prompt, is back-propagated through the patched
+//! activations into a LoRA on the target.
+//!
+//! - [`data`]: controls files, instruction sets, evaluation prompts, and the samples;
+//! - [`ControlOptimizer`]: the optimizer (`steer` and the per-layer variant), checkpoints,
+//!   metrics, the loss curve, the steered adapter.
+
+pub mod data;
+
+use crate::hooks::{HookFn, HookPoint, Hooks};
+use crate::latentqa::decoder::Decoder;
+use crate::latentqa::format::{decoder_prompt, read_prompt};
+use crate::latentqa::loss::{
+    gather_patches, latentqa_loss, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
+};
+use crate::latentqa::Labels;
+use crate::lit::data::SplitMix64;
+use crate::lit::optim::{AdamW, AdamWParams};
+use crate::lit::plot::{smooth, write_loss_curve, Series};
+use crate::lm::LanguageModel;
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::{Input, Llama, Logits};
+use crate::util::atomic_write;
+use crate::{Error, Result};
+use candle_core::{Tensor, Var};
+use data::{Control, ControlSample, Instruction};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// How a control run is configured (the paper's `steer_config`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControlConfig {
+    /// Samples drawn from (instruction x QA pair x {prompt, prompt + response}).
+    pub samples: usize,
+    pub batch_size: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Which projections get LoRA: `both` (attention, MLP and lm_head), `mlp` (with lm_head),
+    /// `attn` or `qv`.
+    pub lora_modules: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Layers whose projections get LoRA (and, per layer, a loss and an optimizer).
+    pub layers_to_optimize: Vec<usize>,
+    /// The target layer read (default: the decoder's).
+    pub read_layer: Option<usize>,
+    /// The decoder layer written (default: the decoder's).
+    pub write_layer: Option<usize>,
+    /// For every optimised layer, the decoder's loss on that layer's output steps that
+    /// layer's own optimizer (the paper's `per_layer_loss`).
+    pub per_layer_loss: bool,
+    pub seed: u64,
+    /// Samples whose read + decoder prompts exceed this many tokens are skipped.
+    pub max_tokens: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            samples: 50,
+            batch_size: 1,
+            lr: 1e-4,
+            lora_modules: "both".into(),
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            layers_to_optimize: (0..16).collect(),
+            read_layer: None,
+            write_layer: None,
+            per_layer_loss: false,
+            seed: 42,
+            max_tokens: 1024,
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The target's LoRA config: the paper's module groups on `layers_to_optimize`.
+    pub fn lora_config(&self, n_layers: usize) -> Result<LoraConfig> {
+        let target_modules: Vec<String> = match self.lora_modules.as_str() {
+            "both" => vec![
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "lm_head",
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+            ],
+            "mlp" => vec!["gate_proj", "up_proj", "down_proj", "lm_head"],
+            "attn" => vec!["q_proj", "k_proj", "v_proj", "o_proj"],
+            "qv" => vec!["q_proj", "v_proj"],
+            other => {
+                return Err(Error::invalid(format!(
+                    "lora_modules `{other}`: expected both, mlp, attn or qv"
+                )))
+            }
+        }
+        .into_iter()
+        .map(String::from)
+        .collect();
+        if self.layers_to_optimize.is_empty() {
+            return Err(Error::invalid("layers_to_optimize is empty"));
+        }
+        if let Some(&l) = self.layers_to_optimize.iter().find(|&&l| l >= n_layers) {
+            return Err(Error::invalid(format!(
+                "layers_to_optimize: layer {l} is out of range, the model has {n_layers} layers"
+            )));
+        }
+        let cfg = LoraConfig {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules,
+            layers_to_transform: Some(self.layers_to_optimize.clone()),
+            ..LoraConfig::paper_decoder()
+        };
+        cfg.validate(n_layers)?;
+        Ok(cfg)
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ControlStats {
+    pub step: usize,
+    /// The decoder's loss on the control answers (per-layer: the mean over layers).
+    pub loss: f64,
+    /// Per-layer losses (per-layer variant only), by layer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub layer_losses: BTreeMap<usize, f64>,
+    pub read_layer: usize,
+    pub seconds: f64,
+}
+
+/// A prepared sample.
+#[derive(Clone)]
+struct Prepared {
+    ex: PatchedExample,
+}
+
+/// The control optimizer: a LoRA on a copy of the target, Adam, and the frozen decoder.
+pub struct ControlOptimizer {
+    pub config: ControlConfig,
+    pub control: Control,
+    target: Arc<LanguageModel>,
+    /// The target with the control LoRA attached (the steered model).
+    steered: Llama,
+    /// The decoder with its adapter folded in (frozen).
+    decoder: Llama,
+    adapter: Adapter,
+    /// One optimizer over all LoRA variables, or one per optimised layer.
+    opts: Vec<(Option<usize>, AdamW)>,
+    samples: Vec<Prepared>,
+    read_layers: (usize, usize),
+    write_layer: usize,
+    step: usize,
+    history: Vec<ControlStats>,
+    /// Where metrics and the plot go, when set.
+    out_dir: Option<PathBuf>,
+}
+
+/// `blocks.{i}.` of a PEFT variable name, if it is in a block.
+fn var_layer(name: &str) -> Option<usize> {
+    let rest = name.split(".layers.").nth(1)?;
+    rest.split('.').next()?.parse().ok()
+}
+
+impl ControlOptimizer {
+    /// Set up a run: the control, the instruction set and the decoder; a fresh LoRA on the
+    /// target.
+    pub fn new(
+        decoder: &Decoder,
+        control: Control,
+        instructions: &[Instruction],
+        config: ControlConfig,
+    ) -> Result<Self> {
+        let target = decoder.target.clone();
+        let n_layers = target.model.n_layers();
+        let lora = config.lora_config(n_layers)?;
+        if config.batch_size == 0 {
+            return Err(Error::invalid("batch_size must be > 0"));
+        }
+        let read_layer = config.read_layer.unwrap_or(decoder.meta.read_layer);
+        let write_layer = config.write_layer.unwrap_or(decoder.meta.write_layer);
+        if read_layer >= n_layers || write_layer >= n_layers {
+            return Err(Error::invalid(format!(
+                "read layer {read_layer} / write layer {write_layer} do not fit a model of \
+                 {n_layers} layers"
+            )));
+        }
+        let mut steered = target.model.clone();
+        let adapter = Adapter::new(&steered, lora, config.seed)?;
+        adapter.attach(&mut steered)?;
+        let params = AdamWParams {
+            lr: config.lr,
+            weight_decay: 0.0, // torch.optim.Adam
+            ..Default::default()
+        };
+        let opts = if config.per_layer_loss {
+            let mut by_layer: BTreeMap<usize, Vec<(String, Var)>> = BTreeMap::new();
+            for (n, v) in adapter.named_vars() {
+                if let Some(l) = var_layer(&n) {
+                    by_layer.entry(l).or_default().push((n, v));
+                }
+            }
+            by_layer
+                .into_iter()
+                .map(|(l, vars)| Ok((Some(l), AdamW::new(vars, params)?)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            vec![(None, AdamW::new(adapter.named_vars(), params)?)]
+        };
+        let chosen = data::samples(instructions, control.qa.len(), config.samples, config.seed);
+        let template = target.template()?;
+        let mut samples = Vec::with_capacity(chosen.len());
+        for s in &chosen {
+            if let Some(p) = Self::prepare(&target, template, &control, s, config.max_tokens)? {
+                samples.push(p);
+            }
+        }
+        if samples.is_empty() {
+            return Err(Error::invalid(format!(
+                "no control samples (samples = {}, {} instructions, {}-token limit)",
+                config.samples,
+                instructions.len(),
+                config.max_tokens
+            )));
+        }
+        Ok(ControlOptimizer {
+            decoder: Adapter::merged(&decoder.model)?,
+            config,
+            control,
+            target,
+            steered,
+            adapter,
+            opts,
+            samples,
+            read_layers: (read_layer, read_layer),
+            write_layer,
+            step: 0,
+            history: Vec::new(),
+            out_dir: None,
+        })
+    }
+
+    fn prepare(
+        lm: &LanguageModel,
+        template: &crate::chat::ChatTemplate,
+        control: &Control,
+        s: &ControlSample,
+        max_tokens: usize,
+    ) -> Result<Option<Prepared>> {
+        let read = read_prompt(template, &lm.tokenizer, &s.read)?;
+        let dec = decoder_prompt(
+            template,
+            &lm.tokenizer,
+            read.n_patch(),
+            &[control.qa[s.qa].clone()],
+            Labels::LastAnswer,
+            false,
+        )?;
+        if read.ids.len() + dec.ids.len() > max_tokens {
+            return Ok(None);
+        }
+        Ok(Some(Prepared {
+            ex: PatchedExample::new(read, dec)?,
+        }))
+    }
+
+    /// Write metrics (JSONL) and the loss curve into `dir` as the run goes.
+    pub fn with_out_dir(mut self, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        atomic_write(&dir.join("metrics.jsonl"), b"")?;
+        self.out_dir = Some(dir.to_path_buf());
+        Ok(self)
+    }
+
+    /// Steps in one pass over the samples (the paper's run length).
+    pub fn total_steps(&self) -> usize {
+        self.samples.len() / self.config.batch_size
+    }
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+    pub fn is_done(&self) -> bool {
+        self.step >= self.total_steps()
+    }
+    pub fn n_samples(&self) -> usize {
+        self.samples.len()
+    }
+    pub fn num_parameters(&self) -> usize {
+        self.adapter.num_parameters()
+    }
+    pub fn history(&self) -> &[ControlStats] {
+        &self.history
+    }
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+    /// The steered target (base weights + the control LoRA).
+    pub fn steered(&self) -> &Llama {
+        &self.steered
+    }
+    pub fn target(&self) -> &Arc<LanguageModel> {
+        &self.target
+    }
+
+    fn loss_config(&self, read_layer: usize) -> LossConfig {
+        LossConfig {
+            read_layer,
+            write_layer: self.write_layer,
+            pad_id: self.target.pad_id(),
+            differentiable: true,
+            grad_through_target: true,
+            use_first_from: false,
+            dropout: None,
+        }
+    }
+
+    /// The batch of step `step` (wrapping around after a pass).
+    fn batch_at(&self, step: usize) -> Result<PatchedBatch> {
+        let n = self.samples.len();
+        let bs = self.config.batch_size;
+        PatchedBatch::new(
+            (0..bs)
+                .map(|i| self.samples[(step * bs + i) % n].ex.clone())
+                .collect(),
+        )
+    }
+
+    /// The decoder's mean loss on a batch with the current steering (no update).
+    pub fn batch_loss(&self, step: usize) -> Result<f64> {
+        let batch = self.batch_at(step)?;
+        let mut cfg = self.loss_config(self.read_layers.0);
+        cfg.differentiable = false;
+        cfg.grad_through_target = false;
+        let out = latentqa_loss(&self.steered, &self.decoder, &batch, &cfg)?;
+        Ok(out.loss.to_scalar::<f32>()? as f64)
+    }
+
+    /// One optimizer step on the next batch.
+    pub fn step(&mut self) -> Result<ControlStats> {
+        crate::interrupt::check()?;
+        let t0 = Instant::now();
+        let mut rng = SplitMix64::derive(self.config.seed, self.step as u64);
+        let (lo, hi) = self.read_layers;
+        let read_layer = lo + rng.below((hi - lo + 1) as u64) as usize;
+        let batch = self.batch_at(self.step)?;
+        let (loss, layer_losses) = if self.config.per_layer_loss {
+            self.per_layer_step(&batch)?
+        } else {
+            let out = latentqa_loss(
+                &self.steered,
+                &self.decoder,
+                &batch,
+                &self.loss_config(read_layer),
+            )?;
+            let grads = out.loss.backward()?;
+            self.opts[0].1.step(&grads)?;
+            (out.loss.to_scalar::<f32>()? as f64, BTreeMap::new())
+        };
+        self.step += 1;
+        let stats = ControlStats {
+            step: self.step,
+            loss,
+            layer_losses,
+            read_layer,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        self.record(&stats)?;
+        Ok(stats)
+    }
+
+    /// The per-layer variant: one target forward; at every optimised layer its output goes to
+    /// the decoder, and that loss steps that layer's optimizer. As in the paper, the stream is
+    /// detached after each optimised layer, so a layer's loss reaches only its own LoRA.
+    fn per_layer_step(&mut self, batch: &PatchedBatch) -> Result<(f64, BTreeMap<usize, f64>)> {
+        let layers: Vec<usize> = self.opts.iter().filter_map(|(l, _)| *l).collect();
+        let last = *layers
+            .iter()
+            .max()
+            .expect("layers_to_optimize is not empty");
+        let rows: Vec<Vec<u32>> = batch.examples.iter().map(|e| e.read.ids.clone()).collect();
+        let mut input = Input::left_padded(&rows, self.target.pad_id(), self.steered.device())?
+            .with_logits(Logits::None);
+        input.differentiable = true;
+        input.stop_after_layer = Some(last);
+        let outputs: Arc<Mutex<BTreeMap<usize, Tensor>>> = Default::default();
+        let mut hooks = Hooks::new();
+        for &l in &layers {
+            let store = outputs.clone();
+            let f: HookFn = Arc::new(move |_p, x, _ctx| {
+                store.lock().expect("hook store").insert(l, x.clone());
+                Ok(Some(x.detach()))
+            });
+            hooks.fns.push((HookPoint::resid_post(l), f));
+        }
+        self.steered.forward(&input, None, Some(&mut hooks))?;
+        let outputs = std::mem::take(&mut *outputs.lock().expect("hook store"));
+        let reads: Vec<_> = batch.examples.iter().map(|e| &e.read).collect();
+        let cfg = self.loss_config(self.read_layers.0);
+        let mut losses = BTreeMap::new();
+        for (layer, opt) in self.opts.iter_mut() {
+            crate::interrupt::check()?;
+            let l = layer.expect("per-layer optimizers");
+            let hidden = &outputs[&l];
+            let patches = gather_patches(hidden, &input.pads, &reads, false)?;
+            let tn = patched_token_nll(&self.decoder, batch, &patches, &cfg, None)?;
+            let loss = tn.nll.mean_all()?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            losses.insert(l, loss.to_scalar::<f32>()? as f64);
+        }
+        let mean = losses.values().sum::<f64>() / losses.len().max(1) as f64;
+        Ok((mean, losses))
+    }
+
+    fn record(&mut self, stats: &ControlStats) -> Result<()> {
+        if let Some(dir) = &self.out_dir {
+            let p = dir.join("metrics.jsonl");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            writeln!(f, "{}", serde_json::to_string(stats).expect("json"))
+                .map_err(|e| Error::io(&p, e))?;
+        }
+        self.history.push(stats.clone());
+        Ok(())
+    }
+
+    /// Write the loss curve (SVG) into `dir`.
+    pub fn plot(&self, dir: &Path) -> Result<PathBuf> {
+        let pts: Vec<(f64, f64)> = self
+            .history
+            .iter()
+            .map(|s| (s.step as f64, s.loss))
+            .collect();
+        let series = vec![
+            Series::new("control loss", pts.clone(), "#9ecae1"),
+            Series::new("smoothed", smooth(&pts, 10), "#3182bd"),
+        ];
+        let path = dir.join("loss.svg");
+        write_loss_curve(
+            &path,
+            &series,
+            "control: decoder loss on the control's answers",
+            "step",
+            "loss (nats / answer token)",
+        )?;
+        Ok(path)
+    }
+
+    /// Run to the end of the pass; `on_step` may return `false` to stop early.
+    pub fn run(&mut self, mut on_step: impl FnMut(&ControlStats) -> Result<bool>) -> Result<()> {
+        while !self.is_done() {
+            let stats = self.step()?;
+            if !on_step(&stats)? {
+                break;
+            }
+        }
+        if let Some(dir) = self.out_dir.clone() {
+            self.plot(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Save the steered adapter in PEFT format (f32) with `lqa_control.json` (the control's
+    /// prompt, the config and the step).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.adapter
+            .save_peft(dir, &self.target.name, candle_core::DType::F32)?;
+        let meta = serde_json::json!({
+            "base_model": self.target.name,
+            "control": self.control.prompt,
+            "control_file": self.control.file,
+            "config": self.config,
+            "steps": self.step,
+        });
+        atomic_write(
+            &dir.join("lqa_control.json"),
+            serde_json::to_string_pretty(&meta)
+                .expect("json")
+                .as_bytes(),
+        )
+    }
+}

@@ -1,0 +1,248 @@
+//! The `ControlOptimizer` script object: `control_optimizer(target, decoder, config)` with
+//! `step()`, `run()`, `save(dir)`, `steered()`, `info()` and an `on_step` callback.
+//!
+//! `config` keys: `control` (a name in `controls/` or a path), `prompts` (an instruction set,
+//! default `data/instructions.json`), `out_dir` (metrics and loss curve), and the fields of
+//! [`ControlConfig`] (`samples`, `batch_size`, `lr`, `lora_modules`, `r`, `lora_alpha`,
+//! `lora_dropout`, `layers_to_optimize`, `read_layer`, `write_layer`, `per_layer_loss`, `seed`,
+//! `max_tokens`).
+
+use super::decoder::ScriptDecoder;
+use super::error::{ctx_err, ScriptResult, ToScript};
+use super::globals::{dynamic_to_json, json_to_dynamic};
+use super::model::ScriptModel;
+use crate::control::data::{load_instructions, Control};
+use crate::control::{ControlConfig, ControlOptimizer, ControlStats};
+use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A control run as the Rhai type `ControlOptimizer` (a shared handle).
+#[derive(Clone)]
+pub struct ScriptControl {
+    pub inner: Arc<Mutex<ControlOptimizer>>,
+    pub on_step: Option<FnPtr>,
+    pub out_dir: Option<PathBuf>,
+}
+
+fn stats_map(s: &ControlStats) -> Map {
+    json_to_dynamic(serde_json::to_value(s).expect("json"))
+        .try_cast::<Map>()
+        .unwrap_or_default()
+}
+
+/// A control by name (`controls/NAME.json`, from the working directory or the project) or by
+/// path.
+pub fn control_path(name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.extension().is_some() || p.components().count() > 1 {
+        return p.to_path_buf();
+    }
+    let local = Path::new("controls").join(format!("{name}.json"));
+    if local.exists() {
+        return local;
+    }
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join(&local);
+    if project.exists() {
+        project
+    } else {
+        local
+    }
+}
+
+/// The shipped instruction set, from the working directory or the project.
+fn default_prompts() -> PathBuf {
+    let local = PathBuf::from("data/instructions.json");
+    if local.exists() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(local)
+    }
+}
+
+struct Parsed {
+    config: ControlConfig,
+    control: PathBuf,
+    prompts: PathBuf,
+    out_dir: Option<PathBuf>,
+}
+
+fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
+    let mut map = map.clone();
+    let mut take_str = |k: &str| -> ScriptResult<Option<String>> {
+        match map.remove(k) {
+            None => Ok(None),
+            Some(v) => v
+                .into_string()
+                .map(Some)
+                .map_err(|t| ctx_err(ctx, format!("`{k}` is a {t}, expected a string"))),
+        }
+    };
+    let control = take_str("control")?
+        .ok_or_else(|| ctx_err(ctx, "the config needs `control` (a controls name or file)"))?;
+    let prompts = take_str("prompts")?.map(PathBuf::from);
+    let out_dir = take_str("out_dir")?.map(PathBuf::from);
+    let user = dynamic_to_json(&Dynamic::from_map(map), "config").map_err(|e| ctx_err(ctx, e))?;
+    let mut base = serde_json::to_value(ControlConfig::default()).expect("json");
+    let (Some(b), Some(u)) = (base.as_object_mut(), user.as_object()) else {
+        return Err(ctx_err(ctx, "the control config must be a map"));
+    };
+    for (k, v) in u {
+        if !b.contains_key(k) {
+            let mut known: Vec<&str> = b.keys().map(String::as_str).collect();
+            known.extend(["control", "prompts", "out_dir"]);
+            return Err(ctx_err(
+                ctx,
+                format!("unknown control option `{k}` (known: {})", known.join(", ")),
+            ));
+        }
+        b.insert(k.clone(), v.clone());
+    }
+    let config: ControlConfig =
+        serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("control config: {e}")))?;
+    Ok(Parsed {
+        config,
+        control: control_path(&control),
+        prompts: prompts.unwrap_or_else(default_prompts),
+        out_dir,
+    })
+}
+
+fn lock<'a>(
+    ctx: &NativeCallContext,
+    c: &'a ScriptControl,
+) -> ScriptResult<std::sync::MutexGuard<'a, ControlOptimizer>> {
+    c.inner
+        .lock()
+        .map_err(|_| ctx_err(ctx, "control optimizer lock poisoned"))
+}
+
+fn call_on_step(
+    ctx: &NativeCallContext,
+    c: &ScriptControl,
+    s: &ControlStats,
+) -> ScriptResult<bool> {
+    match &c.on_step {
+        None => Ok(true),
+        Some(f) => {
+            let r: Dynamic = f.call_within_context(ctx, (Dynamic::from_map(stats_map(s)),))?;
+            Ok(r.as_bool().unwrap_or(true))
+        }
+    }
+}
+
+pub fn register(engine: &mut Engine) {
+    engine.register_type_with_name::<ScriptControl>("ControlOptimizer");
+    engine.register_fn(
+        "control_optimizer",
+        |ctx: NativeCallContext,
+         target: ScriptModel,
+         decoder: ScriptDecoder,
+         config: Map|
+         -> ScriptResult<ScriptControl> {
+            let p = parse_config(&ctx, &config)?;
+            if !Arc::ptr_eq(&target.lm, &decoder.0.target)
+                && target.lm.name != decoder.0.target.name
+            {
+                return Err(ctx_err(
+                    &ctx,
+                    format!(
+                        "the decoder reads `{}`, not `{}`",
+                        decoder.0.target.name, target.lm.name
+                    ),
+                ));
+            }
+            let control = Control::load(&p.control).at(&ctx)?;
+            let instructions = load_instructions(&p.prompts).at(&ctx)?;
+            let mut opt =
+                ControlOptimizer::new(&decoder.0, control, &instructions, p.config).at(&ctx)?;
+            if let Some(d) = &p.out_dir {
+                opt = opt.with_out_dir(d).at(&ctx)?;
+            }
+            Ok(ScriptControl {
+                inner: Arc::new(Mutex::new(opt)),
+                on_step: None,
+                out_dir: p.out_dir,
+            })
+        },
+    );
+    engine.register_fn("on_step", |c: &mut ScriptControl, f: FnPtr| {
+        c.on_step = Some(f);
+    });
+    engine.register_fn(
+        "step",
+        |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<Map> {
+            let s = lock(&ctx, c)?.step().at(&ctx)?;
+            Ok(stats_map(&s))
+        },
+    );
+    engine.register_fn(
+        "run",
+        |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<()> {
+            let cc = c.clone();
+            let mut opt = lock(&ctx, &cc)?;
+            let bar = indicatif::ProgressBar::new(opt.total_steps() as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("template"),
+            );
+            bar.set_position(opt.step_count() as u64);
+            let mut err = None;
+            let res = opt.run(|s| {
+                bar.set_position(s.step as u64);
+                bar.set_message(format!("loss {:.3}", s.loss));
+                match call_on_step(&ctx, &cc, s) {
+                    Ok(go) => Ok(go),
+                    Err(e) => {
+                        err = Some(e);
+                        Ok(false)
+                    }
+                }
+            });
+            bar.finish();
+            if let Some(e) = err {
+                return Err(e);
+            }
+            res.at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "save",
+        |ctx: NativeCallContext, c: &mut ScriptControl, dir: &str| -> ScriptResult<()> {
+            lock(&ctx, c)?.save(Path::new(dir)).at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "steered",
+        |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<ScriptModel> {
+            let opt = lock(&ctx, c)?;
+            let lm = opt.target().with_model(opt.steered().clone());
+            Ok(ScriptModel {
+                lm: Arc::new(lm),
+                template: None,
+            })
+        },
+    );
+    engine.register_fn(
+        "info",
+        |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<Map> {
+            let opt = lock(&ctx, c)?;
+            let mut m = Map::new();
+            m.insert("step".into(), (opt.step_count() as i64).into());
+            m.insert("total_steps".into(), (opt.total_steps() as i64).into());
+            m.insert("samples".into(), (opt.n_samples() as i64).into());
+            m.insert(
+                "trainable_parameters".into(),
+                (opt.num_parameters() as i64).into(),
+            );
+            m.insert("control".into(), opt.control.prompt.clone().into());
+            m.insert("qa_pairs".into(), (opt.control.qa.len() as i64).into());
+            if let Some(d) = &c.out_dir {
+                m.insert("out_dir".into(), d.display().to_string().into());
+            }
+            Ok(m)
+        },
+    );
+}
