@@ -183,6 +183,24 @@ impl ControlOptimizer {
         instructions: &[Instruction],
         config: ControlConfig,
     ) -> Result<Self> {
+        let chosen = data::samples(instructions, control.qa.len(), config.samples, config.seed);
+        if chosen.is_empty() {
+            return Err(Error::invalid(format!(
+                "no control samples (samples = {}, {} instructions)",
+                config.samples,
+                instructions.len()
+            )));
+        }
+        Self::with_samples(decoder, control, &chosen, config)
+    }
+
+    /// [`ControlOptimizer::new`] with the samples given (in order).
+    pub fn with_samples(
+        decoder: &Decoder,
+        control: Control,
+        chosen: &[ControlSample],
+        config: ControlConfig,
+    ) -> Result<Self> {
         let target = decoder.target.clone();
         let n_layers = target.model.n_layers();
         let lora = config.lora_config(n_layers)?;
@@ -219,24 +237,28 @@ impl ControlOptimizer {
         } else {
             vec![(None, AdamW::new(adapter.named_vars(), params)?)]
         };
-        let chosen = data::samples(instructions, control.qa.len(), config.samples, config.seed);
         let template = target.template()?;
         let mut samples = Vec::with_capacity(chosen.len());
-        for s in &chosen {
+        for s in chosen {
+            if s.qa >= control.qa.len() {
+                return Err(Error::invalid(format!(
+                    "a sample asks QA pair {} of a control with {}",
+                    s.qa,
+                    control.qa.len()
+                )));
+            }
             if let Some(p) = Self::prepare(&target, template, &control, s, config.max_tokens)? {
                 samples.push(p);
             }
         }
         if samples.is_empty() {
             return Err(Error::invalid(format!(
-                "no control samples (samples = {}, {} instructions, {}-token limit)",
-                config.samples,
-                instructions.len(),
+                "no control samples within the {}-token limit",
                 config.max_tokens
             )));
         }
         Ok(ControlOptimizer {
-            decoder: Adapter::merged(&decoder.model)?,
+            decoder: Adapter::merged(&decoder.model)?, // a no-op for a loaded decoder
             config,
             control,
             target,

@@ -45,6 +45,7 @@ pub fn shipped_decoder_dir(model_name: &str) -> Option<PathBuf> {
 
 pub struct Decoder {
     pub target: Arc<LanguageModel>,
+    /// The decoder: the target's weights with the adapter folded in (frozen).
     pub model: Llama,
     pub meta: DecoderMeta,
     pub path: PathBuf,
@@ -90,6 +91,8 @@ impl Decoder {
         let mut model = target.model.clone();
         let adapter = Adapter::load_peft(&dir, &model)?;
         adapter.attach(&mut model)?;
+        // the decoder is frozen once trained: fold the adapter into its weights
+        let model = Adapter::merged(&model)?;
         Ok(Decoder {
             target,
             model,

@@ -1,0 +1,57 @@
+//! Shared helpers of the benchmarks: RSS from /proc, medians, and the PyTorch figures.
+
+#![allow(dead_code)]
+
+/// A field of /proc/self/status in MiB (VmRSS, VmHWM).
+pub fn rss_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Reset the peak RSS (VmHWM) so that it measures what follows.
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Measured runs (`LQA_BENCH_RUNS`, default `default`).
+pub fn runs(default: usize) -> usize {
+    std::env::var("LQA_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One row of `../shared/reference/timing_results.json` by its `bench` name.
+pub fn pytorch(bench: &str) -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/reference/timing_results.json");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v["results"]
+                .as_array()
+                .and_then(|a| a.iter().find(|r| r["bench"] == bench).cloned())
+        })
+        .unwrap_or_default()
+}
+
+/// Rounded run times for the table.
+pub fn rounded(times: &[f64]) -> Vec<f64> {
+    times
+        .iter()
+        .map(|t| (t * 1000.0).round() / 1000.0)
+        .collect()
+}
