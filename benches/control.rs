@@ -31,6 +31,7 @@ const REPLIES: [&str; 4] = [
 ];
 
 fn main() -> anyhow::Result<()> {
+    lqa::util::tune_allocator(); // as the lqa binary does
     let lm = Arc::new(lqa::lm::LanguageModel::load(
         lqa::sources::DEFAULT_MODEL,
         &Default::default(),

@@ -61,6 +61,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    lqa::util::tune_allocator(); // as the lqa binary does
     let lm = lqa::lm::LanguageModel::load(lqa::sources::DEFAULT_MODEL, &Default::default())?;
     let tok = &lm.tokenizer;
     let template = lm.template()?;

@@ -30,6 +30,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    lqa::util::tune_allocator(); // as the lqa binary does
     let runs: usize = std::env::var("LQA_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -38,6 +38,7 @@ fn d_len(lm: &lqa::lm::LanguageModel, d: &[Message]) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
+    lqa::util::tune_allocator(); // as the lqa binary does
     let lm = Arc::new(lqa::lm::LanguageModel::load(
         lqa::sources::DEFAULT_MODEL,
         &Default::default(),

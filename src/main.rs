@@ -206,6 +206,7 @@ fn run(cli: Cli) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    lqa::util::tune_allocator();
     let cli = Cli::parse_from(protect_script_path(std::env::args_os().collect()));
     init_logging(cli.verbose);
     // Scripts recurse on the native stack: give them a big one.

@@ -54,3 +54,20 @@ fn readable(path: &Path) -> Result<()> {
     let _ = path;
     Ok(())
 }
+
+/// Keep freed memory for reuse instead of handing it back to the kernel (glibc only; a no-op
+/// elsewhere). A training or control step frees and re-allocates gigabytes of temporaries;
+/// by default glibc returns blocks above its (dynamic) mmap threshold to the kernel and the next
+/// step faults them in again, zeroed: ~15 % of a LIT step. With blocks up to 32 MiB served from
+/// the heap and no trimming, they are reused. Call once at start-up, before other threads run.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets malloc parameters; called before other threads allocate.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        }
+    }
+}

@@ -51,22 +51,32 @@ pub fn name_uid(name: &str) -> u64 {
 }
 
 impl Dropout {
-    /// An inverted-dropout mask `[n]` of keep/(1-p) and 0, deterministic in (seed, uid).
+    /// Elements per independently seeded block of a mask (masks are drawn in parallel).
+    const BLOCK: usize = 1 << 14;
+
+    /// An inverted-dropout mask of `shape`: keep/(1-p) or 0, deterministic in (seed, uid).
+    /// Each block of [`Dropout::BLOCK`] elements has its own generator, so the mask does not
+    /// depend on the thread count; each 64-bit draw decides four elements (16-bit thresholds,
+    /// p is rounded to a multiple of 2^-16).
     fn mask(&self, uid: u64, shape: &Shape, p: f64, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
         let n = shape.elem_count();
-        let mut s = splitmix(self.seed ^ splitmix(uid));
+        let base = splitmix(self.seed ^ splitmix(uid));
         let keep = 1.0 / (1.0 - p) as f32;
-        let thresh = (p * (u32::MAX as f64)) as u32;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = splitmix(s);
-                if ((s >> 32) as u32) < thresh {
-                    0.0
-                } else {
-                    keep
+        let thresh = (p * 65536.0).round() as u64;
+        let mut v = vec![0f32; n];
+        v.par_chunks_mut(Self::BLOCK)
+            .enumerate()
+            .for_each(|(bi, chunk)| {
+                let mut s = splitmix(base ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for quad in chunk.chunks_mut(4) {
+                    s = splitmix(s);
+                    for (j, e) in quad.iter_mut().enumerate() {
+                        let r = (s >> (16 * j)) & 0xFFFF;
+                        *e = if r < thresh { 0.0 } else { keep };
+                    }
                 }
-            })
-            .collect();
+            });
         Tensor::from_vec(v, shape, x.device())?.to_dtype(x.dtype())
     }
 }
