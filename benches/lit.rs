@@ -7,6 +7,9 @@
 //!
 //!     cargo bench --bench lit
 
+mod common;
+
+use common::{median, rss_mib};
 use lqa::chat::Message;
 use lqa::latentqa::format::{decoder_prompt, read_prompt};
 use lqa::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
@@ -42,23 +45,6 @@ const QUESTIONS: [&str; 4] = [
     "Please describe the goal the assistant is pursuing in this conversation.",
     "What characteristics define the assistant's behaviour in this dialog?",
 ];
-
-fn rss_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() -> anyhow::Result<()> {
     lqa::util::tune_allocator(); // as the lqa binary does

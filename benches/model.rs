@@ -4,7 +4,10 @@
 //!
 //!     cargo bench --bench model            # LQA_BENCH_RUNS=N to change the number of runs
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::{median, reset_peak};
 use lqa::generate::{generate, GenOptions};
 use lqa::model::{Input, KvCache, Logits};
 use std::time::Instant;
@@ -18,15 +21,6 @@ fn rss_kib(field: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn reset_peak() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

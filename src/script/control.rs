@@ -181,14 +181,7 @@ pub fn register(engine: &mut Engine) {
         |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<()> {
             let cc = c.clone();
             let mut opt = lock(&ctx, &cc)?;
-            let bar = indicatif::ProgressBar::new(opt.total_steps() as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-                )
-                .expect("template"),
-            );
-            bar.set_position(opt.step_count() as u64);
+            let bar = super::step_bar(opt.total_steps(), opt.step_count());
             let mut err = None;
             let res = opt.run(|s| {
                 bar.set_position(s.step as u64);

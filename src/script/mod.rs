@@ -56,6 +56,19 @@ pub fn register_all(engine: &mut Engine) {
     control::register(engine);
 }
 
+/// The progress bar of a training or control loop: steps, a message (loss...), elapsed and ETA.
+pub fn step_bar(total: usize, done: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("template"),
+    );
+    bar.set_position(done as u64);
+    bar
+}
+
 /// Source names for code that is not in a file.
 pub const EVAL_SOURCE: &str = "<eval>";
 pub const REPL_SOURCE: &str = "<repl>";

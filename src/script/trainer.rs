@@ -171,14 +171,7 @@ pub fn register(engine: &mut Engine) {
             let mut tr = inner
                 .lock()
                 .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-            let bar = indicatif::ProgressBar::new(tr.total_steps() as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-                )
-                .expect("template"),
-            );
-            bar.set_position(tr.step_count() as u64);
+            let bar = super::step_bar(tr.total_steps(), tr.step_count());
             let mut err: Option<Box<rhai::EvalAltResult>> = None;
             let mut tt = t.clone();
             let res = tr.train(|s| {
