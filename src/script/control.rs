@@ -9,10 +9,10 @@
 
 use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::globals::{dynamic_to_json, json_to_dynamic};
+use super::globals::dynamic_to_json;
 use super::model::ScriptModel;
 use crate::control::data::{load_instructions, Control};
-use crate::control::{ControlConfig, ControlOptimizer, ControlStats};
+use crate::control::{ControlConfig, ControlOptimizer};
 use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,12 +23,6 @@ pub struct ScriptControl {
     pub inner: Arc<Mutex<ControlOptimizer>>,
     pub on_step: Option<FnPtr>,
     pub out_dir: Option<PathBuf>,
-}
-
-fn stats_map(s: &ControlStats) -> Map {
-    json_to_dynamic(serde_json::to_value(s).expect("json"))
-        .try_cast::<Map>()
-        .unwrap_or_default()
 }
 
 /// A control by name (`controls/NAME.json`, from the working directory or the project) or by
@@ -117,20 +111,6 @@ fn lock<'a>(
         .map_err(|_| ctx_err(ctx, "control optimizer lock poisoned"))
 }
 
-fn call_on_step(
-    ctx: &NativeCallContext,
-    c: &ScriptControl,
-    s: &ControlStats,
-) -> ScriptResult<bool> {
-    match &c.on_step {
-        None => Ok(true),
-        Some(f) => {
-            let r: Dynamic = f.call_within_context(ctx, (Dynamic::from_map(stats_map(s)),))?;
-            Ok(r.as_bool().unwrap_or(true))
-        }
-    }
-}
-
 pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptControl>("ControlOptimizer");
     engine.register_fn(
@@ -173,7 +153,7 @@ pub fn register(engine: &mut Engine) {
         "step",
         |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<Map> {
             let s = lock(&ctx, c)?.step().at(&ctx)?;
-            Ok(stats_map(&s))
+            Ok(super::to_map(&s))
         },
     );
     engine.register_fn(
@@ -186,7 +166,7 @@ pub fn register(engine: &mut Engine) {
             let res = opt.run(|s| {
                 bar.set_position(s.step as u64);
                 bar.set_message(format!("loss {:.3}", s.loss));
-                match call_on_step(&ctx, &cc, s) {
+                match super::call_on_step(&ctx, cc.on_step.as_ref(), s) {
                     Ok(go) => Ok(go),
                     Err(e) => {
                         err = Some(e);

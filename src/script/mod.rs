@@ -56,6 +56,28 @@ pub fn register_all(engine: &mut Engine) {
     control::register(engine);
 }
 
+/// A serialisable value (step statistics...) as a script map.
+pub fn to_map(v: &impl serde::Serialize) -> rhai::Map {
+    globals::json_to_dynamic(serde_json::to_value(v).expect("json"))
+        .try_cast::<rhai::Map>()
+        .unwrap_or_default()
+}
+
+/// Call a loop's `on_step` callback (if set) with the step's stats; it returns `false` to stop.
+pub fn call_on_step(
+    ctx: &NativeCallContext,
+    on_step: Option<&rhai::FnPtr>,
+    stats: &impl serde::Serialize,
+) -> ScriptResult<bool> {
+    match on_step {
+        None => Ok(true),
+        Some(f) => {
+            let r: Dynamic = f.call_within_context(ctx, (Dynamic::from_map(to_map(stats)),))?;
+            Ok(r.as_bool().unwrap_or(true))
+        }
+    }
+}
+
 /// The progress bar of a training or control loop: steps, a message (loss...), elapsed and ETA.
 pub fn step_bar(total: usize, done: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total as u64);

@@ -4,7 +4,7 @@
 use super::error::{ctx_err, ScriptResult, ToScript};
 use super::globals::dynamic_to_json;
 use super::model::ScriptModel;
-use crate::lit::trainer::{StepStats, TrainConfig, Trainer};
+use crate::lit::trainer::{TrainConfig, Trainer};
 use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,12 +14,6 @@ use std::sync::{Arc, Mutex};
 pub struct ScriptTrainer {
     pub inner: Arc<Mutex<Trainer>>,
     pub on_step: Option<FnPtr>,
-}
-
-fn stats_map(s: &StepStats) -> Map {
-    super::globals::json_to_dynamic(serde_json::to_value(s).expect("json"))
-        .try_cast::<Map>()
-        .unwrap_or_default()
 }
 
 /// Build a config from a script map: keys are `TrainConfig` fields (`lora` a map of PEFT keys);
@@ -63,21 +57,6 @@ fn config_from(ctx: &NativeCallContext, map: &Map) -> ScriptResult<(TrainConfig,
     Ok((cfg, resume))
 }
 
-fn run_step(
-    ctx: &NativeCallContext,
-    t: &mut ScriptTrainer,
-    stats: &mut StepStats,
-) -> ScriptResult<bool> {
-    let _ = stats;
-    match &t.on_step {
-        None => Ok(true),
-        Some(f) => {
-            let r: Dynamic = f.call_within_context(ctx, (Dynamic::from_map(stats_map(stats)),))?;
-            Ok(r.as_bool().unwrap_or(true))
-        }
-    }
-}
-
 pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<ScriptTrainer>("Trainer");
     engine.register_fn(
@@ -106,7 +85,7 @@ pub fn register(engine: &mut Engine) {
                 tr.record(&s).at(&ctx)?;
                 s
             };
-            Ok(stats_map(&stats))
+            Ok(super::to_map(&stats))
         },
     );
     engine.register_fn(
@@ -173,7 +152,7 @@ pub fn register(engine: &mut Engine) {
                 .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
             let bar = super::step_bar(tr.total_steps(), tr.step_count());
             let mut err: Option<Box<rhai::EvalAltResult>> = None;
-            let mut tt = t.clone();
+            let tt = t.clone();
             let res = tr.train(|s| {
                 bar.set_position(s.step as u64);
                 let eval = s
@@ -181,8 +160,7 @@ pub fn register(engine: &mut Engine) {
                     .map(|e| format!(" eval {e:.3}"))
                     .unwrap_or_default();
                 bar.set_message(format!("loss {:.3}{eval}  lr {:.2e}", s.loss, s.lr));
-                let mut s2 = s.clone();
-                match run_step(&ctx, &mut tt, &mut s2) {
+                match super::call_on_step(&ctx, tt.on_step.as_ref(), s) {
                     Ok(go) => Ok(go),
                     Err(e) => {
                         err = Some(e);
