@@ -47,7 +47,13 @@ const QUESTIONS: [&str; 4] = [
 ];
 
 fn main() -> anyhow::Result<()> {
-    lqa::util::tune_allocator(); // as the lqa binary does
+    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
+    lqa::util::tune_allocator();
+    lqa::threads::init();
+    lqa::threads::install(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
     let lm = lqa::lm::LanguageModel::load(lqa::sources::DEFAULT_MODEL, &Default::default())?;
     let tok = &lm.tokenizer;
     let template = lm.template()?;

@@ -24,7 +24,13 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    lqa::util::tune_allocator(); // as the lqa binary does
+    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
+    lqa::util::tune_allocator();
+    lqa::threads::init();
+    lqa::threads::install(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
     let runs: usize = std::env::var("LQA_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())

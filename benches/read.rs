@@ -38,7 +38,13 @@ fn d_len(lm: &lqa::lm::LanguageModel, d: &[Message]) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
-    lqa::util::tune_allocator(); // as the lqa binary does
+    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
+    lqa::util::tune_allocator();
+    lqa::threads::init();
+    lqa::threads::install(bench)
+}
+
+fn bench() -> anyhow::Result<()> {
     let lm = Arc::new(lqa::lm::LanguageModel::load(
         lqa::sources::DEFAULT_MODEL,
         &Default::default(),

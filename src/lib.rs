@@ -23,6 +23,7 @@ pub mod model;
 pub mod repl;
 pub mod script;
 pub mod sources;
+pub mod threads;
 pub mod tokenizer;
 pub mod util;
 

@@ -207,17 +207,16 @@ fn run(cli: Cli) -> ExitCode {
 
 fn main() -> ExitCode {
     lqa::util::tune_allocator();
+    lqa::threads::init();
     let cli = Cli::parse_from(protect_script_path(std::env::args_os().collect()));
     init_logging(cli.verbose);
-    // Scripts recurse on the native stack: give them a big one.
-    let worker = std::thread::Builder::new()
-        .name("lqa".into())
-        .stack_size(256 << 20)
-        .spawn(move || run(cli));
-    match worker.map(|w| w.join()) {
-        Ok(Ok(code)) => code,
-        Ok(Err(_)) => ExitCode::FAILURE, // the panic message is already printed
-        Err(e) => failure(&format!("lqa: cannot start: {e}")),
+    // The script runs on a worker of the compute pool (big stacks: scripts recurse on the
+    // native stack), so its tensor work joins the pool instead of waking it from outside.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lqa::threads::install(move || run(cli))
+    })) {
+        Ok(code) => code,
+        Err(_) => ExitCode::FAILURE, // the panic message is already printed
     }
 }
 

@@ -371,6 +371,10 @@ impl ControlOptimizer {
 
     /// One optimizer step on the next batch.
     pub fn step(&mut self) -> Result<ControlStats> {
+        crate::threads::install(|| self.step_here())
+    }
+
+    fn step_here(&mut self) -> Result<ControlStats> {
         crate::interrupt::check()?;
         let t0 = Instant::now();
         let mut rng = SplitMix64::derive(self.config.seed, self.step as u64);

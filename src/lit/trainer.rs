@@ -382,6 +382,10 @@ impl Trainer {
 
     /// One optimizer step (`grad_accum` micro-batches).
     pub fn step(&mut self) -> Result<StepStats> {
+        crate::threads::install(|| self.step_here())
+    }
+
+    fn step_here(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
         let mut rng = SplitMix64::derive(self.config.seed, self.step as u64);
         let span = (self.config.max_read_layer - self.config.min_read_layer + 1) as u64;

@@ -138,7 +138,7 @@ impl CustomOp1 for FrozenMatmul {
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+                gemm::Parallelism::Rayon(crate::threads::num_threads()),
             );
         }
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))

@@ -492,6 +492,16 @@ impl Llama {
         &self,
         x: Tensor,
         input: &Input,
+        cache: Option<&mut KvCache>,
+        hooks: Option<&mut Hooks>,
+    ) -> Result<Output> {
+        crate::threads::install(|| self.forward_embeds_here(x, input, cache, hooks))
+    }
+
+    fn forward_embeds_here(
+        &self,
+        x: Tensor,
+        input: &Input,
         mut cache: Option<&mut KvCache>,
         mut hooks: Option<&mut Hooks>,
     ) -> Result<Output> {
