@@ -1,5 +1,5 @@
-//! Small file helpers: atomic writes, so that an interrupted run never leaves a half-written
-//! checkpoint or output behind.
+//! Small file helpers: atomic writes and directory swaps, so that an interrupted run never
+//! leaves a half-written checkpoint or output behind.
 
 use crate::{Error, Result};
 use std::io::Write;
@@ -39,6 +39,54 @@ pub fn atomic_replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
             Err(e)
         }
     }
+}
+
+/// Build the directory `path` atomically: `fill` writes the new contents into
+/// `<path>.tmp<PID>` (a leftover one is removed first); then the current `path`, if any, is
+/// renamed to `<path>.old`, the new one renamed into place, and `<path>.old` removed. The
+/// previous contents are replaced only once the new ones are complete; a swap interrupted
+/// between the two renames leaves `<path>.old`, which [`recover_dir`] puts back. On error the
+/// temporary directory is removed and `path` is untouched.
+pub fn atomic_dir(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = sibling(path, &format!("tmp{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = sibling(path, "old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    if path.exists() {
+        std::fs::rename(path, &old).map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// An [`atomic_dir`] swap interrupted between its two renames leaves `<path>.old` and no
+/// `path`: rename it back. Nothing to do otherwise.
+pub fn recover_dir(path: &Path) -> Result<()> {
+    let old = sibling(path, "old");
+    if !path.exists() && old.exists() {
+        std::fs::rename(&old, path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// `<path>.<suffix>`: `checkpoint` -> `checkpoint.old`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    path.with_file_name(name)
 }
 
 /// Make a file readable by everyone (`rw-r--r--`): some writers (safetensors) create files

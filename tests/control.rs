@@ -1,7 +1,9 @@
 //! Control on the tiny chat model: a step lowers the decoder's loss on its batch, lr 0 leaves
 //! the target unchanged, the per-layer variant touches only the LoRA of the layers it
-//! optimises (and a layer's loss reaches only its own LoRA), and bad control data is an error
-//! naming the file and item.
+//! optimises (and a layer's loss reaches only its own LoRA), bad control data is an error
+//! naming the file and item, and an interrupted run resumed from its checkpoint ends where an
+//! uninterrupted one does (plain and per-layer), with bad or mismatching checkpoints errors
+//! naming the file and no temporary directories left behind.
 
 mod common;
 
@@ -228,4 +230,270 @@ fn bad_control_data_names_the_file_and_item() {
     assert!(prompts
         .iter()
         .all(|p| !shipped.iter().any(|s| &s.instruction == p)));
+}
+
+/// Max |a - b| over all LoRA variables (the same names on both sides).
+fn max_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f32 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the adapters have different variables"
+    );
+    a.iter()
+        .flat_map(|(n, v)| v.iter().zip(&b[n]).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max)
+}
+
+fn losses(opt: &ControlOptimizer) -> Vec<(usize, f64)> {
+    opt.history().iter().map(|s| (s.step, s.loss)).collect()
+}
+
+fn metrics_losses(dir: &Path) -> Vec<(usize, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap() as usize,
+                v["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A run of the whole pass vs. one stopped after `stop` steps (checkpointed on the stop),
+/// dropped, resumed from its checkpoint and run to the end: same adapter, same losses.
+fn resumed_run_matches(cfg: ControlConfig, stop: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = decoder(tmp.path());
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut straight = ControlOptimizer::new(&d, control(), &instructions(), cfg.clone())
+        .unwrap()
+        .with_out_dir(&a)
+        .unwrap();
+    straight.run(|_| Ok(true)).unwrap();
+    let total = straight.total_steps();
+    assert!(total > stop, "{total} steps");
+
+    let mut first = ControlOptimizer::new(&d, control(), &instructions(), cfg.clone())
+        .unwrap()
+        .with_out_dir(&b)
+        .unwrap();
+    first.run(|s| Ok(s.step < stop)).unwrap();
+    assert_eq!(first.step_count(), stop);
+    let at_stop = snapshot(&first);
+    // a step after the checkpoint that the resumed run must forget (metrics included)
+    first.step().unwrap();
+    drop(first);
+    assert_eq!(metrics_losses(&b).len(), stop + 1);
+
+    let mut resumed = ControlOptimizer::resume(&d, control(), cfg, &b).unwrap();
+    assert_eq!(resumed.step_count(), stop);
+    assert_eq!(max_diff(&snapshot(&resumed), &at_stop), 0.0);
+    let kept = losses(&resumed);
+    assert_eq!(kept.len(), stop);
+    for ((s1, l1), (s2, l2)) in kept.iter().zip(&losses(&straight)) {
+        assert!(
+            s1 == s2 && (l1 - l2).abs() <= 1e-6,
+            "{s1} {l1} vs {s2} {l2}"
+        );
+    }
+    resumed.run(|_| Ok(true)).unwrap();
+    assert_eq!(resumed.step_count(), total);
+    let diff = max_diff(&snapshot(&straight), &snapshot(&resumed));
+    assert!(diff <= 1e-6, "adapters differ by {diff}");
+    // the adapter moved far more than that, so the comparison means something
+    let init = ControlOptimizer::new(&d, control(), &instructions(), config(0.0)).unwrap();
+    let moved = max_diff(&snapshot(&init), &snapshot(&straight));
+    assert!(moved > 1e-4, "the adapter moved by {moved} only");
+    let (ls, lr) = (losses(&straight), losses(&resumed));
+    assert_eq!(ls.len(), lr.len());
+    for ((s1, l1), (s2, l2)) in ls.iter().zip(&lr) {
+        assert_eq!(s1, s2);
+        assert!((l1 - l2).abs() <= 1e-6, "step {s1}: loss {l1} vs {l2}");
+    }
+    let (ma, mb) = (metrics_losses(&a), metrics_losses(&b));
+    assert_eq!(
+        ma.iter().map(|x| x.0).collect::<Vec<_>>(),
+        mb.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    for ((s, l1), (_, l2)) in ma.iter().zip(&mb) {
+        assert!((l1 - l2).abs() <= 1e-6, "metrics step {s}: {l1} vs {l2}");
+    }
+    // the final checkpoint is at the end of the pass
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"].as_u64().unwrap() as usize, total);
+}
+
+#[test]
+fn a_resumed_control_run_ends_where_an_uninterrupted_one_does() {
+    resumed_run_matches(config(3e-3), 2);
+}
+
+#[test]
+fn a_resumed_per_layer_control_run_ends_where_an_uninterrupted_one_does() {
+    let mut cfg = config(3e-3);
+    cfg.per_layer_loss = true;
+    resumed_run_matches(cfg, 1);
+}
+
+#[test]
+fn a_bad_or_mismatching_checkpoint_is_an_error_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = decoder(tmp.path());
+    let out = tmp.path().join("run");
+    let opt = ControlOptimizer::new(&d, control(), &instructions(), config(3e-3)).unwrap();
+    let e = opt.checkpoint().unwrap_err().to_string();
+    assert!(e.contains("output directory"), "{e}");
+    let mut opt = opt.with_out_dir(&out).unwrap();
+    opt.step().unwrap();
+    opt.checkpoint().unwrap();
+    drop(opt);
+    let state = out.join("checkpoint/state.json");
+
+    // another config (checkpoint_every aside, which may change)
+    let mut other = config(3e-3);
+    other.checkpoint_every = 7;
+    ControlOptimizer::resume(&d, control(), other, &out).unwrap();
+    let mut other = config(1e-3);
+    other.samples = 6;
+    let e = ControlOptimizer::resume(&d, control(), other, &out)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("state.json") && e.contains("lr") && e.contains("samples"),
+        "{e}"
+    );
+    // another control
+    let mut c = control();
+    c.qa[1].1 = "woof".into();
+    let e = ControlOptimizer::resume(&d, c, config(3e-3), &out)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("state.json") && e.contains("control"), "{e}");
+    // another base model
+    let d2 = decoder(&tmp.path().join("other"));
+    let e = ControlOptimizer::resume(&d2, control(), config(3e-3), &out)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("state.json") && e.contains(&d.target.name) && e.contains(&d2.target.name),
+        "{e}"
+    );
+    // a missing optimizer state names its file
+    let opt_file = out.join("checkpoint/optimizer.safetensors");
+    let saved = std::fs::read(&opt_file).unwrap();
+    std::fs::remove_file(&opt_file).unwrap();
+    let e = ControlOptimizer::resume(&d, control(), config(3e-3), &out)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("optimizer.safetensors"), "{e}");
+    std::fs::write(&opt_file, saved).unwrap();
+    // a corrupt or empty state.json
+    let good = std::fs::read(&state).unwrap();
+    for bad in ["{\"step\": 1, \"config\": ", "", "[]"] {
+        std::fs::write(&state, bad).unwrap();
+        let e = ControlOptimizer::resume(&d, control(), config(3e-3), &out)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("state.json"), "{bad:?}: {e}");
+    }
+    std::fs::write(&state, good).unwrap();
+    let r = ControlOptimizer::resume(&d, control(), config(3e-3), &out).unwrap();
+    assert_eq!(r.step_count(), 1);
+    // no checkpoint at all
+    let e = ControlOptimizer::resume(&d, control(), config(3e-3), &tmp.path().join("none"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("state.json"), "{e}");
+}
+
+#[test]
+fn checkpoint_swaps_leave_no_temporary_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = decoder(tmp.path());
+    let out = tmp.path().join("run");
+    let mut cfg = config(3e-3);
+    cfg.checkpoint_every = 1;
+    let mut opt = ControlOptimizer::new(&d, control(), &instructions(), cfg.clone())
+        .unwrap()
+        .with_out_dir(&out)
+        .unwrap();
+    let mut steps_seen = Vec::new();
+    opt.run(|s| {
+        // the checkpoint of the step before is in place while a step runs
+        let st = std::fs::read_to_string(out.join("checkpoint/state.json")).ok();
+        steps_seen.push(st.map(|t| {
+            serde_json::from_str::<serde_json::Value>(&t).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        }));
+        assert_eq!(s.step, steps_seen.len());
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(steps_seen, [None, Some(1), Some(2), Some(3)]);
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&out), ["checkpoint", "loss.svg", "metrics.jsonl"]);
+    assert_eq!(
+        names(&out.join("checkpoint")),
+        ["adapter", "optimizer.safetensors", "state.json"]
+    );
+    assert!(names(&out.join("checkpoint/adapter"))
+        .iter()
+        .all(|n| !n.starts_with('.')));
+
+    // a failed write leaves the checkpoint as it was and no temporary directory
+    let ck = out.join("checkpoint");
+    let before = std::fs::read(ck.join("state.json")).unwrap();
+    let e = lqa::util::atomic_dir(&ck, |t| {
+        std::fs::write(t.join("state.json"), "half").unwrap();
+        Err(lqa::Error::invalid("disk full"))
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("disk full"));
+    assert_eq!(std::fs::read(ck.join("state.json")).unwrap(), before);
+    assert_eq!(names(&out), ["checkpoint", "loss.svg", "metrics.jsonl"]);
+
+    // a swap interrupted between its renames (only checkpoint.old) is recovered on resume
+    std::fs::rename(&ck, out.join("checkpoint.old")).unwrap();
+    let r = ControlOptimizer::resume(&d, control(), cfg.clone(), &out).unwrap();
+    assert_eq!(r.step_count(), 4);
+    assert!(r.is_done());
+    assert_eq!(names(&out), ["checkpoint", "loss.svg", "metrics.jsonl"]);
+
+    // per layer: one optimizer state per layer
+    cfg.per_layer_loss = true;
+    let out2 = tmp.path().join("run2");
+    let mut opt = ControlOptimizer::new(&d, control(), &instructions(), cfg)
+        .unwrap()
+        .with_out_dir(&out2)
+        .unwrap();
+    opt.step().unwrap();
+    opt.checkpoint().unwrap();
+    assert_eq!(
+        names(&out2.join("checkpoint")),
+        [
+            "adapter",
+            "optimizer-layer0.safetensors",
+            "optimizer-layer1.safetensors",
+            "state.json"
+        ]
+    );
 }

@@ -1,6 +1,8 @@
 //! Reading and control from scripts, on the tiny chat model with a random decoder adapter:
 //! `d.ask` / `d.read_table` shapes, `table`, question and dialog files checked item by item,
-//! and a control run whose saved adapter loads with `load_model(..., #{adapter: dir})`.
+//! a control run whose saved adapter loads with `load_model(..., #{adapter: dir})`, and a
+//! control run stopped early and resumed with `resume: true` that ends where a straight one
+//! does.
 
 mod common;
 
@@ -248,4 +250,72 @@ fn a_control_run_saves_an_adapter_that_loads_as_a_model() {
     assert!(e.contains("sampels"), "{e}");
     let e = f.eval_err(r#"control_optimizer(m, d, #{control: "no_such_control"})"#);
     assert!(e.contains("no_such_control"), "{e}");
+}
+
+#[test]
+fn a_control_run_resumes_from_its_checkpoint() {
+    let f = fixture();
+    let control = f.write(
+        "ctl.json",
+        r#"{"be a cat": [["who is the assistant?", "a cat"], ["what will it say?", "meow"]]}"#,
+    );
+    let prompts = f.write(
+        "ins.jsonl",
+        "{\"instruction\": \"name a color\", \"response\": \"blue\"}\n\
+         {\"instruction\": \"say hi\", \"response\": \"hi there\"}\n",
+    );
+    let (a, b) = (f.dir.join("straight"), f.dir.join("resumed"));
+    let cfg = format!(
+        r#"control: {control:?}, prompts: {prompts:?}, samples: 6, batch_size: 2, lr: 0.01,
+           r: 4, lora_alpha: 8.0, layers_to_optimize: [0, 1]"#
+    );
+    let code = format!(
+        r#"let a = control_optimizer(m, d, #{{{cfg}, out_dir: {a:?}}});
+           a.run();
+           // no checkpoint yet: resume starts a new run
+           let b = control_optimizer(m, d, #{{{cfg}, out_dir: {b:?}, resume: true}});
+           let fresh = b.info().step;
+           b.on_step(|s| s.step < 1);
+           b.run();
+           let path = b.checkpoint();
+           let b = control_optimizer(m, d, #{{{cfg}, out_dir: {b:?}, resume: true}});
+           let at = b.info().step;
+           b.run();
+           let p = "<|im_start|>user\nhello";
+           let diff = (a.steered().logits(p) - b.steered().logits(p)).norm();
+           let moved = (a.steered().logits(p) - m.logits(p)).norm();
+           [fresh, at, b.info().step, diff, moved, path]"#,
+        a = a.to_str().unwrap(),
+        b = b.to_str().unwrap(),
+    );
+    let v = f.eval(&code).into_array().unwrap();
+    assert_eq!(v[0].as_int().unwrap(), 0);
+    assert_eq!(v[1].as_int().unwrap(), 1);
+    assert_eq!(v[2].as_int().unwrap(), 3);
+    let (diff, moved) = (v[3].as_float().unwrap(), v[4].as_float().unwrap());
+    assert!(diff <= 1e-6, "the resumed run ends {diff} away");
+    assert!(moved > 1e-3, "steering changed nothing ({moved})");
+    let path = v[5].clone().into_string().unwrap();
+    assert!(path.ends_with("checkpoint"), "{path}");
+    assert!(b.join("checkpoint/state.json").exists());
+
+    // a different config is a script error naming state.json, at the call
+    let e = f.eval_err(&format!(
+        r#"
+           control_optimizer(m, d, #{{{cfg}, seed: 7, out_dir: {b:?}, resume: true}})"#,
+        b = b.to_str().unwrap()
+    ));
+    assert!(e.contains("state.json") && e.contains("seed"), "{e}");
+    assert!(
+        e.starts_with("<eval>:2:"),
+        "the error has the call's position: {e}"
+    );
+    let e = f.eval_err(&format!(
+        r#"control_optimizer(m, d, #{{{cfg}, resume: true}})"#
+    ));
+    assert!(e.contains("out_dir"), "{e}");
+    let e = f.eval_err(&format!(
+        r#"control_optimizer(m, d, #{{{cfg}}}).checkpoint()"#
+    ));
+    assert!(e.contains("output directory"), "{e}");
 }

@@ -10,6 +10,7 @@ use crate::chat::Message;
 use crate::latentqa::{ReadDialog, VerbMask};
 use crate::lit::data::SplitMix64;
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,7 @@ pub struct Instruction {
 }
 
 /// One training sample: what the target reads, and which QA pair of the control is asked.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ControlSample {
     pub read: ReadDialog,
     pub qa: usize,

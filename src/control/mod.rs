@@ -4,8 +4,8 @@
 //! activations into a LoRA on the target.
 //!
 //! - [`data`]: controls files, instruction sets, evaluation prompts, and the samples;
-//! - [`ControlOptimizer`]: the optimizer (`steer` and the per-layer variant), checkpoints,
-//!   metrics, the loss curve, the steered adapter.
+//! - [`ControlOptimizer`]: the optimizer (`steer` and the per-layer variant), atomic
+//!   checkpoints that resume exactly, metrics, the loss curve, the steered adapter.
 
 pub mod data;
 
@@ -22,7 +22,7 @@ use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Input, Llama, Logits};
-use crate::util::atomic_write;
+use crate::util::{atomic_dir, atomic_write, recover_dir};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use data::{Control, ControlSample, Instruction};
@@ -59,6 +59,14 @@ pub struct ControlConfig {
     pub seed: u64,
     /// Samples whose read + decoder prompts exceed this many tokens are skipped.
     pub max_tokens: usize,
+    /// [`ControlOptimizer::run`] writes a checkpoint every this many steps (0: only at the end
+    /// and on an early stop) when the run has an output directory.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+}
+
+fn default_checkpoint_every() -> usize {
+    25
 }
 
 impl Default for ControlConfig {
@@ -77,6 +85,7 @@ impl Default for ControlConfig {
             per_layer_loss: false,
             seed: 42,
             max_tokens: 1024,
+            checkpoint_every: default_checkpoint_every(),
         }
     }
 }
@@ -141,6 +150,68 @@ pub struct ControlStats {
     pub seconds: f64,
 }
 
+/// `state.json` of a control checkpoint: what a resumed run must rebuild exactly.
+#[derive(Serialize, Deserialize)]
+struct ControlState {
+    step: usize,
+    base_model: String,
+    /// The control's prompt, file and QA pairs.
+    control: String,
+    control_file: PathBuf,
+    qa: Vec<(String, String)>,
+    read_layer: usize,
+    write_layer: usize,
+    config: ControlConfig,
+    /// The samples as chosen (before the token limit), in order.
+    samples: Vec<ControlSample>,
+}
+
+/// The checkpoint directory of a run writing to `out`.
+fn ckpt_dir(out: &Path) -> PathBuf {
+    out.join("checkpoint")
+}
+
+/// An optimizer's state file in a checkpoint: one for the whole adapter, or one per layer.
+fn optimizer_file(layer: Option<usize>) -> String {
+    match layer {
+        None => "optimizer.safetensors".into(),
+        Some(l) => format!("optimizer-layer{l}.safetensors"),
+    }
+}
+
+/// The fields in which a checkpoint's config differs from the one asked for (as
+/// `field: checkpoint X, asked Y`), `checkpoint_every` aside. Numbers are compared to 1e-12
+/// (relative): JSON need not give back the last bit of a float.
+fn config_differences(saved: &ControlConfig, asked: &ControlConfig) -> Vec<String> {
+    use serde_json::Value;
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                _ => x == y,
+            },
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            _ => a == b,
+        }
+    }
+    let (a, b) = (
+        serde_json::to_value(saved).expect("json"),
+        serde_json::to_value(asked).expect("json"),
+    );
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return vec!["the config is not an object".into()];
+    };
+    a.iter()
+        .filter(|(k, _)| k.as_str() != "checkpoint_every")
+        .filter_map(|(k, v)| {
+            let w = b.get(k).unwrap_or(&Value::Null);
+            (!same(v, w)).then(|| format!("{k}: checkpoint {v}, asked {w}"))
+        })
+        .collect()
+}
+
 /// A prepared sample.
 #[derive(Clone)]
 struct Prepared {
@@ -160,11 +231,13 @@ pub struct ControlOptimizer {
     /// One optimizer over all LoRA variables, or one per optimised layer.
     opts: Vec<(Option<usize>, AdamW)>,
     samples: Vec<Prepared>,
+    /// The samples as chosen (saved in checkpoints).
+    chosen: Vec<ControlSample>,
     read_layers: (usize, usize),
     write_layer: usize,
     step: usize,
     history: Vec<ControlStats>,
-    /// Where metrics and the plot go, when set.
+    /// Where metrics, the plot and checkpoints go, when set.
     out_dir: Option<PathBuf>,
 }
 
@@ -201,6 +274,17 @@ impl ControlOptimizer {
         chosen: &[ControlSample],
         config: ControlConfig,
     ) -> Result<Self> {
+        Self::build(decoder, control, chosen.to_vec(), config, None)
+    }
+
+    /// Set up a run on `chosen`, with a fresh LoRA or the one saved in `adapter_dir`.
+    fn build(
+        decoder: &Decoder,
+        control: Control,
+        chosen: Vec<ControlSample>,
+        config: ControlConfig,
+        adapter_dir: Option<&Path>,
+    ) -> Result<Self> {
         let target = decoder.target.clone();
         let n_layers = target.model.n_layers();
         let lora = config.lora_config(n_layers)?;
@@ -216,7 +300,34 @@ impl ControlOptimizer {
             )));
         }
         let mut steered = target.model.clone();
-        let adapter = Adapter::new(&steered, lora, config.seed)?;
+        let adapter = match adapter_dir {
+            None => Adapter::new(&steered, lora, config.seed)?,
+            Some(dir) => {
+                let a = Adapter::load_peft(dir, &steered)?;
+                let (got, want) = (&a.config, &lora);
+                let modules = |c: &LoraConfig| c.module_names(n_layers);
+                if got.r != want.r
+                    || modules(got) != modules(want)
+                    || got.use_rslora != want.use_rslora
+                    || (got.scale() - want.scale()).abs() > 1e-12 * want.scale().abs()
+                {
+                    return Err(Error::bad_file(
+                        dir.join("adapter_config.json"),
+                        format!(
+                            "the saved LoRA (r {}, alpha {}, {} modules) is not the one the \
+                             config asks for (r {}, alpha {}, {} modules)",
+                            got.r,
+                            got.lora_alpha,
+                            modules(got).len(),
+                            want.r,
+                            want.lora_alpha,
+                            modules(want).len()
+                        ),
+                    ));
+                }
+                a
+            }
+        };
         adapter.attach(&mut steered)?;
         let params = AdamWParams {
             lr: config.lr,
@@ -239,7 +350,7 @@ impl ControlOptimizer {
         };
         let template = target.template()?;
         let mut samples = Vec::with_capacity(chosen.len());
-        for s in chosen {
+        for s in &chosen {
             if s.qa >= control.qa.len() {
                 return Err(Error::invalid(format!(
                     "a sample asks QA pair {} of a control with {}",
@@ -266,6 +377,7 @@ impl ControlOptimizer {
             adapter,
             opts,
             samples,
+            chosen,
             read_layers: (read_layer, read_layer),
             write_layer,
             step: 0,
@@ -306,6 +418,151 @@ impl ControlOptimizer {
         Ok(self)
     }
 
+    /// Continue the run checkpointed in `out_dir` (`out_dir/checkpoint/`, recovered from
+    /// `checkpoint.old` if a swap was interrupted): the same samples in the same order, the
+    /// saved adapter and optimizer state, the step; metrics up to the checkpoint are kept and
+    /// what followed it is dropped (the resumed run rewrites it). `control` and `config` must
+    /// be those of the checkpointed run (`checkpoint_every` may differ); the decoder must read
+    /// the same base model.
+    pub fn resume(
+        decoder: &Decoder,
+        control: Control,
+        config: ControlConfig,
+        out_dir: &Path,
+    ) -> Result<Self> {
+        let ck = ckpt_dir(out_dir);
+        recover_dir(&ck)?;
+        let p = ck.join("state.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let state: ControlState = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&p, format!("not a control checkpoint state: {e}")))?;
+        if state.base_model != decoder.target.name {
+            return Err(Error::bad_file(
+                &p,
+                format!(
+                    "the checkpoint steers `{}`, this decoder reads `{}`",
+                    state.base_model, decoder.target.name
+                ),
+            ));
+        }
+        if state.control != control.prompt || state.qa != control.qa {
+            return Err(Error::bad_file(
+                &p,
+                format!(
+                    "the checkpoint is of the control `{}` ({}), not `{}` ({})",
+                    state.control,
+                    state.control_file.display(),
+                    control.prompt,
+                    control.file.display()
+                ),
+            ));
+        }
+        let diff = config_differences(&state.config, &config);
+        if !diff.is_empty() {
+            return Err(Error::bad_file(
+                &p,
+                format!(
+                    "the checkpoint was made with another config: {}",
+                    diff.join("; ")
+                ),
+            ));
+        }
+        let mut opt = Self::build(
+            decoder,
+            control,
+            state.samples,
+            config,
+            Some(&ck.join("adapter")),
+        )?;
+        if (opt.read_layers.0, opt.write_layer) != (state.read_layer, state.write_layer) {
+            return Err(Error::bad_file(
+                &p,
+                format!(
+                    "the checkpoint reads layer {} and writes layer {}, this decoder {} and {}",
+                    state.read_layer, state.write_layer, opt.read_layers.0, opt.write_layer
+                ),
+            ));
+        }
+        for (layer, o) in opt.opts.iter_mut() {
+            o.load(&ck.join(optimizer_file(*layer)))?;
+        }
+        opt.step = state.step;
+        // keep the metrics up to the checkpoint: the resumed run rewrites what follows
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let metrics = out_dir.join("metrics.jsonl");
+        if metrics.exists() {
+            let text = std::fs::read_to_string(&metrics).map_err(|e| Error::io(&metrics, e))?;
+            opt.history = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<ControlStats>(l).ok())
+                .filter(|s| s.step <= state.step)
+                .collect();
+        }
+        let kept: String = opt
+            .history
+            .iter()
+            .map(|s| serde_json::to_string(s).expect("json") + "\n")
+            .collect();
+        atomic_write(&metrics, kept.as_bytes())?;
+        opt.out_dir = Some(out_dir.to_path_buf());
+        tracing::info!(
+            "resumed the control run in {} at step {}",
+            out_dir.display(),
+            opt.step
+        );
+        Ok(opt)
+    }
+
+    /// The checkpoint in `out_dir`, if there is one (a swap interrupted between its renames is
+    /// recovered first).
+    pub fn find_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+        let ck = ckpt_dir(out_dir);
+        recover_dir(&ck)?;
+        Ok(ck.join("state.json").exists().then_some(ck))
+    }
+
+    /// Write a checkpoint into `out_dir/checkpoint/` atomically (the previous one is replaced
+    /// only once the new one is complete): the adapter (f32 PEFT), every optimizer's state
+    /// (`optimizer.safetensors`, or `optimizer-layer{L}.safetensors` per layer) and
+    /// `state.json` (step, config, control, samples, base model).
+    pub fn checkpoint(&self) -> Result<PathBuf> {
+        let out = self.out_dir.as_deref().ok_or_else(|| {
+            Error::invalid(
+                "cannot checkpoint a control run without an output directory \
+                 (with_out_dir, or `out_dir` in the script's config)",
+            )
+        })?;
+        let ck = ckpt_dir(out);
+        atomic_dir(&ck, |tmp| {
+            self.adapter.save_peft(
+                &tmp.join("adapter"),
+                &self.target.name,
+                candle_core::DType::F32,
+            )?;
+            for (layer, opt) in &self.opts {
+                opt.save(&tmp.join(optimizer_file(*layer)))?;
+            }
+            let state = ControlState {
+                step: self.step,
+                base_model: self.target.name.clone(),
+                control: self.control.prompt.clone(),
+                control_file: self.control.file.clone(),
+                qa: self.control.qa.clone(),
+                read_layer: self.read_layers.0,
+                write_layer: self.write_layer,
+                config: self.config.clone(),
+                samples: self.chosen.clone(),
+            };
+            atomic_write(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(&state)
+                    .expect("json")
+                    .as_bytes(),
+            )
+        })?;
+        Ok(ck)
+    }
+
     /// Steps in one pass over the samples (the paper's run length).
     pub fn total_steps(&self) -> usize {
         self.samples.len() / self.config.batch_size
@@ -334,6 +591,10 @@ impl ControlOptimizer {
     }
     pub fn target(&self) -> &Arc<LanguageModel> {
         &self.target
+    }
+    /// Where metrics, the plot and checkpoints go, when set.
+    pub fn out_dir(&self) -> Option<&Path> {
+        self.out_dir.as_deref()
     }
 
     fn loss_config(&self, read_layer: usize) -> LossConfig {
@@ -487,15 +748,27 @@ impl ControlOptimizer {
         Ok(path)
     }
 
-    /// Run to the end of the pass; `on_step` may return `false` to stop early.
+    /// Run to the end of the pass; `on_step` may return `false` to stop early. With an output
+    /// directory, a checkpoint is written every `checkpoint_every` steps, on an early stop and
+    /// at the end.
     pub fn run(&mut self, mut on_step: impl FnMut(&ControlStats) -> Result<bool>) -> Result<()> {
+        let mut saved_at = None;
         while !self.is_done() {
             let stats = self.step()?;
-            if !on_step(&stats)? {
+            let go_on = on_step(&stats)?;
+            let every = self.config.checkpoint_every;
+            if self.out_dir.is_some() && every > 0 && stats.step % every == 0 {
+                self.checkpoint()?;
+                saved_at = Some(self.step);
+            }
+            if !go_on {
                 break;
             }
         }
         if let Some(dir) = self.out_dir.clone() {
+            if saved_at != Some(self.step) {
+                self.checkpoint()?;
+            }
             self.plot(&dir)?;
         }
         Ok(())

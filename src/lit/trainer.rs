@@ -13,7 +13,7 @@ use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Dropout, Llama};
-use crate::util::atomic_write;
+use crate::util::{atomic_dir, atomic_write, recover_dir};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -186,7 +186,8 @@ impl Trainer {
     pub fn new(target: Arc<LanguageModel>, config: TrainConfig, resume: bool) -> Result<Self> {
         let ck = ckpt_dir(&config.out_dir);
         let state: Option<TrainState> = if resume {
-            Self::recover_checkpoint(&config.out_dir)?;
+            // a checkpoint swap interrupted between its two renames leaves `checkpoint.old`
+            recover_dir(&ck)?;
             if ck.join("state.json").exists() {
                 let p = ck.join("state.json");
                 let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
@@ -327,16 +328,6 @@ impl Trainer {
             total_steps,
             history,
         })
-    }
-
-    /// A checkpoint swap interrupted between its two renames leaves `checkpoint.old`: use it.
-    fn recover_checkpoint(out: &Path) -> Result<()> {
-        let ck = ckpt_dir(out);
-        let old = out.join("checkpoint.old");
-        if !ck.exists() && old.exists() {
-            std::fs::rename(&old, &ck).map_err(|e| Error::io(&ck, e))?;
-        }
-        Ok(())
     }
 
     pub fn step_count(&self) -> usize {
@@ -543,48 +534,33 @@ impl Trainer {
     /// Write a checkpoint atomically: adapter (f32), optimizer, EMA, state. The previous
     /// checkpoint is replaced only once the new one is complete.
     pub fn checkpoint(&self) -> Result<PathBuf> {
-        let out = &self.config.out_dir;
-        let tmp = out.join(format!("checkpoint.tmp{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.adapter.save_peft(
-            &tmp.join("adapter"),
-            &self.target.name,
-            candle_core::DType::F32,
-        )?;
-        self.opt.save(&tmp.join("optimizer.safetensors"))?;
-        if let Some(e) = &self.ema {
-            let p = tmp.join("ema.safetensors");
-            candle_core::safetensors::save(&e.state_tensors(), &p)
-                .map_err(|e| Error::bad_file(&p, e))?;
-        }
-        let state = TrainState {
-            step: self.step,
-            next: self.next,
-            config: self.config.clone(),
-            split: self.split.clone(),
-            base_model: self.target.name.clone(),
-        };
-        atomic_write(
-            &tmp.join("state.json"),
-            serde_json::to_string_pretty(&state)
-                .expect("json")
-                .as_bytes(),
-        )?;
-        let ck = ckpt_dir(out);
-        let old = out.join("checkpoint.old");
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        if ck.exists() {
-            std::fs::rename(&ck, &old).map_err(|e| Error::io(&ck, e))?;
-        }
-        std::fs::rename(&tmp, &ck).map_err(|e| Error::io(&ck, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
+        let ck = ckpt_dir(&self.config.out_dir);
+        atomic_dir(&ck, |tmp| {
+            self.adapter.save_peft(
+                &tmp.join("adapter"),
+                &self.target.name,
+                candle_core::DType::F32,
+            )?;
+            self.opt.save(&tmp.join("optimizer.safetensors"))?;
+            if let Some(e) = &self.ema {
+                let p = tmp.join("ema.safetensors");
+                candle_core::safetensors::save(&e.state_tensors(), &p)
+                    .map_err(|e| Error::bad_file(&p, e))?;
+            }
+            let state = TrainState {
+                step: self.step,
+                next: self.next,
+                config: self.config.clone(),
+                split: self.split.clone(),
+                base_model: self.target.name.clone(),
+            };
+            atomic_write(
+                &tmp.join("state.json"),
+                serde_json::to_string_pretty(&state)
+                    .expect("json")
+                    .as_bytes(),
+            )
+        })?;
         Ok(ck)
     }
 

@@ -1,11 +1,13 @@
 //! The `ControlOptimizer` script object: `control_optimizer(target, decoder, config)` with
-//! `step()`, `run()`, `save(dir)`, `steered()`, `info()` and an `on_step` callback.
+//! `step()`, `run()`, `checkpoint()`, `save(dir)`, `steered()`, `info()` and an `on_step`
+//! callback.
 //!
 //! `config` keys: `control` (a name in `controls/` or a path), `prompts` (an instruction set,
-//! default `data/instructions.json`), `out_dir` (metrics and loss curve), and the fields of
-//! [`ControlConfig`] (`samples`, `batch_size`, `lr`, `lora_modules`, `r`, `lora_alpha`,
-//! `lora_dropout`, `layers_to_optimize`, `read_layer`, `write_layer`, `per_layer_loss`, `seed`,
-//! `max_tokens`).
+//! default `data/instructions.json`), `out_dir` (metrics, loss curve, checkpoints), `resume`
+//! (`true`: continue the run checkpointed in `out_dir`, or start a new one when there is no
+//! checkpoint), and the fields of [`ControlConfig`] (`samples`, `batch_size`, `lr`,
+//! `lora_modules`, `r`, `lora_alpha`, `lora_dropout`, `layers_to_optimize`, `read_layer`,
+//! `write_layer`, `per_layer_loss`, `seed`, `max_tokens`, `checkpoint_every`).
 
 use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
@@ -59,6 +61,7 @@ struct Parsed {
     control: PathBuf,
     prompts: PathBuf,
     out_dir: Option<PathBuf>,
+    resume: bool,
 }
 
 fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
@@ -76,6 +79,18 @@ fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
         .ok_or_else(|| ctx_err(ctx, "the config needs `control` (a controls name or file)"))?;
     let prompts = take_str("prompts")?.map(PathBuf::from);
     let out_dir = take_str("out_dir")?.map(PathBuf::from);
+    let resume = match map.remove("resume") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .map_err(|t| ctx_err(ctx, format!("`resume` is a {t}, expected true or false")))?,
+    };
+    if resume && out_dir.is_none() {
+        return Err(ctx_err(
+            ctx,
+            "`resume: true` needs `out_dir` (where the run's checkpoint is)",
+        ));
+    }
     let user = dynamic_to_json(&Dynamic::from_map(map), "config").map_err(|e| ctx_err(ctx, e))?;
     let mut base = serde_json::to_value(ControlConfig::default()).expect("json");
     let (Some(b), Some(u)) = (base.as_object_mut(), user.as_object()) else {
@@ -84,7 +99,7 @@ fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
     for (k, v) in u {
         if !b.contains_key(k) {
             let mut known: Vec<&str> = b.keys().map(String::as_str).collect();
-            known.extend(["control", "prompts", "out_dir"]);
+            known.extend(["control", "prompts", "out_dir", "resume"]);
             return Err(ctx_err(
                 ctx,
                 format!("unknown control option `{k}` (known: {})", known.join(", ")),
@@ -99,6 +114,7 @@ fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
         control: control_path(&control),
         prompts: prompts.unwrap_or_else(default_prompts),
         out_dir,
+        resume,
     })
 }
 
@@ -133,12 +149,27 @@ pub fn register(engine: &mut Engine) {
                 ));
             }
             let control = Control::load(&p.control).at(&ctx)?;
-            let instructions = load_instructions(&p.prompts).at(&ctx)?;
-            let mut opt =
-                ControlOptimizer::new(&decoder.0, control, &instructions, p.config).at(&ctx)?;
-            if let Some(d) = &p.out_dir {
-                opt = opt.with_out_dir(d).at(&ctx)?;
-            }
+            let checkpoint = match (&p.out_dir, p.resume) {
+                (Some(d), true) => ControlOptimizer::find_checkpoint(d).at(&ctx)?,
+                _ => None,
+            };
+            let opt = match (&p.out_dir, checkpoint) {
+                (Some(d), Some(_)) => {
+                    ControlOptimizer::resume(&decoder.0, control, p.config, d).at(&ctx)?
+                }
+                (d, _) => {
+                    if let (Some(d), true) = (d, p.resume) {
+                        tracing::warn!("no checkpoint in {}: starting a new run", d.display());
+                    }
+                    let instructions = load_instructions(&p.prompts).at(&ctx)?;
+                    let opt = ControlOptimizer::new(&decoder.0, control, &instructions, p.config)
+                        .at(&ctx)?;
+                    match d {
+                        Some(d) => opt.with_out_dir(d).at(&ctx)?,
+                        None => opt,
+                    }
+                }
+            };
             Ok(ScriptControl {
                 inner: Arc::new(Mutex::new(opt)),
                 on_step: None,
@@ -179,6 +210,13 @@ pub fn register(engine: &mut Engine) {
                 return Err(e);
             }
             res.at(&ctx)
+        },
+    );
+    engine.register_fn(
+        "checkpoint",
+        |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<String> {
+            let path = lock(&ctx, c)?.checkpoint().at(&ctx)?;
+            Ok(path.display().to_string())
         },
     );
     engine.register_fn(
