@@ -211,15 +211,16 @@ impl Adapter {
         for name in m.linear_names() {
             if let Some(l) = m.linear_mut(&name) {
                 if let Some(w) = l.lora.take() {
-                    let dt = l.weight.dtype();
                     // detached: a weight computed from variables would carry their graph
                     // into every forward (keeping all activations alive) and keep `delta`
                     let a = w.a.as_tensor().detach().to_dtype(DType::F32)?;
                     let b = w.b.as_tensor().detach().to_dtype(DType::F32)?;
                     let delta = (b.matmul(&a)? * w.scale)?;
-                    l.weight = (l.weight.to_dtype(DType::F32)? + delta)?
-                        .to_dtype(dt)?
-                        .detach();
+                    l.map_weight(|wt| {
+                        (wt.to_dtype(DType::F32)? + &delta)?
+                            .to_dtype(wt.dtype())
+                            .map(|t| t.detach())
+                    })?;
                 }
             }
         }

@@ -233,9 +233,9 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
-        let g = self.gate.forward_t(x, dropout)?.silu()?;
+        let g = self.gate.forward_t(x, dropout)?;
         let u = self.up.forward_t(x, dropout)?;
-        Ok(self.down.forward_t(&(g * u)?, dropout)?)
+        Ok(self.down.forward_t(&ops::silu_mul(&g, &u)?, dropout)?)
     }
 }
 
@@ -273,7 +273,7 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::new(w, b).with_uid(name))
+            Ok(Linear::new_transposed(w, b)?.with_uid(name))
         };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -416,7 +416,7 @@ impl Llama {
         }
         let lin = self.linear(module)?;
         match kind {
-            "weight" => Some(lin.weight.clone()),
+            "weight" => lin.weight().ok(),
             "bias" => lin.bias.clone(),
             _ => None,
         }
