@@ -47,10 +47,7 @@ const QUESTIONS: [&str; 4] = [
 ];
 
 fn main() -> anyhow::Result<()> {
-    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
-    lqa::util::tune_allocator();
-    lqa::threads::init();
-    lqa::threads::install(bench)
+    common::main(bench)
 }
 
 fn bench() -> anyhow::Result<()> {

@@ -24,10 +24,7 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
-    lqa::util::tune_allocator();
-    lqa::threads::init();
-    lqa::threads::install(bench)
+    common::main(bench)
 }
 
 fn bench() -> anyhow::Result<()> {

@@ -38,10 +38,7 @@ fn d_len(lm: &lqa::lm::LanguageModel, d: &[Message]) -> anyhow::Result<usize> {
 }
 
 fn main() -> anyhow::Result<()> {
-    // as the lqa binary does: tuned malloc, and the work runs on the compute pool
-    lqa::util::tune_allocator();
-    lqa::threads::init();
-    lqa::threads::install(bench)
+    common::main(bench)
 }
 
 fn bench() -> anyhow::Result<()> {

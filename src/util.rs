@@ -23,6 +23,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Write `value` as pretty JSON to `path` atomically.
+pub fn atomic_write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::bad_file(path, e))?;
+    atomic_write(path, text.as_bytes())
+}
+
 /// Let `write` fill a temporary file, then rename it over `path`. On error the temporary file
 /// is removed and `path` is untouched.
 pub fn atomic_replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {

@@ -55,3 +55,10 @@ pub fn rounded(times: &[f64]) -> Vec<f64> {
         .map(|t| (t * 1000.0).round() / 1000.0)
         .collect()
 }
+
+/// Run a benchmark as the lqa binary runs a script: tuned malloc, on the compute pool.
+pub fn main(bench: fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    lqa::util::tune_allocator();
+    lqa::threads::init();
+    lqa::threads::install(bench)
+}

@@ -22,7 +22,7 @@ use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Input, Llama, Logits};
-use crate::util::{atomic_dir, atomic_write, recover_dir};
+use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use data::{Control, ControlSample, Instruction};
@@ -553,12 +553,7 @@ impl ControlOptimizer {
                 config: self.config.clone(),
                 samples: self.chosen.clone(),
             };
-            atomic_write(
-                &tmp.join("state.json"),
-                serde_json::to_string_pretty(&state)
-                    .expect("json")
-                    .as_bytes(),
-            )
+            atomic_write_json(&tmp.join("state.json"), &state)
         })?;
         Ok(ck)
     }
@@ -786,11 +781,6 @@ impl ControlOptimizer {
             "config": self.config,
             "steps": self.step,
         });
-        atomic_write(
-            &dir.join("lqa_control.json"),
-            serde_json::to_string_pretty(&meta)
-                .expect("json")
-                .as_bytes(),
-        )
+        atomic_write_json(&dir.join("lqa_control.json"), &meta)
     }
 }

@@ -13,7 +13,7 @@ use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Dropout, Llama};
-use crate::util::{atomic_dir, atomic_write, recover_dir};
+use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -554,12 +554,7 @@ impl Trainer {
                 split: self.split.clone(),
                 base_model: self.target.name.clone(),
             };
-            atomic_write(
-                &tmp.join("state.json"),
-                serde_json::to_string_pretty(&state)
-                    .expect("json")
-                    .as_bytes(),
-            )
+            atomic_write_json(&tmp.join("state.json"), &state)
         })?;
         Ok(ck)
     }
@@ -579,12 +574,7 @@ impl Trainer {
             read_layer: (self.config.min_read_layer + self.config.max_read_layer) / 2,
             write_layer: self.config.write_layer,
         };
-        atomic_write(
-            &dir.join(crate::latentqa::decoder::META_FILE),
-            serde_json::to_string_pretty(&meta)
-                .expect("json")
-                .as_bytes(),
-        )
+        atomic_write_json(&dir.join(crate::latentqa::decoder::META_FILE), &meta)
     }
 
     /// Train to the end: evaluation, checkpoints, metrics and plot on their schedules.
