@@ -271,7 +271,8 @@ fn gradients_flow_into_patched_activations() {
 
 #[test]
 fn f32_training_path_gradients_match_f64() {
-    // The f32 path uses the frozen-weight matmul op; its gradients must agree with f64 autograd.
+    // The f32 path runs the frozen weights through their own ops (packed microkernel matmuls on
+    // x86, the frozen-matmul op elsewhere); its gradients must agree with f64 autograd.
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 4);
     let mut grads = Vec::new();

@@ -6,6 +6,7 @@
 //! only the input's gradient: candle's matmul backward would also compute the (unused) gradient
 //! of every frozen weight, a third of a training step's work.
 
+use super::packed::{self, PackedWeight};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
 
@@ -20,15 +21,23 @@ pub struct LoraWeights {
     pub dropout: f64,
 }
 
+/// How a frozen weight is stored.
+#[derive(Clone, Debug)]
+enum Stored {
+    /// `[out, in]` as in HF checkpoints (the lm_head, which may share its storage with the
+    /// embedding table).
+    Hf(Tensor),
+    /// `[in, out]` (W^T, contiguous): gemm then reads the right-hand side row by row and skips
+    /// packing it (measured 5-10 % faster per matmul, 60 % for the narrow k/v projections).
+    /// Block projections where packing is not available (bf16, GPU, other CPUs).
+    Transposed(Tensor),
+    /// f32 block projections on x86 CPUs: packed once for gemm's microkernels.
+    Packed(PackedWeight),
+}
+
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// The frozen weight: `[in, out]` (W^T, contiguous) when `transposed`, which is how the
-    /// block projections are stored: gemm then reads the right-hand side row by row and
-    /// skips packing it (measured 5-10 % faster per matmul, 60 % for the narrow k/v
-    /// projections). `[out, in]` as in HF checkpoints otherwise (the lm_head, which may share
-    /// its storage with the embedding table).
-    w: Tensor,
-    transposed: bool,
+    w: Stored,
     pub bias: Option<Tensor>,
     pub lora: Option<Arc<LoraWeights>>,
     /// A stable id (from the module name) that seeds this layer's dropout masks.
@@ -109,24 +118,12 @@ impl CustomOp1 for FrozenMatmul {
         if k != k2 {
             candle_core::bail!("frozen-matmul: x is [{m}, {k}] but W is [{n}, {k2}]");
         }
-        let x = match storage {
-            CpuStorage::F32(v) => v,
-            _ => candle_core::bail!("frozen-matmul: only f32"),
-        };
-        let (xo, xo_end) = match layout.contiguous_offsets() {
-            Some(o) => o,
-            None => candle_core::bail!("frozen-matmul: x must be contiguous"),
-        };
-        let x = &x[xo..xo_end];
+        let x = f32_slice(storage, layout, "frozen-matmul")?;
         let (ws, wl) = self.w.storage_and_layout();
-        let w = match &*ws {
-            candle_core::Storage::Cpu(CpuStorage::F32(v)) => v,
-            _ => candle_core::bail!("frozen-matmul: W must be an f32 CPU tensor"),
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            candle_core::bail!("frozen-matmul: W must be a CPU tensor");
         };
-        let (wo, wo_end) = wl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: W not contiguous".into()))?;
-        let w = &w[wo..wo_end];
+        let w = f32_slice(ws, wl, "frozen-matmul (W)")?;
         let mut dst = vec![0f32; m * n];
         // W^T [k, n]: row stride, column stride
         let (rhs_rs, rhs_cs) = if self.transposed {
@@ -172,36 +169,107 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// Store an HF-layout weight `[out, in]` for fast matmuls (see [`Stored`]).
+fn store(weight: &Tensor) -> Result<Stored> {
+    match packed::kernel() {
+        Some(kernel) if weight.dtype() == DType::F32 && weight.device().is_cpu() => {
+            let (n, k) = weight.dims2()?;
+            let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Stored::Packed(PackedWeight::pack(&w, n, k, kernel)))
+        }
+        _ => Ok(Stored::Transposed(weight.t()?.contiguous()?)),
+    }
+}
+
+/// The f32 slice of a contiguous CPU tensor's storage.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        candle_core::bail!("{op}: only f32");
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&v[a..b])
+}
+
+/// `x @ W^T` with a packed frozen `W`; backward gives the gradient of `x` only.
+struct PackedMatmul(PackedWeight);
+
+impl CustomOp1 for PackedMatmul {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.0.k() {
+            candle_core::bail!("packed-matmul: x is [{m}, {k}] but W is {:?}", self.0);
+        }
+        let x = f32_slice(storage, layout, "packed-matmul")?;
+        let y = self.0.forward(x, m);
+        Ok((CpuStorage::F32(y), Shape::from((m, self.0.n()))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad_res
+                .contiguous()?
+                .apply_op1_no_bwd(&PackedMatmulGrad(self.0.clone()))?,
+        ))
+    }
+}
+
+/// `dy @ W` with a packed `W`: the input gradient of [`PackedMatmul`].
+struct PackedMatmulGrad(PackedWeight);
+
+impl CustomOp1 for PackedMatmulGrad {
+    fn name(&self) -> &'static str {
+        "packed-matmul-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = layout.shape().dims2()?;
+        if n != self.0.n() {
+            candle_core::bail!("packed-matmul-grad: dy is [{m}, {n}] but W is {:?}", self.0);
+        }
+        let dy = f32_slice(storage, layout, "packed-matmul-grad")?;
+        let dx = self.0.backward(dy, m);
+        Ok((CpuStorage::F32(dx), Shape::from((m, self.0.k()))))
+    }
+}
+
 impl Linear {
     /// A layer from an HF-layout weight `[out, in]`, kept as it is (shared storage stays
     /// shared).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
-            w: weight,
-            transposed: false,
+            w: Stored::Hf(weight),
             bias,
             lora: None,
             uid: 0,
         }
     }
 
-    /// A layer from an HF-layout weight `[out, in]`, stored transposed (see [`Linear`]).
-    pub fn new_transposed(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A layer from an HF-layout weight `[out, in]`, stored for fast matmuls: packed for the
+    /// CPU microkernels when it is f32 on a CPU that has them, transposed otherwise.
+    pub fn new_packed(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Linear {
-            w: weight.t()?.contiguous()?,
-            transposed: true,
+            w: store(&weight)?,
             bias,
             lora: None,
             uid: 0,
         })
     }
 
-    /// The weight in HF layout `[out, in]` (a transposed view when stored transposed).
+    /// The weight in HF layout `[out, in]` (a transposed view when stored transposed, a copy
+    /// when packed).
     pub fn weight(&self) -> Result<Tensor> {
-        if self.transposed {
-            self.w.t()
-        } else {
-            Ok(self.w.clone())
+        match &self.w {
+            Stored::Hf(w) => Ok(w.clone()),
+            Stored::Transposed(w) => w.t(),
+            Stored::Packed(p) => {
+                Tensor::from_vec(p.unpack(), (p.n(), p.k()), &candle_core::Device::Cpu)
+            }
         }
     }
 
@@ -217,10 +285,9 @@ impl Linear {
                 self.in_features()
             );
         }
-        self.w = if self.transposed {
-            w.t()?.contiguous()?
-        } else {
-            w
+        self.w = match self.w {
+            Stored::Hf(_) => Stored::Hf(w),
+            Stored::Transposed(_) | Stored::Packed(_) => store(&w)?,
         };
         Ok(())
     }
@@ -231,10 +298,18 @@ impl Linear {
     }
 
     pub fn out_features(&self) -> usize {
-        self.w.dims()[usize::from(self.transposed)]
+        match &self.w {
+            Stored::Hf(w) => w.dims()[0],
+            Stored::Transposed(w) => w.dims()[1],
+            Stored::Packed(p) => p.n(),
+        }
     }
     pub fn in_features(&self) -> usize {
-        self.w.dims()[usize::from(!self.transposed)]
+        match &self.w {
+            Stored::Hf(w) => w.dims()[1],
+            Stored::Transposed(w) => w.dims()[0],
+            Stored::Packed(p) => p.k(),
+        }
     }
 
     /// `x @ W^T + b (+ LoRA)` for `x` of shape `[..., in]`, inference (no dropout).
@@ -248,19 +323,30 @@ impl Linear {
         let k = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, k))?;
-        let frozen = x2.track_op()
-            && x2.dtype() == DType::F32
-            && self.w.dtype() == DType::F32
-            && self.w.device().is_cpu();
-        let mut y = if frozen {
-            x2.contiguous()?.apply_op1(FrozenMatmul {
-                w: self.w.contiguous()?,
-                transposed: self.transposed,
-            })?
-        } else if self.transposed {
-            x2.matmul(&self.w)?
-        } else {
-            x2.matmul(&self.w.t()?)?
+        let mut y = match &self.w {
+            Stored::Packed(p) if x2.dtype() == DType::F32 && x2.device().is_cpu() => {
+                x2.contiguous()?.apply_op1(PackedMatmul(p.clone()))?
+            }
+            Stored::Packed(_) => x2.matmul(
+                &self
+                    .weight()?
+                    .t()?
+                    .to_dtype(x2.dtype())?
+                    .to_device(x2.device())?,
+            )?,
+            Stored::Hf(w) | Stored::Transposed(w)
+                if x2.track_op()
+                    && x2.dtype() == DType::F32
+                    && w.dtype() == DType::F32
+                    && w.device().is_cpu() =>
+            {
+                x2.contiguous()?.apply_op1(FrozenMatmul {
+                    w: w.contiguous()?,
+                    transposed: matches!(self.w, Stored::Transposed(_)),
+                })?
+            }
+            Stored::Transposed(w) => x2.matmul(w)?,
+            Stored::Hf(w) => x2.matmul(&w.t()?)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

@@ -16,6 +16,7 @@
 pub mod kv_cache;
 pub mod linear;
 pub mod ops;
+pub mod packed;
 pub mod weights;
 
 use crate::config::LlamaConfig;
@@ -273,7 +274,7 @@ impl Llama {
             } else {
                 None
             };
-            Ok(Linear::new_transposed(w, b)?.with_uid(name))
+            Ok(Linear::new_packed(w, b)?.with_uid(name))
         };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

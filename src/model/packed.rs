@@ -1,0 +1,414 @@
+//! Frozen f32 weights packed once, at load time, for the CPU matmul microkernels.
+//!
+//! candle's CPU matmul (the gemm crate) computes `x @ W^T` as `y^T = W x^T`, and on every call
+//! and every thread it first copies ("packs") the weight into panels of `MR` output features
+//! laid out `[k][MR]`, so that its microkernel reads them sequentially. On the default model
+//! that copy was 13 % of a prefill, and both threads packed the whole weight. The weights of a
+//! frozen layer never change, so lqa packs them once and drives gemm's own microkernels over
+//! the packed panels: no packing at run time, and each thread reads only its share of the
+//! weight. The same panels serve the backward pass (`dx = dy @ W`) of training and control.
+//!
+//! Used for f32 weights on x86-64 CPUs with AVX2+FMA (AVX-512 when present); elsewhere the
+//! model keeps plain layouts and candle's matmul. `LQA_PACKED=0` turns packing off (for A/B
+//! measurements).
+
+use gemm_common::microkernel::MicroKernelFn;
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// Columns (tokens) per microkernel tile.
+const NR: usize = 6;
+/// Most of the reduction dimension one microkernel call covers.
+const MAX_KC: usize = 2048;
+/// Bytes of activations (a block of tokens × kc) kept hot while a thread sweeps its panels.
+const X_BLOCK_BYTES: usize = 1 << 20;
+/// Below this many multiply-adds a matmul runs on one thread.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+
+/// One family of gemm microkernels: `ukr[rows / lanes - 1][cols - 1]` computes a tile of up to
+/// `mr` rows and `NR` columns.
+pub struct Kernel {
+    ukr: &'static [[MicroKernelFn<f32>; NR]],
+    mr: usize,
+    lanes: usize,
+}
+
+/// The best microkernels this CPU runs, or `None` where packing is not used.
+pub fn kernel() -> Option<&'static Kernel> {
+    static K: OnceLock<Option<Kernel>> = OnceLock::new();
+    K.get_or_init(|| {
+        if std::env::var("LQA_PACKED").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        detect()
+    })
+    .as_ref()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Option<Kernel> {
+    if is_x86_feature_detected!("avx512f") {
+        return Some(Kernel {
+            ukr: &gemm_f32::microkernel::avx512f::f32::UKR,
+            mr: 64,
+            lanes: 16,
+        });
+    }
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        return Some(Kernel {
+            ukr: &gemm_f32::microkernel::fma::f32::UKR,
+            mr: 16,
+            lanes: 8,
+        });
+    }
+    None
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Option<Kernel> {
+    None
+}
+
+/// A raw pointer the worker threads may share: each writes a disjoint set of tiles.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used to write disjoint tiles of one buffer from the threads of one parallel
+// region, which ends before the buffer is used again.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer `i` elements on (a method, so that closures capture the `Send` wrapper).
+    ///
+    /// # Safety
+    /// As [`pointer::add`].
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// A frozen weight `W` `[n, k]` (HF layout: `n` outputs, `k` inputs) stored as
+/// `ceil(n / mr)` panels, each `[k][mr]` (the panel's `mr` output features contiguous for every
+/// input), the last panel zero-padded.
+#[derive(Clone)]
+pub struct PackedWeight {
+    data: Arc<Vec<f32>>,
+    n: usize,
+    k: usize,
+    kernel: &'static Kernel,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedWeight[{}, {}] (panels of {})",
+            self.n, self.k, self.kernel.mr
+        )
+    }
+}
+
+impl PackedWeight {
+    /// Pack `w`, row-major `[n, k]`.
+    pub fn pack(w: &[f32], n: usize, k: usize, kernel: &'static Kernel) -> Self {
+        assert_eq!(
+            w.len(),
+            n * k,
+            "PackedWeight::pack: {} values for [{n}, {k}]",
+            w.len()
+        );
+        let mr = kernel.mr;
+        let mut data = vec![0f32; n.div_ceil(mr) * k * mr];
+        if k > 0 {
+            data.par_chunks_mut(k * mr)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for r in 0..mr.min(n - p * mr) {
+                        let row = &w[(p * mr + r) * k..][..k];
+                        for (kk, &v) in row.iter().enumerate() {
+                            panel[kk * mr + r] = v;
+                        }
+                    }
+                });
+        }
+        PackedWeight {
+            data: Arc::new(data),
+            n,
+            k,
+            kernel,
+        }
+    }
+
+    /// Outputs (rows of `W`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Inputs (columns of `W`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `W` row-major `[n, k]`.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (n, k, mr) = (self.n, self.k, self.kernel.mr);
+        let mut w = vec![0f32; n * k];
+        if k > 0 {
+            w.par_chunks_mut(k).enumerate().for_each(|(o, row)| {
+                let panel = &self.data[(o / mr) * k * mr..];
+                for (kk, v) in row.iter_mut().enumerate() {
+                    *v = panel[kk * mr + o % mr];
+                }
+            });
+        }
+        w
+    }
+
+    fn threads(&self, m: usize, jobs: usize) -> usize {
+        if m * self.n * self.k < PARALLEL_MIN_MACS {
+            1
+        } else {
+            crate::threads::num_threads().min(jobs).max(1)
+        }
+    }
+
+    /// `y = x @ W^T`: `x` row-major `[m, k]`, `y` row-major `[m, n]`.
+    pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(
+            x.len(),
+            m * k,
+            "PackedWeight::forward: x has {} values, not [{m}, {k}]",
+            x.len()
+        );
+        if m == 0 || n == 0 {
+            return Vec::new();
+        }
+        if k == 0 {
+            return vec![0f32; m * n];
+        }
+        let Kernel { ukr, mr, lanes } = *self.kernel;
+        let kc = k.div_ceil(k.div_ceil(MAX_KC));
+        let panels = n.div_ceil(mr);
+        let tiles = m.div_ceil(NR);
+        // Tokens in blocks whose activations stay in L2 while a thread sweeps its panels.
+        let block = (X_BLOCK_BYTES / (kc * 4 * NR)).max(1);
+        let block = tiles.div_ceil(tiles.div_ceil(block));
+        // Jobs are tiles, ordered (token block, panel, tile): contiguous ranges per thread.
+        let jobs = panels * tiles;
+        let nt = self.threads(m, jobs);
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let dst = Shared(y.as_mut_ptr());
+        let w = self.data.as_ptr() as usize;
+        let xp = x.as_ptr() as usize;
+        let run = |t: usize| {
+            let (j0, j1) = (jobs * t / nt, jobs * (t + 1) / nt);
+            let mut kb = 0;
+            while kb < k {
+                let kcb = kc.min(k - kb);
+                let (alpha, status) = if kb == 0 { (0.0, 0) } else { (1.0, 1) };
+                for job in j0..j1 {
+                    // job -> (token block b, panel p, tile j)
+                    let (b, rest) = (job / (panels * block), job % (panels * block));
+                    let in_block = block.min(tiles - b * block);
+                    let (p, j) = (rest / in_block, b * block + rest % in_block);
+                    let f = p * mr;
+                    let mm = mr.min(n - f);
+                    let tok = j * NR;
+                    let nn = NR.min(m - tok);
+                    // SAFETY: the panel holds `k * mr` values (zero-padded past `n`), the
+                    // kernel reads `ceil(mm / lanes) * lanes <= mr` of them per step for
+                    // `kcb` steps from `kb`; x rows `tok..tok + nn` hold `k` values each; the
+                    // tile writes rows `tok..tok + nn`, columns `f..f + mm` of y [m, n], and no
+                    // other job writes them.
+                    unsafe {
+                        (ukr[mm.div_ceil(lanes) - 1][nn - 1])(
+                            mm,
+                            nn,
+                            kcb,
+                            dst.at(tok * n + f),
+                            (w as *const f32).add(p * k * mr + kb * mr),
+                            (xp as *const f32).add(tok * k + kb),
+                            n as isize,
+                            1,
+                            mr as isize,
+                            1,
+                            k as isize,
+                            alpha,
+                            1.0,
+                            status,
+                            false,
+                            false,
+                            false,
+                            std::ptr::null(),
+                        );
+                    }
+                }
+                kb += kcb;
+            }
+        };
+        if nt == 1 {
+            run(0);
+        } else {
+            (0..nt).into_par_iter().for_each(run);
+        }
+        // SAFETY: the jobs cover every (row, column) of y: every tile of every panel, and each
+        // tile's first k-block stores (alpha 0) before later blocks accumulate.
+        unsafe { y.set_len(m * n) };
+        y
+    }
+
+    /// `dx = dy @ W`: `dy` row-major `[m, n]`, `dx` row-major `[m, k]` (the input gradient of
+    /// [`PackedWeight::forward`]).
+    pub fn backward(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(
+            dy.len(),
+            m * n,
+            "PackedWeight::backward: dy has {} values, not [{m}, {n}]",
+            dy.len()
+        );
+        if m == 0 || k == 0 {
+            return Vec::new();
+        }
+        if n == 0 {
+            return vec![0f32; m * k];
+        }
+        let Kernel { ukr, mr, lanes } = *self.kernel;
+        // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded.
+        let tp = m.div_ceil(mr);
+        let mp = tp * mr;
+        let mut dyp = vec![0f32; tp * n * mr];
+        dyp.par_chunks_mut(n * mr)
+            .enumerate()
+            .for_each(|(q, panel)| {
+                for t in 0..mr.min(m - q * mr) {
+                    let row = &dy[(q * mr + t) * n..][..n];
+                    for (o, &v) in row.iter().enumerate() {
+                        panel[o * mr + t] = v;
+                    }
+                }
+            });
+        // dx^T [k][mp]: the microkernel writes token-contiguous tiles.
+        let mut dxt = vec![0f32; k * mp];
+        let panels = n.div_ceil(mr);
+        let cols = k.div_ceil(NR);
+        let jobs = tp * cols;
+        let nt = self.threads(m, jobs);
+        let dst = Shared(dxt.as_mut_ptr());
+        let w = self.data.as_ptr() as usize;
+        let lhs = dyp.as_ptr() as usize;
+        let run = |t: usize| {
+            for job in jobs * t / nt..jobs * (t + 1) / nt {
+                let (q, c) = (job / cols, job % cols);
+                let mm = mr.min(m - q * mr);
+                let kk = c * NR;
+                let nn = NR.min(k - kk);
+                for p in 0..panels {
+                    let kc = mr.min(n - p * mr);
+                    let (alpha, status) = if p == 0 { (0.0, 0) } else { (1.0, 1) };
+                    // SAFETY: lhs reads token panel q, outputs p*mr..p*mr+kc, each a full
+                    // `mr`-wide row (zero-padded); rhs reads panel p, inputs kk..kk+nn, its
+                    // first kc features; the tile writes dx^T rows kk..kk+nn, tokens
+                    // q*mr..q*mr+mm, which no other job writes.
+                    unsafe {
+                        (ukr[mm.div_ceil(lanes) - 1][nn - 1])(
+                            mm,
+                            nn,
+                            kc,
+                            dst.at(kk * mp + q * mr),
+                            (lhs as *const f32).add(q * n * mr + p * mr * mr),
+                            (w as *const f32).add(p * k * mr + kk * mr),
+                            mp as isize,
+                            1,
+                            mr as isize,
+                            1,
+                            mr as isize,
+                            alpha,
+                            1.0,
+                            status,
+                            false,
+                            false,
+                            false,
+                            std::ptr::null(),
+                        );
+                    }
+                }
+            }
+        };
+        if nt == 1 {
+            run(0);
+        } else {
+            (0..nt).into_par_iter().for_each(run);
+        }
+        let mut dx = vec![0f32; m * k];
+        dx.par_chunks_mut(k).enumerate().for_each(|(t, row)| {
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = dxt[kk * mp + t];
+            }
+        });
+        dx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_matmuls_equal_the_naive_products_at_every_tail() {
+        let Some(kern) = kernel() else {
+            eprintln!("no packed kernel on this CPU: nothing to test");
+            return;
+        };
+        // tails of every kind: n not a multiple of mr, m not a multiple of NR, k over MAX_KC
+        for &(m, n, k) in &[
+            (1, 5, 3),
+            (7, 64, 16),
+            (13, 70, 33),
+            (128, 192, 96),
+            (200, 130, 2 * MAX_KC + 5),
+        ] {
+            let w = rand(n * k, 1);
+            let x = rand(m * k, 2);
+            let dy = rand(m * n, 3);
+            let pw = PackedWeight::pack(&w, n, k, kern);
+            assert_eq!(pw.unpack(), w);
+            let y = pw.forward(&x, m);
+            let dx = pw.backward(&dy, m);
+            for t in 0..m {
+                for o in 0..n {
+                    let r: f64 = (0..k)
+                        .map(|i| x[t * k + i] as f64 * w[o * k + i] as f64)
+                        .sum();
+                    let got = y[t * n + o] as f64;
+                    assert!(
+                        (got - r).abs() < 1e-4 * (1.0 + r.abs()) * (k as f64).sqrt(),
+                        "forward [{m},{n},{k}] at ({t},{o}): {got} vs {r}"
+                    );
+                }
+                for i in 0..k {
+                    let r: f64 = (0..n)
+                        .map(|o| dy[t * n + o] as f64 * w[o * k + i] as f64)
+                        .sum();
+                    let got = dx[t * k + i] as f64;
+                    assert!(
+                        (got - r).abs() < 1e-4 * (1.0 + r.abs()) * (n as f64).sqrt(),
+                        "backward [{m},{n},{k}] at ({t},{i}): {got} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+}
