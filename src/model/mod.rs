@@ -13,6 +13,7 @@
 //! Batches are left-padded; every row gets explicit position ids (`0..len` over its own tokens)
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
 
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod ops;
@@ -167,6 +168,10 @@ struct Ctx<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
     mask: Option<&'a Tensor>,
+    /// Left padding of each row and the chunk's offset in the padded sequence (what `mask`
+    /// encodes).
+    pads: &'a [usize],
+    offset: usize,
     differentiable: bool,
     eps: f64,
     dropout: Option<Dropout>,
@@ -210,7 +215,7 @@ impl Attention {
         // head into the sequence axis. [b, nkv, rep*s, hd] @ [b, nkv, hd, kv] -> [b, nkv, rep*s, kv]
         let qg = q.reshape((b, nkv, rep * s, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let att = (qg.matmul(&k.t()?)? * scale)?;
+        let att = qg.matmul(&k.t()?)?;
         // scores and softmax in f32 (f64 when the model is f64, for gradient checks)
         let sdt = if v.dtype() == DType::F64 {
             DType::F64
@@ -218,11 +223,15 @@ impl Attention {
             DType::F32
         };
         let att = att.to_dtype(sdt)?.reshape((b, nh, s, kv_len))?;
-        let att = match ctx.mask {
-            Some(m) => att.broadcast_add(&m.to_dtype(sdt)?)?,
-            None => att,
-        };
-        let att = ops::softmax_last(&att, ctx.differentiable)?.to_dtype(v.dtype())?;
+        let att = ops::attention_probs(
+            &att,
+            scale,
+            ctx.mask,
+            ctx.pads,
+            ctx.offset,
+            ctx.differentiable,
+        )?
+        .to_dtype(v.dtype())?;
         let y = att.reshape((b, nkv, rep * s, kv_len))?.matmul(&v)?; // [b, nkv, rep*s, hd]
         let y = y
             .reshape((b, nh, s, hd))?
@@ -532,6 +541,8 @@ impl Llama {
             cos: &cos,
             sin: &sin,
             mask: mask.as_ref(),
+            pads: &input.pads,
+            offset,
             differentiable: input.differentiable,
             eps: self.cfg.rms_norm_eps,
             dropout: input.dropout,

@@ -1,7 +1,8 @@
 //! The few non-matmul ops of a Llama block, each in two forms: candle's fused kernels (fast, no
 //! backward) for inference, and compositions of differentiable primitives for training paths.
 
-use candle_core::{DType, Result, Tensor, D};
+use super::kernels;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
@@ -18,6 +19,72 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
     let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     y.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// Attention probabilities from raw scores `[b, heads, s, kv]`: `softmax(scale * scores + mask)`
+/// where `mask` (`[b, 1, s, kv]`, additive) hides future keys and each row's left padding
+/// (`pads`; the chunk starts at `offset`, so `kv == offset + s`). Inference on f32 CPU tensors
+/// runs it as one pass per row that derives the mask from the positions; otherwise the
+/// differentiable composition with the mask tensor.
+pub fn attention_probs(
+    scores: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    pads: &[usize],
+    offset: usize,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let fused = !differentiable && scores.dtype() == DType::F32 && scores.device().is_cpu();
+    if fused {
+        let (b, _, s, kv) = scores.dims4()?;
+        if b == pads.len() && kv == offset + s {
+            return scores.contiguous()?.apply_op1_no_bwd(&MaskedSoftmax {
+                scale: scale as f32,
+                pads: pads.to_vec(),
+                offset,
+            });
+        }
+    }
+    let att = (scores * scale)?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(&m.to_dtype(att.dtype())?)?,
+        None => att,
+    };
+    softmax_last(&att, differentiable)
+}
+
+/// See [`attention_probs`]: the query at chunk row `i` (position `offset + i` of the padded
+/// sequence) sees keys `min(pad, q)..=q`: its row's own tokens up to itself, or only itself
+/// when it is a pad.
+struct MaskedSoftmax {
+    scale: f32,
+    pads: Vec<usize>,
+    offset: usize,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (b, h, s, kv) = layout.shape().dims4()?;
+        let (CpuStorage::F32(v), Some((a, e))) = (storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("masked-softmax: contiguous f32 scores expected");
+        };
+        let scores = &v[a..e];
+        let mut out = vec![0f32; b * h * s * kv];
+        out.par_chunks_mut(kv)
+            .zip(scores.par_chunks(kv))
+            .enumerate()
+            .for_each(|(r, (o, row))| {
+                let (bi, i) = (r / (h * s), r % s);
+                let q = self.offset + i;
+                kernels::masked_softmax_row(o, row, self.scale, self.pads[bi].min(q), q + 1);
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
 }
 
 /// Softmax over the last dimension.
@@ -83,11 +150,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK)
             .zip(gv.par_chunks(CHUNK).zip(uv.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &x), &y) in o.iter_mut().zip(g).zip(u) {
-                    *o = x / (1.0 + (-x).exp()) * y;
-                }
-            });
+            .for_each(|(o, (g, u))| kernels::silu_mul(o, g, u));
     }
     drop((gs, us));
     Tensor::from_vec(out, g.shape(), g.device())
