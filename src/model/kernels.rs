@@ -4,6 +4,8 @@
 //! branch-free polynomial that the compiler vectorises, and each loop is compiled a second time
 //! for AVX2+FMA, picked at run time.
 
+use std::mem::MaybeUninit;
+
 /// `e^x` to about 1 ulp for `x` in `[-86, 88]`; inputs outside are clamped (below: about
 /// 4e-38 instead of a smaller number; callers that need exact zeros write them).
 #[inline(always)]
@@ -24,7 +26,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
     let n_bits = t.to_bits().wrapping_sub(SHIFT.to_bits());
     let y = f32::from_bits(er.to_bits().wrapping_add(n_bits << 23));
@@ -33,6 +35,18 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// A vector of `n` values written by `fill`: saves zeroing memory that is overwritten at once.
+///
+/// # Safety
+/// `fill` must write every one of the `n` values.
+pub unsafe fn filled(n: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` initialised all `n` values (this function's contract).
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// Run `$body` (a block using the function's arguments) compiled for AVX2+FMA when the CPU has
@@ -60,33 +74,54 @@ macro_rules! multiversion {
 }
 
 multiversion! {
-    /// `out = silu(g) * u`, elementwise.
-    pub fn silu_mul(out: &mut [f32], g: &[f32], u: &[f32]) {
+    /// `out = silu(g) * u`, elementwise (`out` may be uninitialised: every element is written).
+    pub fn silu_mul(out: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
         for ((o, &x), &y) in out.iter_mut().zip(g).zip(u) {
-            *o = x / (1.0 + exp(-x)) * y;
+            o.write(x / (1.0 + exp(-x)) * y);
         }
     }
 }
 
+/// Lanes of the manual reductions (float reductions do not vectorise on their own).
+const LANES: usize = 16;
+
 multiversion! {
-    /// Softmax of `scale * row` over the keys `lo..hi`; the other entries of `out` get 0.
-    pub fn masked_softmax_row(out: &mut [f32], row: &[f32], scale: f32, lo: usize, hi: usize) {
-        let mut max = f32::NEG_INFINITY;
-        for &s in &row[lo..hi] {
-            max = max.max(s * scale);
+    /// Softmax of `scale * row` (`scale > 0`) over the keys `lo..hi`; the other entries of
+    /// `out` get 0 (`out` may be uninitialised: every element is written).
+    pub fn masked_softmax_row(out: &mut [MaybeUninit<f32>], row: &[f32], scale: f32, lo: usize, hi: usize) {
+        let keys = &row[lo..hi];
+        let mut m = [f32::NEG_INFINITY; LANES];
+        let chunks = keys.chunks_exact(LANES);
+        let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for c in chunks {
+            for (m, &v) in m.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
         }
-        let mut sum = 0f32;
-        for (o, &s) in out[lo..hi].iter_mut().zip(&row[lo..hi]) {
-            let e = exp(s * scale - max);
-            *o = e;
-            sum += e;
+        max = m.iter().fold(max, |a, &b| a.max(b)) * scale;
+        let (head, rest) = out.split_at_mut(lo);
+        let (mid, tail) = rest.split_at_mut(hi - lo);
+        for o in head.iter_mut().chain(tail.iter_mut()) {
+            o.write(0.0);
         }
+        for (o, &v) in mid.iter_mut().zip(keys) {
+            o.write(exp(v * scale - max));
+        }
+        // SAFETY: every element of `mid` was written just above.
+        let mid = unsafe { &mut *(mid as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let mut acc = [0f32; LANES];
+        let chunks = mid.chunks_exact(LANES);
+        let mut sum: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v;
+            }
+        }
+        sum += acc.iter().sum::<f32>();
         let inv = 1.0 / sum;
-        for o in &mut out[lo..hi] {
+        for o in mid.iter_mut() {
             *o *= inv;
         }
-        out[..lo].fill(0.0);
-        out[hi..].fill(0.0);
     }
 }
 
@@ -114,8 +149,9 @@ mod tests {
     #[test]
     fn masked_softmax_sums_to_one_over_its_keys_and_is_zero_elsewhere() {
         let row: Vec<f32> = (0..10).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
-        let mut out = vec![f32::NAN; 10];
+        let mut out = vec![MaybeUninit::new(f32::NAN); 10];
         masked_softmax_row(&mut out, &row, 0.5, 2, 7);
+        let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
         let e: Vec<f64> = (2..7).map(|j| (row[j] as f64 * 0.5).exp()).collect();
         let z: f64 = e.iter().sum();
         for j in 0..10 {
@@ -136,8 +172,9 @@ mod tests {
     fn silu_mul_matches_the_formula() {
         let g: Vec<f32> = (0..100).map(|i| i as f32 * 0.37 - 20.0).collect();
         let u: Vec<f32> = (0..100).map(|i| 1.0 + i as f32 * 0.01).collect();
-        let mut out = vec![0f32; 100];
+        let mut out = vec![MaybeUninit::new(f32::NAN); 100];
         silu_mul(&mut out, &g, &u);
+        let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
         for i in 0..100 {
             let x = g[i] as f64;
             let want = x / (1.0 + (-x).exp()) * u[i] as f64;

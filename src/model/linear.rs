@@ -6,7 +6,7 @@
 //! only the input's gradient: candle's matmul backward would also compute the (unused) gradient
 //! of every frozen weight, a third of a training step's work.
 
-use super::packed::{self, PackedWeight};
+use super::packed::{self, PackedWeight, Shared};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
 
@@ -131,30 +131,55 @@ impl CustomOp1 for FrozenMatmul {
         } else {
             (1, k as isize)
         };
-        // SAFETY: the slices have exactly the sizes the strides describe: x [m, k] row-major,
-        // W^T [k, n] (stored [k, n] row-major, or W [n, k] row-major), dst [m, n] row-major.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::Rayon(crate::threads::num_threads()),
-            );
+        // A few rows against a wide HF-layout weight (the lm_head in decoding, or on the last
+        // position of a prefill) is a matrix-vector product that gemm runs on one thread and
+        // that streams the whole weight: split the outputs across the threads instead.
+        let parts = if !self.transposed && m <= 4 && m * n * k >= 1 << 20 {
+            crate::threads::num_threads()
+        } else {
+            1
+        };
+        let out = Shared(dst.as_mut_ptr());
+        let part = |p: usize| {
+            let (c0, c1) = (n * p / parts, n * (p + 1) / parts);
+            let par = if parts == 1 {
+                gemm::Parallelism::Rayon(crate::threads::num_threads())
+            } else {
+                gemm::Parallelism::None
+            };
+            // SAFETY: the slices have exactly the sizes the strides describe: x [m, k]
+            // row-major, W^T [k, n] (stored [k, n] row-major, or W [n, k] row-major), dst
+            // [m, n] row-major; this part reads columns c0..c1 of W^T and writes columns
+            // c0..c1 of dst, which no other part writes.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    c1 - c0,
+                    k,
+                    out.at(c0),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr().offset(c0 as isize * rhs_cs),
+                    rhs_cs,
+                    rhs_rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        };
+        if parts == 1 {
+            part(0);
+        } else {
+            use rayon::prelude::*;
+            (0..parts).into_par_iter().for_each(part);
         }
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
@@ -334,8 +359,10 @@ impl Linear {
                     .to_dtype(x2.dtype())?
                     .to_device(x2.device())?,
             )?,
+            // in training (the frozen-weight backward), and for the lm_head always (see
+            // FrozenMatmul's split of matrix-vector products)
             Stored::Hf(w) | Stored::Transposed(w)
-                if x2.track_op()
+                if (x2.track_op() || matches!(self.w, Stored::Hf(_)))
                     && x2.dtype() == DType::F32
                     && w.dtype() == DType::F32
                     && w.device().is_cpu() =>

@@ -2,7 +2,7 @@
 //! backward) for inference, and compositions of differentiable primitives for training paths.
 
 use super::kernels;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
@@ -74,15 +74,26 @@ impl CustomOp1 for MaskedSoftmax {
             candle_core::bail!("masked-softmax: contiguous f32 scores expected");
         };
         let scores = &v[a..e];
-        let mut out = vec![0f32; b * h * s * kv];
-        out.par_chunks_mut(kv)
-            .zip(scores.par_chunks(kv))
-            .enumerate()
-            .for_each(|(r, (o, row))| {
-                let (bi, i) = (r / (h * s), r % s);
-                let q = self.offset + i;
-                kernels::masked_softmax_row(o, row, self.scale, self.pads[bi].min(q), q + 1);
-            });
+        // SAFETY: the rows of `out` cover it, and masked_softmax_row writes every element of
+        // its row.
+        let out = unsafe {
+            kernels::filled(b * h * s * kv, |out| {
+                out.par_chunks_mut(kv)
+                    .zip(scores.par_chunks(kv))
+                    .enumerate()
+                    .for_each(|(r, (o, row))| {
+                        let (bi, i) = (r / (h * s), r % s);
+                        let q = self.offset + i;
+                        kernels::masked_softmax_row(
+                            o,
+                            row,
+                            self.scale,
+                            self.pads[bi].min(q),
+                            q + 1,
+                        );
+                    });
+            })
+        };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -116,42 +127,68 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, differentiable: bool) -> Res
     Tensor::cat(&[a, b], D::Minus1)
 }
 
-/// The SwiGLU gate `silu(g) * u`. Inference on contiguous f32 runs it as one parallel pass
-/// (candle would make three: silu, then the product, each a full read and write); otherwise
-/// the differentiable composition.
+/// The SwiGLU gate `silu(g) * u`. On f32 CPU tensors it runs as one parallel pass with a
+/// vectorised exp (candle would make three passes: silu, then the product), in inference and
+/// training alike, so that a forward computes the same numbers whether or not it tracks
+/// gradients; otherwise the differentiable composition.
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    let fused = !g.track_op()
-        && !u.track_op()
-        && g.dtype() == DType::F32
+    let fused = g.dtype() == DType::F32
         && u.dtype() == DType::F32
         && g.dims() == u.dims()
         && g.device().is_cpu();
     if !fused {
         return g.silu()? * u;
     }
-    let (g, u) = (g.contiguous()?, u.contiguous()?);
-    let (gs, gl) = g.storage_and_layout();
-    let (us, ul) = u.storage_and_layout();
-    let (
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(gv)),
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(uv)),
-    ) = (&*gs, &*us)
-    else {
-        candle_core::bail!("silu_mul: f32 CPU tensors expected");
-    };
-    let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-    else {
-        candle_core::bail!("silu_mul: contiguous tensors expected");
-    };
-    let (gv, uv) = (&gv[g0..g1], &uv[u0..u1]);
-    let mut out = vec![0f32; gv.len()];
-    {
-        use rayon::prelude::*;
-        const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .zip(gv.par_chunks(CHUNK).zip(uv.par_chunks(CHUNK)))
-            .for_each(|(o, (g, u))| kernels::silu_mul(o, g, u));
+    g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
     }
-    drop((gs, us));
-    Tensor::from_vec(out, g.shape(), g.device())
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(gv), CpuStorage::F32(uv), Some((g0, g1)), Some((u0, u1))) =
+            (gs, us, gl.contiguous_offsets(), ul.contiguous_offsets())
+        else {
+            candle_core::bail!("silu-mul: contiguous f32 tensors expected");
+        };
+        let (gv, uv) = (&gv[g0..g1], &uv[u0..u1]);
+        if gv.len() != uv.len() {
+            candle_core::bail!("silu-mul: {:?} and {:?}", gl.shape(), ul.shape());
+        }
+        // SAFETY: the chunks of `out` cover it, and silu_mul writes every element of its chunk.
+        let out = unsafe {
+            kernels::filled(gv.len(), |out| {
+                use rayon::prelude::*;
+                const CHUNK: usize = 1 << 14;
+                out.par_chunks_mut(CHUNK)
+                    .zip(gv.par_chunks(CHUNK).zip(uv.par_chunks(CHUNK)))
+                    .for_each(|(o, (g, u))| kernels::silu_mul(o, g, u));
+            })
+        };
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    /// `d/dg = u sigma(g) (1 + g (1 - sigma(g)))`, `d/du = g sigma(g)`.
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let sig = candle_nn::ops::sigmoid(g)?;
+        let silu = (g * &sig)?;
+        let dsilu = (&sig * ((g * (1.0 - &sig)?)? + 1.0)?)?;
+        Ok((Some(((grad * u)? * dsilu)?), Some((grad * silu)?)))
+    }
 }

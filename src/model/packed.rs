@@ -71,7 +71,7 @@ fn detect() -> Option<Kernel> {
 
 /// A raw pointer the worker threads may share: each writes a disjoint set of tiles.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 // SAFETY: only used to write disjoint tiles of one buffer from the threads of one parallel
 // region, which ends before the buffer is used again.
 unsafe impl Send for Shared {}
@@ -82,7 +82,7 @@ impl Shared {
     ///
     /// # Safety
     /// As [`pointer::add`].
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
     }
 }
