@@ -33,6 +33,60 @@ pub struct Kernel {
     lanes: usize,
 }
 
+impl Kernel {
+    /// One tile: `dst[i, j] (+)= sum_l lhs[i, l] rhs[l, j]` for `i < mm <= mr`, `j < nn <= NR`,
+    /// `l < kc`, where `lhs[i, l]` is at `lhs + l * mr + i` (a panel: rows contiguous, and read
+    /// `ceil(mm / lanes) * lanes` wide), `rhs[l, j]` at `rhs + l + j * rhs_cs` and `dst[i, j]`
+    /// at `dst + i + j * dst_cs`. Stores when `accumulate` is false, adds otherwise.
+    ///
+    /// # Safety
+    /// Every address named above must be valid to read (lhs, rhs) or write (dst).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        mm: usize,
+        nn: usize,
+        kc: usize,
+        dst: *mut f32,
+        dst_cs: usize,
+        lhs: *const f32,
+        rhs: *const f32,
+        rhs_cs: usize,
+        accumulate: bool,
+    ) {
+        let (alpha, status) = if accumulate { (1.0, 1) } else { (0.0, 0) };
+        (self.ukr[mm.div_ceil(self.lanes) - 1][nn - 1])(
+            mm,
+            nn,
+            kc,
+            dst,
+            lhs,
+            rhs,
+            dst_cs as isize,
+            1,
+            self.mr as isize,
+            1,
+            rhs_cs as isize,
+            alpha,
+            1.0,
+            status,
+            false,
+            false,
+            false,
+            std::ptr::null(),
+        );
+    }
+}
+
+/// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`.
+fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
+    if nt == 1 {
+        work(0);
+    } else {
+        (0..nt).into_par_iter().for_each(work);
+    }
+}
+
 /// The best microkernels this CPU runs, or `None` where packing is not used.
 pub fn kernel() -> Option<&'static Kernel> {
     static K: OnceLock<Option<Kernel>> = OnceLock::new();
@@ -186,7 +240,8 @@ impl PackedWeight {
         if k == 0 {
             return vec![0f32; m * n];
         }
-        let Kernel { ukr, mr, lanes } = *self.kernel;
+        let kern = self.kernel;
+        let mr = kern.mr;
         let kc = k.div_ceil(k.div_ceil(MAX_KC));
         let panels = n.div_ceil(mr);
         let tiles = m.div_ceil(NR);
@@ -198,14 +253,12 @@ impl PackedWeight {
         let nt = self.threads(m, jobs);
         let mut y: Vec<f32> = Vec::with_capacity(m * n);
         let dst = Shared(y.as_mut_ptr());
-        let w = self.data.as_ptr() as usize;
-        let xp = x.as_ptr() as usize;
+        let w = &self.data[..];
         let run = |t: usize| {
             let (j0, j1) = (jobs * t / nt, jobs * (t + 1) / nt);
             let mut kb = 0;
             while kb < k {
                 let kcb = kc.min(k - kb);
-                let (alpha, status) = if kb == 0 { (0.0, 0) } else { (1.0, 1) };
                 for job in j0..j1 {
                     // job -> (token block b, panel p, tile j)
                     let (b, rest) = (job / (panels * block), job % (panels * block));
@@ -221,36 +274,23 @@ impl PackedWeight {
                     // tile writes rows `tok..tok + nn`, columns `f..f + mm` of y [m, n], and no
                     // other job writes them.
                     unsafe {
-                        (ukr[mm.div_ceil(lanes) - 1][nn - 1])(
+                        kern.tile(
                             mm,
                             nn,
                             kcb,
                             dst.at(tok * n + f),
-                            (w as *const f32).add(p * k * mr + kb * mr),
-                            (xp as *const f32).add(tok * k + kb),
-                            n as isize,
-                            1,
-                            mr as isize,
-                            1,
-                            k as isize,
-                            alpha,
-                            1.0,
-                            status,
-                            false,
-                            false,
-                            false,
-                            std::ptr::null(),
+                            n,
+                            w.as_ptr().add(p * k * mr + kb * mr),
+                            x.as_ptr().add(tok * k + kb),
+                            k,
+                            kb > 0,
                         );
                     }
                 }
                 kb += kcb;
             }
         };
-        if nt == 1 {
-            run(0);
-        } else {
-            (0..nt).into_par_iter().for_each(run);
-        }
+        on_threads(nt, run);
         // SAFETY: the jobs cover every (row, column) of y: every tile of every panel, and each
         // tile's first k-block stores (alpha 0) before later blocks accumulate.
         unsafe { y.set_len(m * n) };
@@ -273,7 +313,8 @@ impl PackedWeight {
         if n == 0 {
             return vec![0f32; m * k];
         }
-        let Kernel { ukr, mr, lanes } = *self.kernel;
+        let kern = self.kernel;
+        let mr = kern.mr;
         // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded.
         let tp = m.div_ceil(mr);
         let mp = tp * mr;
@@ -295,8 +336,8 @@ impl PackedWeight {
         let jobs = tp * cols;
         let nt = self.threads(m, jobs);
         let dst = Shared(dxt.as_mut_ptr());
-        let w = self.data.as_ptr() as usize;
-        let lhs = dyp.as_ptr() as usize;
+        let w = &self.data[..];
+        let lhs = &dyp[..];
         let run = |t: usize| {
             for job in jobs * t / nt..jobs * (t + 1) / nt {
                 let (q, c) = (job / cols, job % cols);
@@ -305,41 +346,27 @@ impl PackedWeight {
                 let nn = NR.min(k - kk);
                 for p in 0..panels {
                     let kc = mr.min(n - p * mr);
-                    let (alpha, status) = if p == 0 { (0.0, 0) } else { (1.0, 1) };
                     // SAFETY: lhs reads token panel q, outputs p*mr..p*mr+kc, each a full
                     // `mr`-wide row (zero-padded); rhs reads panel p, inputs kk..kk+nn, its
                     // first kc features; the tile writes dx^T rows kk..kk+nn, tokens
                     // q*mr..q*mr+mm, which no other job writes.
                     unsafe {
-                        (ukr[mm.div_ceil(lanes) - 1][nn - 1])(
+                        kern.tile(
                             mm,
                             nn,
                             kc,
                             dst.at(kk * mp + q * mr),
-                            (lhs as *const f32).add(q * n * mr + p * mr * mr),
-                            (w as *const f32).add(p * k * mr + kk * mr),
-                            mp as isize,
-                            1,
-                            mr as isize,
-                            1,
-                            mr as isize,
-                            alpha,
-                            1.0,
-                            status,
-                            false,
-                            false,
-                            false,
-                            std::ptr::null(),
+                            mp,
+                            lhs.as_ptr().add(q * n * mr + p * mr * mr),
+                            w.as_ptr().add(p * k * mr + kk * mr),
+                            mr,
+                            p > 0,
                         );
                     }
                 }
             }
         };
-        if nt == 1 {
-            run(0);
-        } else {
-            (0..nt).into_par_iter().for_each(run);
-        }
+        on_threads(nt, run);
         let mut dx = vec![0f32; m * k];
         dx.par_chunks_mut(k).enumerate().for_each(|(t, row)| {
             for (kk, v) in row.iter_mut().enumerate() {
