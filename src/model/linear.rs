@@ -2,9 +2,10 @@
 //! a LoRA adapter plugs in (the only place adapters touch the model; the model code does not
 //! change when LoRA is on).
 //!
-//! In a differentiable forward, the frozen `x @ W^T` runs as a custom op whose backward returns
-//! only the input's gradient: candle's matmul backward would also compute the (unused) gradient
-//! of every frozen weight, a third of a training step's work.
+//! The frozen `x @ W^T` runs as a custom op whose backward returns only the input's gradient:
+//! candle's matmul backward would also compute the (unused) gradient of every frozen weight, a
+//! third of a training step's work. f32 block projections on x86 CPUs are packed once for
+//! gemm's microkernels (`super::packed`), in inference and training alike.
 
 use super::packed::{self, PackedWeight, Shared};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
@@ -175,12 +176,7 @@ impl CustomOp1 for FrozenMatmul {
                 );
             }
         };
-        if parts == 1 {
-            part(0);
-        } else {
-            use rayon::prelude::*;
-            (0..parts).into_par_iter().for_each(part);
-        }
+        packed::on_threads(parts, part);
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 

@@ -1,5 +1,7 @@
-//! The few non-matmul ops of a Llama block, each in two forms: candle's fused kernels (fast, no
-//! backward) for inference, and compositions of differentiable primitives for training paths.
+//! The few non-matmul ops of a Llama block, each in two forms: fused kernels for inference
+//! (candle's, or lqa's own loops in `super::kernels`), and compositions of differentiable
+//! primitives for training paths. The SwiGLU gate has one form for both: a fused kernel with its
+//! own backward.
 
 use super::kernels;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};

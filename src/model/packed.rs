@@ -79,7 +79,7 @@ impl Kernel {
 }
 
 /// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`.
-fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
+pub(crate) fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
     if nt == 1 {
         work(0);
     } else {
