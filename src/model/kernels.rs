@@ -125,6 +125,51 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// RMSNorm of one row: `out = x / sqrt(mean(x^2) + eps) * w` (`out` may be uninitialised).
+    pub fn rms_norm_row(out: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], eps: f32) {
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let mut sum: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v * v;
+            }
+        }
+        sum += acc.iter().sum::<f32>();
+        let m = (sum / x.len() as f32 + eps).sqrt();
+        for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+            o.write(v / m * w);
+        }
+    }
+}
+
+multiversion! {
+    /// One head of one sequence, from the projection's layout to the attention layout: token
+    /// `i`'s `hd` values at `x[i * stride..]` go to `out[i * hd..]`, rotated by half-rotation
+    /// RoPE with `cos`/`sin` (`[s, hd/2]`, as candle's `rope` computes it) unless they are
+    /// empty (`out` may be uninitialised).
+    pub fn split_head(out: &mut [MaybeUninit<f32>], x: &[f32], stride: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+        let half = hd / 2;
+        for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+            let src = &x[i * stride..][..hd];
+            if cos.is_empty() {
+                for (o, &v) in o.iter_mut().zip(src) {
+                    o.write(v);
+                }
+                continue;
+            }
+            let (c, sn) = (&cos[i * half..][..half], &sin[i * half..][..half]);
+            let (x1, x2) = src.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for j in 0..half {
+                o1[j].write(x1[j] * c[j] - x2[j] * sn[j]);
+                o2[j].write(x1[j] * sn[j] + x2[j] * c[j]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

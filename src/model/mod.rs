@@ -186,25 +186,11 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.hd);
-        // [b, s, heads*hd] -> [b, heads, s, hd]
-        let q = self
-            .q
-            .forward(x)?
-            .reshape((b, s, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v
-            .forward(x)?
-            .reshape((b, s, nkv, hd))?
-            .transpose(1, 2)?;
-        let q = ops::rope(&q.contiguous()?, ctx.cos, ctx.sin, ctx.differentiable)?;
-        let k = ops::rope(&k.contiguous()?, ctx.cos, ctx.sin, ctx.differentiable)?;
-        let v = v.contiguous()?;
+        // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
+        let rope = Some((ctx.cos, ctx.sin));
+        let q = ops::split_heads(&self.q.forward(x)?, nh, rope, ctx.differentiable)?;
+        let k = ops::split_heads(&self.k.forward(x)?, nkv, rope, ctx.differentiable)?;
+        let v = ops::split_heads(&self.v.forward(x)?, nkv, None, ctx.differentiable)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
             None => (k, v),

@@ -4,10 +4,17 @@
 //! own backward.
 
 use super::kernels;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    if !differentiable && x.dtype() == DType::F32 && x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &RmsNorm(eps as f32));
+    }
     if !differentiable && x.dtype() == DType::F32 && x.is_contiguous() {
         return candle_nn::ops::rms_norm(x, w, eps as f32);
     }
@@ -21,6 +28,159 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
     let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / d)?;
     let y = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
     y.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// RMSNorm over the last dimension, one vectorised pass per row (candle's sums each row
+/// one value at a time).
+struct RmsNorm(f32);
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) =
+            (xs, ws, xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            candle_core::bail!("rms-norm: contiguous f32 tensors expected");
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let d = w.len();
+        if xl.shape().dims().last() != Some(&d) {
+            candle_core::bail!("rms-norm: x {:?} with a weight of {d}", xl.shape());
+        }
+        // SAFETY: the rows of `out` cover it (its length is a multiple of d), and rms_norm_row
+        // writes every element of its row.
+        let out = unsafe {
+            kernels::filled(x.len(), |out| {
+                out.par_chunks_mut(d)
+                    .zip(x.par_chunks(d))
+                    .for_each(|(o, x)| kernels::rms_norm_row(o, x, w, self.0));
+            })
+        };
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// `[b, s, heads * hd]` (a projection's output) to `[b, heads, s, hd]`, rotated by RoPE with
+/// `cos`/`sin` (`[b, s, hd/2]`) when given. Inference on f32 CPU tensors does it in one pass;
+/// otherwise a transpose and [`rope`].
+pub fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    rope_cs: Option<(&Tensor, &Tensor)>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (b, s, hh) = x.dims3()?;
+    let hd = hh / heads;
+    if !differentiable && x.dtype() == DType::F32 && x.device().is_cpu() {
+        let x = x.contiguous()?;
+        return match rope_cs {
+            Some((cos, sin)) => x.apply_op3_no_bwd(
+                &cos.to_dtype(DType::F32)?.contiguous()?,
+                &sin.to_dtype(DType::F32)?.contiguous()?,
+                &SplitHeads { heads },
+            ),
+            None => x.apply_op1_no_bwd(&SplitHeads { heads }),
+        };
+    }
+    let t = x
+        .reshape((b, s, heads, hd))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    match rope_cs {
+        Some((cos, sin)) => rope(&t, cos, sin, differentiable),
+        None => Ok(t),
+    }
+}
+
+/// See [`split_heads`].
+struct SplitHeads {
+    heads: usize,
+}
+
+impl SplitHeads {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        cs: Option<(&[f32], &[f32])>,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (b, s, hh) = xl.shape().dims3()?;
+        let (CpuStorage::F32(x), Some((x0, x1))) = (x, xl.contiguous_offsets()) else {
+            candle_core::bail!("split-heads: contiguous f32 input expected");
+        };
+        let x = &x[x0..x1];
+        let h = self.heads;
+        let hd = hh / h;
+        let half = hd / 2;
+        if let Some((c, _)) = cs {
+            if c.len() != b * s * half {
+                candle_core::bail!(
+                    "split-heads: cos/sin of {} values for [{b}, {s}, {half}]",
+                    c.len()
+                );
+            }
+        }
+        // SAFETY: the [s, hd] blocks of `out` cover it, and split_head writes every element of
+        // its block.
+        let out = unsafe {
+            kernels::filled(b * h * s * hd, |out| {
+                out.par_chunks_mut(s * hd).enumerate().for_each(|(bh, o)| {
+                    let (bi, head) = (bh / h, bh % h);
+                    let (c, sn) = match cs {
+                        Some((c, sn)) => (
+                            &c[bi * s * half..][..s * half],
+                            &sn[bi * s * half..][..s * half],
+                        ),
+                        None => (&[][..], &[][..]),
+                    };
+                    kernels::split_head(o, &x[bi * s * hh + head * hd..], hh, hd, c, sn);
+                });
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((b, h, s, hd))))
+    }
+}
+
+impl CustomOp1 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads"
+    }
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(x, xl, None)
+    }
+}
+
+impl CustomOp3 for SplitHeads {
+    fn name(&self) -> &'static str {
+        "split-heads-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        c: &CpuStorage,
+        cl: &Layout,
+        sn: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(c), CpuStorage::F32(sn), Some((c0, c1)), Some((s0, s1))) =
+            (c, sn, cl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("split-heads: contiguous f32 cos/sin expected");
+        };
+        self.run(x, xl, Some((&c[c0..c1], &sn[s0..s1])))
+    }
 }
 
 /// Attention probabilities from raw scores `[b, heads, s, kv]`: `softmax(scale * scores + mask)`
@@ -192,5 +352,56 @@ impl CustomOp2 for SiluMul {
         let silu = (g * &sig)?;
         let dsilu = (&sig * ((g * (1.0 - &sig)?)? + 1.0)?)?;
         Ok((Some(((grad * u)? * dsilu)?), Some((grad * silu)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn split_heads_equals_transpose_then_candle_rope() {
+        let (b, s, h, hd) = (2, 5, 3, 8);
+        let x = t(&[b, s, h * hd], 1.0);
+        let (cos, sin) = (t(&[b, s, hd / 2], 2.0), t(&[b, s, hd / 2], 3.0));
+        let plain = x.reshape((b, s, h, hd)).unwrap().transpose(1, 2).unwrap();
+        let want = candle_nn::rotary_emb::rope(&plain.contiguous().unwrap(), &cos, &sin).unwrap();
+        let got = split_heads(&x, h, Some((&cos, &sin)), false).unwrap();
+        assert_eq!(got.dims(), [b, h, s, hd]);
+        assert_eq!(max_diff(&got, &want), 0.0);
+        let got = split_heads(&x, h, None, false).unwrap();
+        assert_eq!(max_diff(&got, &plain), 0.0);
+        // the differentiable composition agrees too
+        let diff = split_heads(&x, h, Some((&cos, &sin)), true).unwrap();
+        assert!(max_diff(&diff, &want) < 1e-6);
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_differentiable_one() {
+        let x = t(&[3, 4, 37], 0.5);
+        let w = t(&[37], 7.0);
+        let fused = rms_norm(&x, &w, 1e-5, false).unwrap();
+        let slow = rms_norm(&x, &w, 1e-5, true).unwrap();
+        assert!(max_diff(&fused, &slow) < 1e-6);
     }
 }
