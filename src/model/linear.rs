@@ -7,6 +7,7 @@
 //! third of a training step's work. f32 block projections on x86 CPUs are packed once for
 //! gemm's microkernels (`super::packed`), in inference and training alike.
 
+use super::ops::f32_slice;
 use super::packed::{self, PackedWeight, Shared};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
@@ -200,17 +201,6 @@ fn store(weight: &Tensor) -> Result<Stored> {
         }
         _ => Ok(Stored::Transposed(weight.t()?.contiguous()?)),
     }
-}
-
-/// The f32 slice of a contiguous CPU tensor's storage.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = storage else {
-        candle_core::bail!("{op}: only f32");
-    };
-    let Some((a, b)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: the input must be contiguous");
-    };
-    Ok(&v[a..b])
 }
 
 /// `x @ W^T` with a packed frozen `W`; backward gives the gradient of `x` only.

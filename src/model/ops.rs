@@ -8,6 +8,21 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
 
+/// The f32 slice of a contiguous CPU tensor's storage.
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = storage else {
+        candle_core::bail!("{op}: only f32");
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&v[a..b])
+}
+
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
     if !differentiable && x.dtype() == DType::F32 && x.device().is_cpu() {
@@ -47,12 +62,10 @@ impl CustomOp2 for RmsNorm {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) =
-            (xs, ws, xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("rms-norm: contiguous f32 tensors expected");
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (x, w) = (
+            f32_slice(xs, xl, "rms-norm")?,
+            f32_slice(ws, wl, "rms-norm")?,
+        );
         let d = w.len();
         if xl.shape().dims().last() != Some(&d) {
             candle_core::bail!("rms-norm: x {:?} with a weight of {d}", xl.shape());
@@ -116,10 +129,7 @@ impl SplitHeads {
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (b, s, hh) = xl.shape().dims3()?;
-        let (CpuStorage::F32(x), Some((x0, x1))) = (x, xl.contiguous_offsets()) else {
-            candle_core::bail!("split-heads: contiguous f32 input expected");
-        };
-        let x = &x[x0..x1];
+        let x = f32_slice(x, xl, "split-heads")?;
         let h = self.heads;
         let hd = hh / h;
         let half = hd / 2;
@@ -174,12 +184,11 @@ impl CustomOp3 for SplitHeads {
         sn: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(c), CpuStorage::F32(sn), Some((c0, c1)), Some((s0, s1))) =
-            (c, sn, cl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("split-heads: contiguous f32 cos/sin expected");
-        };
-        self.run(x, xl, Some((&c[c0..c1], &sn[s0..s1])))
+        let cs = (
+            f32_slice(c, cl, "split-heads")?,
+            f32_slice(sn, sl, "split-heads")?,
+        );
+        self.run(x, xl, Some(cs))
     }
 }
 
@@ -232,10 +241,7 @@ impl CustomOp1 for MaskedSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (b, h, s, kv) = layout.shape().dims4()?;
-        let (CpuStorage::F32(v), Some((a, e))) = (storage, layout.contiguous_offsets()) else {
-            candle_core::bail!("masked-softmax: contiguous f32 scores expected");
-        };
-        let scores = &v[a..e];
+        let scores = f32_slice(storage, layout, "masked-softmax")?;
         // SAFETY: the rows of `out` cover it, and masked_softmax_row writes every element of
         // its row.
         let out = unsafe {
@@ -318,12 +324,10 @@ impl CustomOp2 for SiluMul {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(gv), CpuStorage::F32(uv), Some((g0, g1)), Some((u0, u1))) =
-            (gs, us, gl.contiguous_offsets(), ul.contiguous_offsets())
-        else {
-            candle_core::bail!("silu-mul: contiguous f32 tensors expected");
-        };
-        let (gv, uv) = (&gv[g0..g1], &uv[u0..u1]);
+        let (gv, uv) = (
+            f32_slice(gs, gl, "silu-mul")?,
+            f32_slice(us, ul, "silu-mul")?,
+        );
         if gv.len() != uv.len() {
             candle_core::bail!("silu-mul: {:?} and {:?}", gl.shape(), ul.shape());
         }
