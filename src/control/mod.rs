@@ -20,7 +20,7 @@ use crate::lit::data::SplitMix64;
 use crate::lit::optim::{AdamW, AdamWParams};
 use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
-use crate::lora::{Adapter, LoraConfig};
+use crate::lora::{module_group_names, Adapter, LoraConfig};
 use crate::model::{Input, Llama, Logits};
 use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
 use crate::{Error, Result};
@@ -41,8 +41,8 @@ pub struct ControlConfig {
     pub batch_size: usize,
     /// Adam's learning rate.
     pub lr: f64,
-    /// Which projections get LoRA: `both` (attention, MLP and lm_head), `mlp` (with lm_head),
-    /// `attn` or `qv`.
+    /// Which projections get LoRA, a group of [`crate::lora::MODULE_GROUPS`]: `both`
+    /// (attention, MLP and lm_head), `mlp` (with lm_head), `attn` or `qv`.
     pub lora_modules: String,
     pub r: usize,
     pub lora_alpha: f64,
@@ -93,29 +93,7 @@ impl Default for ControlConfig {
 impl ControlConfig {
     /// The target's LoRA config: the paper's module groups on `layers_to_optimize`.
     pub fn lora_config(&self, n_layers: usize) -> Result<LoraConfig> {
-        let target_modules: Vec<String> = match self.lora_modules.as_str() {
-            "both" => vec![
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-                "lm_head",
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-            ],
-            "mlp" => vec!["gate_proj", "up_proj", "down_proj", "lm_head"],
-            "attn" => vec!["q_proj", "k_proj", "v_proj", "o_proj"],
-            "qv" => vec!["q_proj", "v_proj"],
-            other => {
-                return Err(Error::invalid(format!(
-                    "lora_modules `{other}`: expected both, mlp, attn or qv"
-                )))
-            }
-        }
-        .into_iter()
-        .map(String::from)
-        .collect();
+        let target_modules = module_group_names(&self.lora_modules)?;
         if self.layers_to_optimize.is_empty() {
             return Err(Error::invalid("layers_to_optimize is empty"));
         }

@@ -6,9 +6,12 @@
 //! `adapter_model.safetensors` with PEFT's tensor names), so an adapter trained here loads in
 //! PEFT, and PEFT adapters (such as the paper's released decoder) load here.
 
-use crate::model::{module_name, Llama, LoraWeights, LINEAR_MODULES};
+pub mod groups;
+
+use crate::model::{LinearId, Llama, LoraWeights, Proj, Target};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
+pub use groups::{module_group, module_group_names, MODULE_GROUPS};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -38,7 +41,7 @@ impl LoraConfig {
             r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
-            target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+            target_modules: Target::ALL.map(|t| t.hf_name().to_string()).to_vec(),
             layers_to_transform: None,
             use_rslora: false,
         }
@@ -52,22 +55,6 @@ impl LoraConfig {
         }
     }
 
-    /// Expand module-group shorthands used by the paper's control code.
-    pub fn modules_from_group(group: &str) -> Result<Vec<String>> {
-        let v: &[&str] = match group {
-            "both" | "all" => &LINEAR_MODULES[..7],
-            "mlp" => &["gate_proj", "up_proj", "down_proj"],
-            "attn" => &["q_proj", "k_proj", "v_proj", "o_proj"],
-            "qv" => &["q_proj", "v_proj"],
-            other => {
-                return Err(Error::invalid(format!(
-                    "unknown LoRA module group `{other}` (both, mlp, attn, qv)"
-                )))
-            }
-        };
-        Ok(v.iter().map(|s| s.to_string()).collect())
-    }
-
     pub fn validate(&self, n_layers: usize) -> Result<()> {
         if self.r == 0 {
             return Err(Error::invalid("LoRA rank r must be > 0"));
@@ -79,10 +66,11 @@ impl LoraConfig {
             )));
         }
         for m in &self.target_modules {
-            if !LINEAR_MODULES.contains(&m.as_str()) {
+            if Target::parse(m).is_none() {
+                let known: Vec<&str> = Target::ALL.iter().map(|t| t.hf_name()).collect();
                 return Err(Error::invalid(format!(
                     "unknown LoRA target module `{m}` (known: {})",
-                    LINEAR_MODULES.join(", ")
+                    known.join(", ")
                 )));
             }
         }
@@ -96,8 +84,19 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// HF module names this config adapts on a model of `n_layers`.
-    pub fn module_names(&self, n_layers: usize) -> Vec<String> {
+    /// The targets named in `target_modules` (unknown names are left out; see
+    /// [`LoraConfig::validate`]).
+    pub fn targets(&self) -> Vec<Target> {
+        self.target_modules
+            .iter()
+            .filter_map(|m| Target::parse(m))
+            .collect()
+    }
+
+    /// The linear layers this config adapts on a model of `n_layers`, in forward order
+    /// (`lm_head` last).
+    pub fn modules(&self, n_layers: usize) -> Vec<LinearId> {
+        let targets = self.targets();
         let mut v = Vec::new();
         for l in 0..n_layers {
             if let Some(ls) = &self.layers_to_transform {
@@ -105,16 +104,24 @@ impl LoraConfig {
                     continue;
                 }
             }
-            for m in LINEAR_MODULES.iter().take(7) {
-                if self.target_modules.iter().any(|t| t == m) {
-                    v.push(module_name(l, m));
+            for p in Proj::ALL {
+                if targets.contains(&Target::Proj(p)) {
+                    v.push(LinearId::Block(l, p));
                 }
             }
         }
-        if self.target_modules.iter().any(|t| t == "lm_head") {
-            v.push("lm_head".into());
+        if targets.contains(&Target::LmHead) {
+            v.push(LinearId::LmHead);
         }
         v
+    }
+
+    /// HF module names this config adapts on a model of `n_layers`.
+    pub fn module_names(&self, n_layers: usize) -> Vec<String> {
+        self.modules(n_layers)
+            .into_iter()
+            .map(LinearId::hf_name)
+            .collect()
     }
 }
 
@@ -152,13 +159,10 @@ impl Adapter {
             DType::F32
         };
         let mut layers = BTreeMap::new();
-        for (i, name) in config
-            .module_names(model.n_layers())
-            .into_iter()
-            .enumerate()
-        {
+        for (i, id) in config.modules(model.n_layers()).into_iter().enumerate() {
+            let name = id.hf_name();
             let lin = model
-                .linear(&name)
+                .linear_at(id)
                 .ok_or_else(|| Error::invalid(format!("model has no module `{name}`")))?;
             let (out, inp) = (lin.out_features(), lin.in_features());
             let bound = 1.0 / (inp as f32).sqrt();
@@ -208,8 +212,8 @@ impl Adapter {
     /// cost, with nothing to differentiate (a frozen decoder in control).
     pub fn merged(model: &Llama) -> Result<Llama> {
         let mut m = model.clone();
-        for name in m.linear_names() {
-            if let Some(l) = m.linear_mut(&name) {
+        for id in m.linear_ids() {
+            if let Some(l) = m.linear_at_mut(id) {
                 if let Some(w) = l.lora.take() {
                     // detached: a weight computed from variables would carry their graph
                     // into every forward (keeping all activations alive) and keep `delta`
@@ -229,8 +233,8 @@ impl Adapter {
 
     /// Remove every adapter from a model.
     pub fn detach(model: &mut Llama) {
-        for name in model.linear_names() {
-            if let Some(l) = model.linear_mut(&name) {
+        for id in model.linear_ids() {
+            if let Some(l) = model.linear_at_mut(id) {
                 l.lora = None;
             }
         }
@@ -311,9 +315,7 @@ impl Adapter {
         let mut config: LoraConfig =
             serde_json::from_value(raw.clone()).map_err(|e| Error::bad_file(&cfg_path, e))?;
         // PEFT allows target_modules as a string (a regex or a single name).
-        config
-            .target_modules
-            .retain(|m| LINEAR_MODULES.contains(&m.as_str()));
+        config.target_modules.retain(|m| Target::parse(m).is_some());
         config
             .validate(model.n_layers())
             .map_err(|e| Error::bad_file(&cfg_path, e))?;
@@ -323,7 +325,8 @@ impl Adapter {
             Error::bad_file(&st_path, format!("not a readable safetensors file: {e}"))
         })?;
         let mut layers = BTreeMap::new();
-        for name in config.module_names(model.n_layers()) {
+        for id in config.modules(model.n_layers()) {
+            let name = id.hf_name();
             let get = |ab: &str| -> Result<Tensor> {
                 // PEFT writes `...lora_A.weight`; older versions `...lora_A.default.weight`.
                 let keys = [
@@ -339,7 +342,7 @@ impl Adapter {
                     .map_err(Error::from)
             };
             let (a, b) = (get("A")?, get("B")?);
-            let lin = model.linear(&name).ok_or_else(|| {
+            let lin = model.linear_at(id).ok_or_else(|| {
                 Error::bad_file(&cfg_path, format!("the model has no module `{name}`"))
             })?;
             if a.dims() != [config.r, lin.in_features()]

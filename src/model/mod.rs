@@ -16,6 +16,7 @@
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+pub mod names;
 pub mod ops;
 pub mod packed;
 pub mod weights;
@@ -26,30 +27,8 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
 pub use kv_cache::KvCache;
 pub use linear::{Dropout, Linear, LoraWeights};
+pub use names::{LinearId, Proj, Target};
 use weights::{optional, require, WeightSource};
-
-/// Short names of the linear modules, as PEFT's `target_modules` names them.
-pub const LINEAR_MODULES: [&str; 8] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "lm_head",
-];
-
-/// The HF module name of a block's linear layer from its short name.
-pub fn module_name(layer: usize, short: &str) -> String {
-    let group =
-        if short.ends_with("_proj") && matches!(short, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
-            "self_attn"
-        } else {
-            "mlp"
-        };
-    format!("model.layers.{layer}.{group}.{short}")
-}
 
 /// Which logits a forward returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,19 +255,20 @@ impl Llama {
             crate::interrupt::check()?;
             let p = format!("model.layers.{i}");
             let bias = cfg.attention_bias;
+            let name = |proj| LinearId::Block(i, proj).hf_name();
             let attn = Attention {
-                q: lin(src, &format!("{p}.self_attn.q_proj"), nh * hd, d, bias)?,
-                k: lin(src, &format!("{p}.self_attn.k_proj"), nkv * hd, d, bias)?,
-                v: lin(src, &format!("{p}.self_attn.v_proj"), nkv * hd, d, bias)?,
-                o: lin(src, &format!("{p}.self_attn.o_proj"), d, nh * hd, false)?,
+                q: lin(src, &name(Proj::Q), nh * hd, d, bias)?,
+                k: lin(src, &name(Proj::K), nkv * hd, d, bias)?,
+                v: lin(src, &name(Proj::V), nkv * hd, d, bias)?,
+                o: lin(src, &name(Proj::O), d, nh * hd, false)?,
                 n_heads: nh,
                 n_kv: nkv,
                 hd,
             };
             let mlp = Mlp {
-                gate: lin(src, &format!("{p}.mlp.gate_proj"), ff, d, false)?,
-                up: lin(src, &format!("{p}.mlp.up_proj"), ff, d, false)?,
-                down: lin(src, &format!("{p}.mlp.down_proj"), d, ff, false)?,
+                gate: lin(src, &name(Proj::Gate), ff, d, false)?,
+                up: lin(src, &name(Proj::Up), ff, d, false)?,
+                down: lin(src, &name(Proj::Down), d, ff, false)?,
             };
             let attn_norm = require(
                 src,
@@ -340,57 +320,68 @@ impl Llama {
         self.blocks.len()
     }
 
+    /// Every linear layer, in forward order (`lm_head` last).
+    pub fn linear_ids(&self) -> Vec<LinearId> {
+        let mut v: Vec<LinearId> = (0..self.blocks.len())
+            .flat_map(|i| Proj::ALL.map(|p| LinearId::Block(i, p)))
+            .collect();
+        v.push(LinearId::LmHead);
+        v
+    }
+
     /// HF module names of every linear layer (`model.layers.0.self_attn.q_proj`, ...,
     /// `lm_head`), in forward order.
     pub fn linear_names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        for i in 0..self.blocks.len() {
-            for m in LINEAR_MODULES.iter().take(7) {
-                v.push(module_name(i, m));
-            }
-        }
-        v.push("lm_head".into());
-        v
+        self.linear_ids()
+            .into_iter()
+            .map(LinearId::hf_name)
+            .collect()
+    }
+
+    /// A linear layer, if the model has it.
+    pub fn linear_at(&self, id: LinearId) -> Option<&Linear> {
+        let (i, proj) = match id {
+            LinearId::LmHead => return Some(&self.lm_head),
+            LinearId::Block(i, p) => (i, p),
+        };
+        let b = self.blocks.get(i)?;
+        Some(match proj {
+            Proj::Q => &b.attn.q,
+            Proj::K => &b.attn.k,
+            Proj::V => &b.attn.v,
+            Proj::O => &b.attn.o,
+            Proj::Gate => &b.mlp.gate,
+            Proj::Up => &b.mlp.up,
+            Proj::Down => &b.mlp.down,
+        })
+    }
+
+    /// Mutable access to a linear layer (to attach adapters).
+    pub fn linear_at_mut(&mut self, id: LinearId) -> Option<&mut Linear> {
+        let (i, proj) = match id {
+            LinearId::LmHead => return Some(&mut self.lm_head),
+            LinearId::Block(i, p) => (i, p),
+        };
+        let b = self.blocks.get_mut(i)?;
+        Some(match proj {
+            Proj::Q => &mut b.attn.q,
+            Proj::K => &mut b.attn.k,
+            Proj::V => &mut b.attn.v,
+            Proj::O => &mut b.attn.o,
+            Proj::Gate => &mut b.mlp.gate,
+            Proj::Up => &mut b.mlp.up,
+            Proj::Down => &mut b.mlp.down,
+        })
     }
 
     /// The linear layer with this HF module name.
     pub fn linear(&self, name: &str) -> Option<&Linear> {
-        if name == "lm_head" {
-            return Some(&self.lm_head);
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (i, module) = rest.split_once('.')?;
-        let b = self.blocks.get(i.parse::<usize>().ok()?)?;
-        Some(match module {
-            "self_attn.q_proj" => &b.attn.q,
-            "self_attn.k_proj" => &b.attn.k,
-            "self_attn.v_proj" => &b.attn.v,
-            "self_attn.o_proj" => &b.attn.o,
-            "mlp.gate_proj" => &b.mlp.gate,
-            "mlp.up_proj" => &b.mlp.up,
-            "mlp.down_proj" => &b.mlp.down,
-            _ => return None,
-        })
+        self.linear_at(LinearId::parse(name)?)
     }
 
-    /// Mutable access to a linear layer by HF module name (to attach adapters).
+    /// Mutable access to a linear layer by HF module name.
     pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
-        if name == "lm_head" {
-            return Some(&mut self.lm_head);
-        }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (i, module) = rest.split_once('.')?;
-        let b = self.blocks.get_mut(i.parse::<usize>().ok()?)?;
-        Some(match module {
-            "self_attn.q_proj" => &mut b.attn.q,
-            "self_attn.k_proj" => &mut b.attn.k,
-            "self_attn.v_proj" => &mut b.attn.v,
-            "self_attn.o_proj" => &mut b.attn.o,
-            "mlp.gate_proj" => &mut b.mlp.gate,
-            "mlp.up_proj" => &mut b.mlp.up,
-            "mlp.down_proj" => &mut b.mlp.down,
-            _ => return None,
-        })
+        self.linear_at_mut(LinearId::parse(name)?)
     }
 
     /// Named weights in HF layout (`model.layers.0.self_attn.q_proj.weight`...), for checksums.

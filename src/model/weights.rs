@@ -2,6 +2,7 @@
 //! HF safetensors (single file or shards). Both answer to HF tensor names, so the model loader
 //! has one naming scheme; every failure names the file and the tensor.
 
+use super::names::Proj;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
@@ -121,16 +122,14 @@ impl GgufWeights {
         let (i, rest) = rest.split_once('.')?;
         let (module, kind) = rest.rsplit_once('.')?;
         let g = match module {
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" => "ffn_norm",
-            _ => return None,
+            m => {
+                let (group, short) = m.split_once('.')?;
+                Proj::parse(short)
+                    .filter(|p| p.group() == group)?
+                    .gguf_name()
+            }
         };
         Some(format!("blk.{i}.{g}.{kind}"))
     }
