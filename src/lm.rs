@@ -246,10 +246,7 @@ impl LanguageModel {
             hooks = hooks.capture(*p);
         }
         let n = self.model.n_layers();
-        if !points
-            .iter()
-            .any(|p| p.layer.is_none() && p.site != crate::hooks::Site::Embed)
-        {
+        if !points.contains(&HookPoint::FinalNorm) {
             input.stop_after_layer = Some(hooks.last_layer_needed(n));
         }
         self.model.forward(&input, None, Some(&mut hooks))?;

@@ -14,11 +14,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-/// What is hooked inside a block (or around the stack of blocks).
+/// What is hooked inside a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Site {
-    /// Token embeddings, before block 0 (`hook_embed`).
-    Embed,
     /// Input of block i (`blocks.{i}.hook_resid_pre`).
     ResidPre,
     /// Output of block i's attention, before the residual add (`blocks.{i}.hook_attn_out`).
@@ -29,39 +27,53 @@ pub enum Site {
     MlpOut,
     /// Output of block i (`blocks.{i}.hook_resid_post`; HF's `hidden_states[i + 1]`).
     ResidPost,
-    /// After the final RMSNorm, before the unembedding (`hook_final_norm`).
-    FinalNorm,
+}
+
+impl Site {
+    /// Every block site, in forward order.
+    pub const ALL: [Site; 5] = [
+        Site::ResidPre,
+        Site::AttnOut,
+        Site::ResidMid,
+        Site::MlpOut,
+        Site::ResidPost,
+    ];
+
+    /// TransformerLens's name of the site inside `blocks.{i}.`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::ResidPre => "hook_resid_pre",
+            Site::AttnOut => "hook_attn_out",
+            Site::ResidMid => "hook_resid_mid",
+            Site::MlpOut => "hook_mlp_out",
+            Site::ResidPost => "hook_resid_post",
+        }
+    }
 }
 
 /// A named site in the forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HookPoint {
-    /// The block index for block sites; `None` for `hook_embed` and `hook_final_norm`.
-    pub layer: Option<usize>,
-    pub site: Site,
+pub enum HookPoint {
+    /// Token embeddings, before block 0 (`hook_embed`).
+    Embed,
+    /// A site of block `layer` (`blocks.{layer}.hook_*`).
+    Block(usize, Site),
+    /// After the final RMSNorm, before the unembedding (`hook_final_norm`).
+    FinalNorm,
 }
 
 impl HookPoint {
     pub fn embed() -> Self {
-        HookPoint {
-            layer: None,
-            site: Site::Embed,
-        }
+        HookPoint::Embed
     }
     pub fn final_norm() -> Self {
-        HookPoint {
-            layer: None,
-            site: Site::FinalNorm,
-        }
+        HookPoint::FinalNorm
     }
     pub fn block(layer: usize, site: Site) -> Self {
-        HookPoint {
-            layer: Some(layer),
-            site,
-        }
+        HookPoint::Block(layer, site)
     }
     pub fn resid_post(layer: usize) -> Self {
-        Self::block(layer, Site::ResidPost)
+        HookPoint::Block(layer, Site::ResidPost)
     }
 
     /// Parse a TransformerLens-style name, checking the layer against `n_layers`.
@@ -73,8 +85,8 @@ impl HookPoint {
             ))
         };
         match name {
-            "hook_embed" => return Ok(Self::embed()),
-            "hook_final_norm" | "ln_final.hook_normalized" => return Ok(Self::final_norm()),
+            "hook_embed" => return Ok(HookPoint::Embed),
+            "hook_final_norm" | "ln_final.hook_normalized" => return Ok(HookPoint::FinalNorm),
             _ => {}
         }
         let rest = name.strip_prefix("blocks.").ok_or_else(bad)?;
@@ -86,39 +98,38 @@ impl HookPoint {
                 n_layers.saturating_sub(1)
             )));
         }
-        let site = match site {
-            "hook_resid_pre" => Site::ResidPre,
-            "hook_attn_out" => Site::AttnOut,
-            "hook_resid_mid" => Site::ResidMid,
-            "hook_mlp_out" => Site::MlpOut,
-            "hook_resid_post" => Site::ResidPost,
-            _ => return Err(bad()),
-        };
-        Ok(Self::block(layer, site))
+        let site = Site::ALL
+            .into_iter()
+            .find(|s| s.name() == site)
+            .ok_or_else(bad)?;
+        Ok(HookPoint::Block(layer, site))
+    }
+
+    /// Every hook point of a model of `n_layers`, in forward order.
+    pub fn all(n_layers: usize) -> Vec<HookPoint> {
+        let mut v = vec![HookPoint::Embed];
+        v.extend((0..n_layers).flat_map(|i| Site::ALL.map(|s| HookPoint::Block(i, s))));
+        v.push(HookPoint::FinalNorm);
+        v
     }
 
     /// The last block this point needs run (used to stop a forward early).
     pub fn last_layer_needed(&self, n_layers: usize) -> usize {
-        match (self.layer, self.site) {
-            (Some(l), _) => l,
-            (None, Site::Embed) => 0,
-            _ => n_layers.saturating_sub(1),
+        match *self {
+            HookPoint::Block(l, _) => l,
+            HookPoint::Embed => 0,
+            HookPoint::FinalNorm => n_layers.saturating_sub(1),
         }
     }
 }
 
 impl fmt::Display for HookPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let site = match self.site {
-            Site::Embed => return write!(f, "hook_embed"),
-            Site::FinalNorm => return write!(f, "hook_final_norm"),
-            Site::ResidPre => "hook_resid_pre",
-            Site::AttnOut => "hook_attn_out",
-            Site::ResidMid => "hook_resid_mid",
-            Site::MlpOut => "hook_mlp_out",
-            Site::ResidPost => "hook_resid_post",
-        };
-        write!(f, "blocks.{}.{}", self.layer.unwrap_or(0), site)
+        match self {
+            HookPoint::Embed => write!(f, "hook_embed"),
+            HookPoint::FinalNorm => write!(f, "hook_final_norm"),
+            HookPoint::Block(l, s) => write!(f, "blocks.{l}.{}", s.name()),
+        }
     }
 }
 

@@ -530,29 +530,29 @@ impl Llama {
                 None => Ok(t),
             }
         };
-        let mut x = hook(HookPoint::embed(), x)?;
+        let mut x = hook(HookPoint::Embed, x)?;
         let last = input
             .stop_after_layer
             .unwrap_or(self.blocks.len() - 1)
             .min(self.blocks.len() - 1);
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            let resid_pre = hook(HookPoint::block(i, Site::ResidPre), x)?;
+            let resid_pre = hook(HookPoint::Block(i, Site::ResidPre), x)?;
             let h = ops::rms_norm(&resid_pre, &blk.attn_norm, ctx.eps, ctx.differentiable)?;
             let c = cache.as_deref_mut().map(|c| (c, i));
             let attn_out = hook(
-                HookPoint::block(i, Site::AttnOut),
+                HookPoint::Block(i, Site::AttnOut),
                 blk.attn.forward(&h, &ctx, c)?,
             )?;
             let resid_mid = hook(
-                HookPoint::block(i, Site::ResidMid),
+                HookPoint::Block(i, Site::ResidMid),
                 (&resid_pre + attn_out)?,
             )?;
             let h = ops::rms_norm(&resid_mid, &blk.mlp_norm, ctx.eps, ctx.differentiable)?;
             let mlp_out = hook(
-                HookPoint::block(i, Site::MlpOut),
+                HookPoint::Block(i, Site::MlpOut),
                 blk.mlp.forward(&h, ctx.dropout)?,
             )?;
-            x = hook(HookPoint::block(i, Site::ResidPost), (resid_mid + mlp_out)?)?;
+            x = hook(HookPoint::Block(i, Site::ResidPost), (resid_mid + mlp_out)?)?;
         }
         if input
             .stop_after_layer
@@ -564,7 +564,7 @@ impl Llama {
             });
         }
         let h = ops::rms_norm(&x, &self.final_norm, ctx.eps, ctx.differentiable)?;
-        let h = hook(HookPoint::final_norm(), h)?;
+        let h = hook(HookPoint::FinalNorm, h)?;
         let logits = match &input.logits {
             Logits::None => None,
             Logits::All => Some(self.lm_head.forward(&h)?),

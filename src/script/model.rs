@@ -5,7 +5,7 @@ use super::error::{ctx_err, ScriptResult, ToScript};
 use super::tensor::{from_dynamic, to_dynamic};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::GenOptions;
-use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions, Site};
+use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use crate::lm::{parse_device, parse_dtype, LanguageModel, LoadOptions};
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
 use std::collections::HashMap;
@@ -452,20 +452,10 @@ pub fn register(engine: &mut Engine) {
         )
     });
     engine.register_fn("hook_names", |m: &mut ScriptModel| {
-        let mut v: Array = vec!["hook_embed".into()];
-        for i in 0..m.lm.model.n_layers() {
-            for s in [
-                Site::ResidPre,
-                Site::AttnOut,
-                Site::ResidMid,
-                Site::MlpOut,
-                Site::ResidPost,
-            ] {
-                v.push(HookPoint::block(i, s).to_string().into());
-            }
-        }
-        v.push("hook_final_norm".into());
-        v
+        HookPoint::all(m.lm.model.n_layers())
+            .iter()
+            .map(|p| p.to_string().into())
+            .collect::<Array>()
     });
 
     engine.register_fn(
