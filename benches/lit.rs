@@ -13,7 +13,7 @@ use common::{median, rss_mib};
 use lqa::chat::Message;
 use lqa::latentqa::format::{decoder_prompt, read_prompt};
 use lqa::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
-use lqa::latentqa::{Labels, ReadDialog, VerbMask};
+use lqa::latentqa::{Labels, LayerPlan, ReadDialog, VerbMask};
 use lqa::lit::optim::{AdamW, AdamWParams};
 use lqa::lora::{Adapter, LoraConfig};
 use lqa::model::Dropout;
@@ -112,8 +112,7 @@ fn bench() -> anyhow::Result<()> {
     let mut step = || -> anyhow::Result<f64> {
         seed += 1;
         let cfg = LossConfig {
-            read_layer: 15,
-            write_layer: 0,
+            layers: LayerPlan::new(15, 0),
             pad_id: lm.pad_id(),
             differentiable: true,
             grad_through_target: false,

@@ -12,7 +12,7 @@ use lqa::chat::{ChatTemplate, Message};
 use lqa::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use lqa::latentqa::{
     decoder_prompt, decoder_prompt_from_dialog, latentqa_loss, latentqa_loss_with_hooks,
-    latentqa_token_nll, patch_vectors, read_prompt, DecoderPrompt, Labels, LossConfig,
+    latentqa_token_nll, patch_vectors, read_prompt, DecoderPrompt, Labels, LayerPlan, LossConfig,
     PatchedBatch, PatchedExample, ReadDialog, ReadPrompt, VerbMask, BASE_REPLY,
 };
 use lqa::model::Llama;
@@ -122,8 +122,7 @@ fn build(e: &Json, cfg: &Cfg) -> (ReadPrompt, DecoderPrompt) {
 
 fn loss_config(use_first_from: bool) -> LossConfig {
     LossConfig {
-        read_layer: READ_LAYER,
-        write_layer: WRITE_LAYER,
+        layers: LayerPlan::new(READ_LAYER, WRITE_LAYER),
         pad_id: real::lm().pad_id(),
         differentiable: false,
         grad_through_target: false,
@@ -412,7 +411,7 @@ fn loss_with_added(
     let mut hooks = Hooks::new();
     for (r, (ex, v)) in batch.examples.iter().zip(values).enumerate() {
         hooks = hooks.patch(Patch {
-            point: HookPoint::resid_post(cfg.read_layer),
+            point: HookPoint::resid_post(cfg.layers.read),
             mode: PatchMode::Add,
             value: v.clone(),
             positions: Positions::List((0..ex.read.ids.len()).collect()),
@@ -429,8 +428,7 @@ fn loss_gradient_matches_finite_differences() {
     let decoder = load_tiny_f64(d2.path(), 2);
     let batch = tiny_batch();
     let cfg = LossConfig {
-        read_layer: 1,
-        write_layer: 0,
+        layers: LayerPlan::new(1, 0),
         pad_id: 0,
         differentiable: true,
         grad_through_target: true,

@@ -144,7 +144,7 @@ fn the_trained_adapter_loads_as_a_decoder() {
     let dir = root.path().join("shipped");
     t.save_adapter(&dir, candle_core::DType::BF16).unwrap();
     let d = lqa::latentqa::decoder::Decoder::load(target, Some(&dir)).unwrap();
-    assert_eq!((d.meta.read_layer, d.meta.write_layer), (0, 0));
+    assert_eq!((d.meta.layers.read, d.meta.layers.write), (0, 0));
     let dialog = vec![lqa::chat::Message::new("user", "Talk about the color red.")];
     let s = d.score(&dialog, "What color?", "Red.", false).unwrap();
     assert!(s.is_finite() && s > 0.0, "{s}");

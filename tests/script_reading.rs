@@ -8,6 +8,7 @@ mod common;
 
 use common::chat_model::write_tiny_chat_model_with;
 use lqa::latentqa::decoder::{DecoderMeta, META_FILE};
+use lqa::latentqa::LayerPlan;
 use lqa::lm::LanguageModel;
 use lqa::lora::{Adapter, LoraConfig};
 use lqa::script::{Runtime, RuntimeOptions};
@@ -46,8 +47,7 @@ fn fixture() -> Fixture {
         .unwrap();
     let meta = DecoderMeta {
         base_model: "tiny-chat".into(),
-        read_layer: 1,
-        write_layer: 0,
+        layers: LayerPlan::new(1, 0),
     };
     std::fs::write(
         decoder.join(META_FILE),

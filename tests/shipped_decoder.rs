@@ -22,7 +22,7 @@ fn decoder() -> Decoder {
 #[test]
 fn the_shipped_decoder_reads_held_out_behaviours() {
     let d = decoder();
-    assert_eq!((d.meta.read_layer, d.meta.write_layer), (15, 0));
+    assert_eq!((d.meta.layers.read, d.meta.layers.write), (15, 0));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data =
         LitData::load_dir(&root.join("../shared/latentqa-data"), &Default::default()).unwrap();

@@ -15,7 +15,7 @@ use crate::latentqa::format::{decoder_prompt, read_prompt};
 use crate::latentqa::loss::{
     gather_patches, latentqa_loss, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
 };
-use crate::latentqa::Labels;
+use crate::latentqa::{Labels, LayerPlan};
 use crate::lit::data::SplitMix64;
 use crate::lit::optim::{AdamW, AdamWParams};
 use crate::lit::plot::{smooth, write_loss_curve, Series};
@@ -269,14 +269,12 @@ impl ControlOptimizer {
         if config.batch_size == 0 {
             return Err(Error::invalid("batch_size must be > 0"));
         }
-        let read_layer = config.read_layer.unwrap_or(decoder.meta.read_layer);
-        let write_layer = config.write_layer.unwrap_or(decoder.meta.write_layer);
-        if read_layer >= n_layers || write_layer >= n_layers {
-            return Err(Error::invalid(format!(
-                "read layer {read_layer} / write layer {write_layer} do not fit a model of \
-                 {n_layers} layers"
-            )));
-        }
+        let LayerPlan {
+            read: read_layer,
+            write: write_layer,
+        } = (decoder.meta.layers)
+            .with(config.read_layer, config.write_layer)
+            .check(n_layers)?;
         let mut steered = target.model.clone();
         let adapter = match adapter_dir {
             None => Adapter::new(&steered, lora, config.seed)?,
@@ -572,8 +570,7 @@ impl ControlOptimizer {
 
     fn loss_config(&self, read_layer: usize) -> LossConfig {
         LossConfig {
-            read_layer,
-            write_layer: self.write_layer,
+            layers: LayerPlan::new(read_layer, self.write_layer),
             pad_id: self.target.pad_id(),
             differentiable: true,
             grad_through_target: true,

@@ -3,6 +3,7 @@
 //! the target's activations on a dialog.
 
 use super::format::{decoder_prompt, read_prompt};
+use super::layers::LayerPlan;
 use super::loss::{latentqa_token_nll, LossConfig, PatchedBatch, PatchedExample};
 use super::{Labels, ReadDialog, VerbMask};
 use crate::chat::Message;
@@ -19,8 +20,9 @@ use std::sync::Arc;
 pub struct DecoderMeta {
     /// The model the decoder was trained on (and reads).
     pub base_model: String,
-    pub read_layer: usize,
-    pub write_layer: usize,
+    /// Written flat, as `read_layer` and `write_layer`.
+    #[serde(flatten)]
+    pub layers: LayerPlan,
 }
 
 pub const META_FILE: &str = "lqa_decoder.json";
@@ -71,20 +73,18 @@ impl Decoder {
             serde_json::from_str(&text).map_err(|e| Error::bad_file(&meta_path, e))?
         } else {
             // a plain PEFT adapter: the paper's layers scaled to this model
-            let n = target.model.n_layers();
             DecoderMeta {
                 base_model: target.name.clone(),
-                read_layer: n / 2,
-                write_layer: 0,
+                layers: LayerPlan::default_for(target.model.n_layers()),
             }
         };
         let n = target.model.n_layers();
-        if meta.read_layer >= n || meta.write_layer >= n {
+        if meta.layers.check(n).is_err() {
             return Err(Error::bad_file(
                 &meta_path,
                 format!(
                     "layers {}/{} do not fit a model of {n} layers",
-                    meta.read_layer, meta.write_layer
+                    meta.layers.read, meta.layers.write
                 ),
             ));
         }
@@ -107,8 +107,7 @@ impl Decoder {
         Decoder {
             meta: DecoderMeta {
                 base_model: target.name.clone(),
-                read_layer,
-                write_layer,
+                layers: LayerPlan::new(read_layer, write_layer),
             },
             target,
             model,
@@ -162,8 +161,7 @@ impl Decoder {
 
     pub fn loss_config(&self, patch_all: bool) -> LossConfig {
         LossConfig {
-            read_layer: self.meta.read_layer,
-            write_layer: self.meta.write_layer,
+            layers: self.meta.layers,
             pad_id: self.target.pad_id(),
             differentiable: false,
             grad_through_target: false,

@@ -15,6 +15,7 @@
 //! descending the decoder's loss on a desired answer).
 
 use super::format::{DecoderPrompt, ReadPrompt};
+use super::layers::LayerPlan;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use crate::model::{log_softmax, Input, Llama, Logits};
 use crate::{Error, Result};
@@ -95,10 +96,9 @@ impl PatchedBatch {
 /// How the loss is computed.
 #[derive(Clone, Debug)]
 pub struct LossConfig {
-    /// The target's block whose output is read (`blocks.{read_layer}.hook_resid_post`).
-    pub read_layer: usize,
-    /// The decoder's block whose output is overwritten at the placeholders.
-    pub write_layer: usize,
+    /// The target's block read (`blocks.{read}.hook_resid_post`) and the decoder's block
+    /// overwritten at the placeholders.
+    pub layers: LayerPlan,
     /// The token that left-pads both batches (masked out everywhere).
     pub pad_id: u32,
     /// Use differentiable ops in both forwards (needed for any backward).
@@ -160,10 +160,10 @@ pub fn read_vectors(
     if reads.is_empty() {
         return Ok(Vec::new());
     }
-    if cfg.read_layer >= target.n_layers() {
+    if cfg.layers.read >= target.n_layers() {
         return Err(Error::invalid(format!(
             "read layer {} is out of range: the target has {} layers",
-            cfg.read_layer,
+            cfg.layers.read,
             target.n_layers()
         )));
     }
@@ -173,7 +173,7 @@ pub fn read_vectors(
     // The target needs differentiable ops only when the gradient flows into it (control); it
     // runs without LoRA dropout, as the paper leaves it in eval mode.
     input.differentiable = cfg.differentiable && cfg.grad_through_target;
-    input.stop_after_layer = Some(cfg.read_layer);
+    input.stop_after_layer = Some(cfg.layers.read);
     let hidden = target.forward(&input, None, target_hooks)?.hidden;
     let hidden = if cfg.grad_through_target {
         hidden
@@ -229,10 +229,10 @@ pub fn patched_token_nll(
     cfg: &LossConfig,
     decoder_hooks: Option<&mut Hooks>,
 ) -> Result<TokenNll> {
-    if cfg.write_layer >= decoder.n_layers() {
+    if cfg.layers.write >= decoder.n_layers() {
         return Err(Error::invalid(format!(
             "write layer {} is out of range: the decoder has {} layers",
-            cfg.write_layer,
+            cfg.layers.write,
             decoder.n_layers()
         )));
     }
@@ -288,7 +288,7 @@ pub fn patched_token_nll(
             continue;
         }
         hooks.patches.push(Patch {
-            point: HookPoint::resid_post(cfg.write_layer),
+            point: HookPoint::resid_post(cfg.layers.write),
             mode: PatchMode::Replace,
             value: value.clone(),
             positions: Positions::List(ex.decoder.write_positions.clone()),

@@ -11,6 +11,7 @@
 
 pub mod decoder;
 pub mod format;
+pub mod layers;
 pub mod loss;
 pub mod read;
 
@@ -18,6 +19,7 @@ pub use format::{
     decoder_dialog, decoder_prompt, decoder_prompt_from_dialog, read_prompt, DecoderPrompt,
     ReadPrompt,
 };
+pub use layers::LayerPlan;
 pub use loss::{
     gather_patches, latentqa_loss, latentqa_loss_with_hooks, latentqa_token_nll, patch_vectors,
     patched_token_nll, read_vectors, LossConfig, LossOutput, PatchedBatch, PatchedExample,

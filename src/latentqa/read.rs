@@ -83,9 +83,7 @@ impl Decoder {
     ) -> Result<Reading> {
         let read = self.read_prompt(dialog, patch_all)?;
         let mut cfg = self.loss_config(patch_all);
-        if let Some(l) = read_layer {
-            cfg.read_layer = l;
-        }
+        cfg.layers = cfg.layers.with(read_layer, None);
         let vectors = read_vectors(&self.target.model, &[&read], &cfg, None)?
             .pop()
             .ok_or_else(|| Error::invalid("the target returned no activations"))?;
@@ -125,7 +123,7 @@ impl Decoder {
         let mut hooks = Hooks::new();
         for (r, p) in prompts.iter().enumerate() {
             hooks.patches.push(Patch {
-                point: HookPoint::resid_post(self.meta.write_layer),
+                point: HookPoint::resid_post(self.meta.layers.write),
                 mode: PatchMode::Replace,
                 value: reading.vectors.clone(),
                 positions: Positions::List(p.write_positions.clone()),

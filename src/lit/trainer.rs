@@ -6,7 +6,7 @@
 
 use crate::latentqa::format::{decoder_prompt, read_prompt};
 use crate::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
-use crate::latentqa::Labels;
+use crate::latentqa::{Labels, LayerPlan};
 use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position, SplitMix64};
 use crate::lit::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
 use crate::lit::plot::{smooth, write_loss_curve, Series};
@@ -357,8 +357,7 @@ impl Trainer {
 
     fn loss_config(&self, read_layer: usize, dropout: Option<Dropout>) -> LossConfig {
         LossConfig {
-            read_layer,
-            write_layer: self.config.write_layer,
+            layers: LayerPlan::new(read_layer, self.config.write_layer),
             pad_id: self.target.pad_id(),
             differentiable: dropout.is_some(),
             grad_through_target: false,
@@ -571,8 +570,10 @@ impl Trainer {
         res?;
         let meta = crate::latentqa::decoder::DecoderMeta {
             base_model: self.target.name.clone(),
-            read_layer: (self.config.min_read_layer + self.config.max_read_layer) / 2,
-            write_layer: self.config.write_layer,
+            layers: LayerPlan::new(
+                (self.config.min_read_layer + self.config.max_read_layer) / 2,
+                self.config.write_layer,
+            ),
         };
         atomic_write_json(&dir.join(crate::latentqa::decoder::META_FILE), &meta)
     }

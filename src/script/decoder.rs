@@ -393,8 +393,8 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("info", |d: &mut ScriptDecoder| {
         let mut m = Map::new();
         m.insert("base_model".into(), d.0.meta.base_model.clone().into());
-        m.insert("read_layer".into(), (d.0.meta.read_layer as i64).into());
-        m.insert("write_layer".into(), (d.0.meta.write_layer as i64).into());
+        m.insert("read_layer".into(), (d.0.meta.layers.read as i64).into());
+        m.insert("write_layer".into(), (d.0.meta.layers.write as i64).into());
         m.insert("path".into(), d.0.path.display().to_string().into());
         m
     });
@@ -402,8 +402,8 @@ pub fn register(engine: &mut Engine) {
         format!(
             "Decoder({}: reads blocks.{}.hook_resid_post, writes blocks.{}, from {})",
             d.0.meta.base_model,
-            d.0.meta.read_layer,
-            d.0.meta.write_layer,
+            d.0.meta.layers.read,
+            d.0.meta.layers.write,
             d.0.path.display()
         )
     });
