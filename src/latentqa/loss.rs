@@ -134,7 +134,7 @@ pub struct TokenNll {
     pub counts: Vec<usize>,
 }
 
-/// Run the target on the batch's read prompts up to `read_layer` and return each example's
+/// Run the target on the batch's read prompts up to the read layer and return each example's
 /// patch, `[n_patch, d]`: the read layer's output at [`ReadPrompt::patch_positions`], the first
 /// taken from [`ReadPrompt::first_from`] when `cfg.use_first_from`. `target_hooks` run in the
 /// target's forward (e.g. a steering vector, or an `Add` patch at the read layer), before the
@@ -150,7 +150,7 @@ pub fn patch_vectors(
 }
 
 /// [`patch_vectors`] for bare read prompts (reading needs no decoder prompt to get them):
-/// one left-padded target forward up to `cfg.read_layer`.
+/// one left-padded target forward up to `cfg.layers.read`.
 pub fn read_vectors(
     target: &Llama,
     reads: &[&ReadPrompt],
@@ -332,7 +332,7 @@ pub fn latentqa_loss_with_hooks(
     })
 }
 
-/// The LatentQA loss: the target reads each read prompt, its activations at `read_layer`
+/// The LatentQA loss: the target reads each read prompt, its activations at the read layer
 /// replace the decoder's placeholders at `write_layer`, and the loss is the decoder's mean
 /// NLL over all label tokens of the batch (log-softmax in f32).
 pub fn latentqa_loss(

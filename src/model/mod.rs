@@ -296,7 +296,7 @@ impl Llama {
             Some(w) => Linear::new(w, None),
             None => Linear::new(embed.clone(), None),
         }
-        .with_uid("lm_head");
+        .with_uid(&LinearId::LmHead.hf_name());
         let inv_freq = cfg.rope_inv_freq();
         Ok(Llama {
             cfg,
