@@ -1,7 +1,7 @@
 //! A language model as a user sees it: resolved by name, weights + tokenizer + chat template,
 //! with text in and text out. The script layer wraps this; it knows nothing of Rhai itself.
 
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{self, ChatTemplate, Message};
 use crate::config::LlamaConfig;
 use crate::generate::{generate, GenOptions};
 use crate::hooks::{HookPoint, Hooks};
@@ -89,12 +89,7 @@ impl LanguageModel {
                     cfg.num_attention_heads,
                     cfg.num_key_value_heads,
                 );
-                let tokenizer = Tokenizer::from_gguf(&w.content, path)?;
-                let chat_template = if w.content.metadata.contains_key("tokenizer.chat_template") {
-                    Some(ChatTemplate::from_gguf(&w.content, &tokenizer, path)?)
-                } else {
-                    None
-                };
+                let (tokenizer, chat_template) = chat::load_gguf(&w.content, path)?;
                 let model = Llama::load(cfg, &mut w, opts.dtype, &opts.device)?;
                 Ok(LanguageModel {
                     name: name.to_string(),
@@ -113,11 +108,8 @@ impl LanguageModel {
                 ..
             } => {
                 let cfg = LlamaConfig::from_hf_json(config)?;
-                let tok = Tokenizer::from_files(tokenizer, tokenizer_config.as_deref())?;
-                let chat_template = match tokenizer_config {
-                    Some(p) => ChatTemplate::from_tokenizer_config(p, &tok)?,
-                    None => None,
-                };
+                let (tok, chat_template) =
+                    chat::load_files(tokenizer, tokenizer_config.as_deref())?;
                 let mut w = SafetensorsWeights::open(weights)?;
                 let model = Llama::load(cfg, &mut w, opts.dtype, &opts.device)?;
                 Ok(LanguageModel {

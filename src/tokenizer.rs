@@ -37,11 +37,9 @@
 //! [`Tokenizer::eos_ids`] holds, in this order and without duplicates:
 //! 1. the declared EOS (`tokenizer.ggml.eos_token_id`, or `eos_token` of `tokenizer_config.json`);
 //! 2. `tokenizer.ggml.eot_token_id` and `tokenizer.ggml.eom_token_id` when present (GGUF);
-//! 3. the chat template's end-of-turn token: the template is rendered on a probe conversation
-//!    `[user, assistant]` (see [`crate::chat::ChatTemplate::end_of_turn`]); the text that follows
-//!    the assistant's content is tokenized, and its first token is added when it is a special
-//!    (added) token. This gives `<|im_end|>` for ChatML, `<|eot_id|>` for Llama-3,
-//!    `<end_of_turn>` for Gemma, without any per-model table.
+//! 3. ids added with [`Tokenizer::add_eos_id`]: where a model's tokenizer and chat template
+//!    are loaded together, the template's end-of-turn token (`<|im_end|>` for ChatML,
+//!    `<|eot_id|>` for Llama-3, `<end_of_turn>` for Gemma, found without any per-model table).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -426,22 +424,17 @@ impl Tokenizer {
                 }
             }
         }
-        let mut tok = Tokenizer {
+        Ok(Tokenizer {
             inner,
             bos,
             eos: eos_ids,
             pad,
             add_bos,
-        };
-        if let Some(source) = m.string("tokenizer.chat_template")? {
-            tok.add_template_end_of_turn(&source);
-        }
-        Ok(tok)
+        })
     }
 
     /// Load a Hugging Face `tokenizer.json`, and optionally its `tokenizer_config.json` for the
-    /// special tokens (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`) and the chat
-    /// template's end-of-turn token. Without a config, bos/eos/pad are unknown (`None`/empty).
+    /// special tokens (`bos_token`, `eos_token`, `pad_token`, `add_bos_token`). Without a config, bos/eos/pad are unknown (`None`/empty).
     /// When the config has no `add_bos_token`, [`Self::add_bos`] is whether the
     /// `tokenizer.json` post-processor inserts the BOS.
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
@@ -455,7 +448,6 @@ impl Tokenizer {
             add_bos: false,
         };
         let mut add_bos = None;
-        let mut template = None;
         if let Some(cfg_path) = tokenizer_config {
             let text = std::fs::read_to_string(cfg_path).map_err(|e| Error::io(cfg_path, e))?;
             let cfg: serde_json::Value = serde_json::from_str(&text)
@@ -488,7 +480,6 @@ impl Tokenizer {
             tok.eos = eos.into_iter().collect();
             tok.pad = pad;
             add_bos = cfg.get("add_bos_token").and_then(|v| v.as_bool());
-            template = crate::chat::template_source_from_config(&cfg, cfg_path)?;
         }
         tok.add_bos = match (add_bos, tok.bos) {
             (Some(b), _) => b,
@@ -498,31 +489,13 @@ impl Tokenizer {
             }
             (None, None) => false,
         };
-        if let Some(source) = template {
-            tok.add_template_end_of_turn(&source);
-        }
         Ok(tok)
     }
 
-    /// Add the chat template's end-of-turn token to the eos ids (see the module docs).
-    fn add_template_end_of_turn(&mut self, source: &str) {
-        let Ok(t) = crate::chat::ChatTemplate::new(source, self.bos_token(), self.eos_token())
-        else {
-            return;
-        };
-        let Some(tail) = t.end_of_turn() else {
-            return;
-        };
-        let Ok(ids) = self.encode(tail) else {
-            return;
-        };
-        if let Some(&first) = ids.first() {
-            let is_special = self
-                .id_to_token(first)
-                .is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t));
-            if is_special && !self.eos.contains(&first) {
-                self.eos.push(first);
-            }
+    /// Add `id` to [`Self::eos_ids`] (after those already there) unless it is one of them.
+    pub fn add_eos_id(&mut self, id: u32) {
+        if !self.eos.contains(&id) {
+            self.eos.push(id);
         }
     }
 
@@ -544,6 +517,12 @@ impl Tokenizer {
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)
+    }
+
+    /// Whether `id` is a special (added) token, such as `<|im_end|>`.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.id_to_token(id)
+            .is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
     }
 
     /// The token string of `id` (in the vocabulary's own spelling, e.g. `Ġthe`).

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Content;
 use lqa::chat::{ChatTemplate, Message};
+use lqa::latentqa::format::{render_plain_with_role_renamed, turn_spans_with_role_renamed};
 use lqa::tokenizer::Tokenizer;
 
 /// The real default model, fetched through the project's resolver (never skipped).
@@ -131,7 +132,7 @@ fn gguf_template_derived_shape() {
         "<|im_start|>assistant\n"
     );
     assert_eq!(
-        tmpl.render_plain_with_role_renamed(&[m("user", "Q")], true, "assistant", "reflect")
+        render_plain_with_role_renamed(&tmpl, &[m("user", "Q")], true, "assistant", "reflect")
             .unwrap(),
         "<|im_start|>user\nQ<|im_end|>\n<|im_start|>reflect\n"
     );
@@ -164,14 +165,12 @@ fn encoder_and_decoder_templates_equal_derived_renderings() {
                 "encoder rendering of {msgs:?} (generation prompt: {agp})"
             );
             assert_eq!(
-                tmpl.render_plain_with_role_renamed(&msgs, agp, "assistant", "reflect")
-                    .unwrap(),
+                render_plain_with_role_renamed(&tmpl, &msgs, agp, "assistant", "reflect").unwrap(),
                 decoder.render(&msgs, agp).unwrap(),
                 "decoder rendering of {msgs:?} (generation prompt: {agp})"
             );
-            let (text, _, _) = tmpl
-                .turn_spans_with_role_renamed(&msgs, agp, "assistant", "reflect")
-                .unwrap();
+            let (text, _, _) =
+                turn_spans_with_role_renamed(&tmpl, &msgs, agp, "assistant", "reflect").unwrap();
             assert_eq!(text, decoder.render(&msgs, agp).unwrap());
         }
     }
@@ -223,8 +222,7 @@ fn latentqa_read_and_write_prompts() {
             let k = pe["num_placeholders_k"].as_u64().unwrap() as usize;
             let mut msgs = vec![m("user", &"? ".repeat(k))];
             msgs.extend(serde_json::from_value::<Vec<Message>>(e["dialog"].clone()).unwrap());
-            let text = tmpl
-                .render_plain_with_role_renamed(&msgs, false, "assistant", "reflect")
+            let text = render_plain_with_role_renamed(&tmpl, &msgs, false, "assistant", "reflect")
                 .unwrap();
             let ids = tok.encode(&text).unwrap();
             assert_eq!(
@@ -235,9 +233,8 @@ fn latentqa_read_and_write_prompts() {
             );
             assert_eq!(ids.len() as u64, pe["write_len"].as_u64().unwrap());
             // labels: the reflect turns' content + <|im_end|> + \n, located through the spans
-            let (text2, spans, gen) = tmpl
-                .turn_spans_with_role_renamed(&msgs, false, "assistant", "reflect")
-                .unwrap();
+            let (text2, spans, gen) =
+                turn_spans_with_role_renamed(&tmpl, &msgs, false, "assistant", "reflect").unwrap();
             assert_eq!(text2, text);
             assert!(gen.is_none());
             let (_, offsets) = tok.encode_with_offsets(&text).unwrap();
@@ -367,9 +364,7 @@ fn llama3_template() {
     }
     assert_eq!(&text[g.unwrap().0..g.unwrap().1], gen);
     // decoder: assistant -> reflect, generation prompt included
-    let renamed = t
-        .render_plain_with_role_renamed(&msgs, true, "assistant", "reflect")
-        .unwrap();
+    let renamed = render_plain_with_role_renamed(&t, &msgs, true, "assistant", "reflect").unwrap();
     assert_eq!(
         renamed,
         format!(
@@ -471,13 +466,11 @@ fn role_rename_when_template_ignores_the_new_role() {
     );
     let want = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>reflect\nA<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>reflect\n";
     assert_eq!(
-        t.render_plain_with_role_renamed(&msgs, true, "assistant", "reflect")
-            .unwrap(),
+        render_plain_with_role_renamed(&t, &msgs, true, "assistant", "reflect").unwrap(),
         want
     );
-    let (text, spans, gen) = t
-        .turn_spans_with_role_renamed(&msgs, true, "assistant", "reflect")
-        .unwrap();
+    let (text, spans, gen) =
+        turn_spans_with_role_renamed(&t, &msgs, true, "assistant", "reflect").unwrap();
     assert_eq!(text, want);
     assert_eq!(
         &text[spans[1].0..spans[1].1],

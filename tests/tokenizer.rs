@@ -22,7 +22,7 @@ fn reference() -> Option<serde_json::Value> {
 fn load(path: &Path) -> (Content, Tokenizer) {
     let mut f = std::fs::File::open(path).unwrap();
     let ct = Content::read(&mut f).unwrap();
-    let tok = Tokenizer::from_gguf(&ct, path).unwrap();
+    let (tok, _) = lqa::chat::load_gguf(&ct, path).unwrap();
     (ct, tok)
 }
 
@@ -178,7 +178,7 @@ fn from_files_roundtrip() {
         "chat_template": template,
     });
     std::fs::write(&cfg, serde_json::to_string(&cfg_json).unwrap()).unwrap();
-    let t2 = Tokenizer::from_files(&json, Some(&cfg)).unwrap();
+    let (t2, _) = lqa::chat::load_files(&json, Some(&cfg)).unwrap();
     let text = "<|im_start|>user\nHi there!\n\n42  7 🦀<|im_end|>\n";
     assert_eq!(t2.encode(text).unwrap(), tok.encode(text).unwrap());
     assert_eq!(t2.decode(&tok.encode(text).unwrap()).unwrap(), text);
@@ -328,7 +328,7 @@ fn eos_ids_from_metadata_and_template() {
     let p = Path::new("synthetic.gguf");
     // eot_token_id from the metadata
     let ct = byte_level_content("gpt2", vec![("tokenizer.ggml.eot_token_id", Value::U32(2))]);
-    assert_eq!(Tokenizer::from_gguf(&ct, p).unwrap().eos_ids(), &[1, 2]);
+    assert_eq!(lqa::chat::load_gguf(&ct, p).unwrap().0.eos_ids(), &[1, 2]);
     // the chat template's end-of-turn token, found by rendering a probe conversation
     let template =
         "{% for m in messages %}<|bos|>{{ m.role }}\n{{ m.content }}<|eot|>\n{% endfor %}";
@@ -336,14 +336,14 @@ fn eos_ids_from_metadata_and_template() {
         "gpt2",
         vec![("tokenizer.chat_template", Value::String(template.into()))],
     );
-    assert_eq!(Tokenizer::from_gguf(&ct, p).unwrap().eos_ids(), &[1, 2]);
+    assert_eq!(lqa::chat::load_gguf(&ct, p).unwrap().0.eos_ids(), &[1, 2]);
     // a template ending turns with plain text adds nothing
     let template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}";
     let ct = byte_level_content(
         "gpt2",
         vec![("tokenizer.chat_template", Value::String(template.into()))],
     );
-    assert_eq!(Tokenizer::from_gguf(&ct, p).unwrap().eos_ids(), &[1]);
+    assert_eq!(lqa::chat::load_gguf(&ct, p).unwrap().0.eos_ids(), &[1]);
 }
 
 #[test]

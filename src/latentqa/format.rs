@@ -20,7 +20,7 @@
 //!   replace the placeholders' residual stream at the write layer.
 
 use super::{Labels, ReadDialog, VerbMask, BASE_REPLY, DECODER_ROLE};
-use crate::chat::{ChatTemplate, Message};
+use crate::chat::{ChatTemplate, Message, TurnSpans};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use std::ops::Range;
@@ -278,7 +278,8 @@ fn render_decoder(
     let mut msgs = Vec::with_capacity(dialog.len() + 1);
     msgs.push(Message::new("user", "? ".repeat(k)));
     msgs.extend_from_slice(dialog);
-    let (text, spans, _) = template.turn_spans_with_role_renamed(
+    let (text, spans, _) = turn_spans_with_role_renamed(
+        template,
         &msgs,
         add_generation_prompt,
         "assistant",
@@ -300,7 +301,7 @@ fn render_decoder(
 /// placeholder turn; role `assistant` for the decoder's turns, rendered as `reflect`).
 ///
 /// Rendered with the assistant role renamed and no injected system prompt
-/// ([`ChatTemplate::turn_spans_with_role_renamed`]). `k` is chosen so that the placeholder
+/// ([`turn_spans_with_role_renamed`]). `k` is chosen so that the placeholder
 /// content is exactly `n_patch` tokens: templates that do not trim content (ChatML) render
 /// `"? " * k` as `k + 1` tokens (`?`, `k - 1` times ` ?`, and ` `), templates that trim
 /// (Llama-3) as `k` tokens. This replaces the paper's `NUM_READ_TOKENS_TO_SHIFT` (2 and 1), and
@@ -370,4 +371,155 @@ pub fn decoder_prompt_from_dialog(
         write_positions: placeholders.collect(),
         label_positions,
     })
+}
+
+/// `messages` rendered with role `from` renamed `to` (the decoder's assistant turns become
+/// [`DECODER_ROLE`]): the turns of role `from` and, when `from` is `assistant`, the generation
+/// prompt get the header of role `to`. Like [`ChatTemplate::render_plain`], no default system
+/// prompt is injected.
+///
+/// When the template renders a probe turn of role `to` exactly like any other role
+/// ([`ChatTemplate::renders_role_generically`]), the messages are rendered with the new role
+/// directly; otherwise the headers are swapped in the text. When the template's shape could
+/// not be derived this falls back to [`ChatTemplate::render`] with the renamed roles (the
+/// generation prompt is then not renamed).
+pub fn render_plain_with_role_renamed(
+    template: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    from: &str,
+    to: &str,
+) -> Result<String> {
+    let (Some(h_from), Some(h_to)) = (template.role_header(from), template.role_header(to)) else {
+        return template.render(&rename(messages, from, to), add_generation_prompt);
+    };
+    if template.renders_role_generically(to) {
+        let body = template.render_plain(&rename(messages, from, to), false)?;
+        if !add_generation_prompt {
+            return Ok(body);
+        }
+        let gen = renamed_generation_prompt(template, &h_from, &h_to, from)?;
+        return Ok(format!("{body}{gen}"));
+    }
+    turn_spans_with_role_renamed(template, messages, add_generation_prompt, from, to).map(|t| t.0)
+}
+
+/// [`render_plain_with_role_renamed`]'s text with the same spans as
+/// [`ChatTemplate::turn_spans`].
+pub fn turn_spans_with_role_renamed(
+    template: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    from: &str,
+    to: &str,
+) -> Result<TurnSpans> {
+    let (Some(h_from), Some(h_to)) = (template.role_header(from), template.role_header(to)) else {
+        let renamed = rename(messages, from, to);
+        return template.turn_spans_with(&renamed, add_generation_prompt, &|m, g| {
+            template.render(m, g)
+        });
+    };
+    if template.renders_role_generically(to) {
+        let renamed = rename(messages, from, to);
+        return template.turn_spans_with(&renamed, add_generation_prompt, &|m, g| {
+            let body = template.render_plain(m, false)?;
+            if !g {
+                return Ok(body);
+            }
+            let gen = renamed_generation_prompt(template, &h_from, &h_to, from)?;
+            Ok(format!("{body}{gen}"))
+        });
+    }
+    // The template treats `to` specially (or ignores it): render with the original roles
+    // and swap the headers of the renamed turns textually.
+    let (text, spans, gen) = template.turn_spans(messages, add_generation_prompt)?;
+    let mut out = String::with_capacity(text.len() + 16 * messages.len());
+    let mut new_spans = Vec::with_capacity(spans.len());
+    let first = spans.first().map(|s| s.0).or(gen.map(|g| g.0)).unwrap_or(0);
+    out.push_str(&text[..first]);
+    for (m, &(s, e)) in messages.iter().zip(&spans) {
+        let start = out.len();
+        let seg = &text[s..e];
+        if m.role == from {
+            let rest = seg.strip_prefix(&h_from).ok_or_else(|| {
+                Error::invalid(format!(
+                    "chat template `{}`: a `{from}` turn does not start with its header \
+                     {h_from:?}; cannot rename the role",
+                    template.name()
+                ))
+            })?;
+            out.push_str(&h_to);
+            out.push_str(rest);
+        } else {
+            out.push_str(seg);
+        }
+        new_spans.push((start, out.len()));
+    }
+    let new_gen = match gen {
+        None => None,
+        Some((s, e)) => {
+            let start = out.len();
+            let g = &text[s..e];
+            out.push_str(&rename_in_generation_prompt(
+                g,
+                &h_from,
+                &h_to,
+                from,
+                template.name(),
+            )?);
+            Some((start, out.len()))
+        }
+    };
+    Ok((out, new_spans, new_gen))
+}
+
+/// The template's generation prompt with the header of `from` replaced by that of `to`.
+fn renamed_generation_prompt(
+    template: &ChatTemplate,
+    h_from: &str,
+    h_to: &str,
+    from: &str,
+) -> Result<String> {
+    rename_in_generation_prompt(
+        template.generation_prompt().unwrap_or(""),
+        h_from,
+        h_to,
+        from,
+        template.name(),
+    )
+}
+
+fn rename(messages: &[Message], from: &str, to: &str) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| Message {
+            role: if m.role == from {
+                to.to_string()
+            } else {
+                m.role.clone()
+            },
+            content: m.content.clone(),
+        })
+        .collect()
+}
+
+/// The generation prompt opens an assistant turn: rename its header when `from` is the role
+/// it opens.
+fn rename_in_generation_prompt(
+    gen: &str,
+    h_from: &str,
+    h_to: &str,
+    from: &str,
+    name: &str,
+) -> Result<String> {
+    if gen.contains(h_from) {
+        Ok(gen.replacen(h_from, h_to, 1))
+    } else if from == "assistant" {
+        Err(Error::invalid(format!(
+            "chat template `{name}`: the generation prompt {gen:?} does not contain the header \
+             {h_from:?}; cannot rename the role"
+        )))
+    } else {
+        Ok(gen.to_string())
+    }
 }

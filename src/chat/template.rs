@@ -1,14 +1,8 @@
-//! Chat templates: Hugging Face Jinja templates rendered with minijinja, and the derived
-//! renderings LatentQA needs.
+//! A compiled chat template: rendering a dialog as `transformers` does, and the renderings
+//! derived from the template's shape (no default system prompt, turn spans).
 //!
-//! The environment mimics `transformers`' `apply_chat_template`: `trim_blocks` and
-//! `lstrip_blocks`, no auto-escaping, Python string/dict/list methods (`.strip()`,
-//! `.startswith()`, `.items()`... from `minijinja-contrib`'s pycompat), `raise_exception(msg)`,
-//! `strftime_now(fmt)` (UTC), a `tojson` filter that writes JSON as Python's `json.dumps` does,
-//! and the variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`,
-//! `tools = none` and `documents = none`. `{% generation %}` blocks are rendered as plain
-//! blocks. Undefined values are lenient as in Jinja2: they print as nothing and are falsy.
-//! Not supported: `{% break %}`/`{% continue %}` (minijinja's `loop_controls` feature is off).
+//! Templates are rendered in the `jinja` runtime with the variables `messages`,
+//! `add_generation_prompt`, `bos_token`, `eos_token`, `tools = none` and `documents = none`.
 //!
 //! # Derived renderings, without per-model tables
 //!
@@ -33,31 +27,13 @@
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use minijinja::value::{Kwargs, Value};
-use minijinja::{AutoEscape, Environment, ErrorKind};
-use serde::{Deserialize, Serialize};
+use minijinja::value::Value;
+use minijinja::Environment;
 
+use super::jinja;
+use super::message::Message;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-
-/// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, or any role the template knows.
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
-
-impl Message {
-    /// A message with this role and content.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
 
 /// Probe contents: private-use characters, which no template trims or rewrites.
 const SENT_S: &str = "\u{E000}";
@@ -113,246 +89,10 @@ pub struct ChatTemplate {
 /// prompt's span when one was added.
 pub type TurnSpans = (String, Vec<(usize, usize)>, Option<(usize, usize)>);
 
-fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
-/// (year, month, day) to days since 1970-01-01 (the inverse of [`civil_from_days`]).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Python's `strftime` for the usual codes, on a UTC time given in seconds since the epoch.
-fn strftime_utc(fmt: &str, secs: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const DAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, mo, d) = civil_from_days(days);
-    let (h, mi, s) = (sod / 3600, (sod / 60) % 60, sod % 60);
-    // 1970-01-01 was a Thursday (index 3 from Monday).
-    let wd = (days + 3).rem_euclid(7) as usize;
-    let yday = days - days_from_civil(y, 1, 1) + 1;
-    let month = MONTHS[(mo - 1) as usize];
-    let mut out = String::new();
-    let mut chars = fmt.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('d') => out.push_str(&format!("{d:02}")),
-            Some('-') => match chars.next() {
-                Some('d') => out.push_str(&d.to_string()),
-                Some('m') => out.push_str(&mo.to_string()),
-                Some('H') => out.push_str(&h.to_string()),
-                Some(o) => {
-                    out.push_str("%-");
-                    out.push(o);
-                }
-                None => out.push_str("%-"),
-            },
-            Some('m') => out.push_str(&format!("{mo:02}")),
-            Some('Y') => out.push_str(&y.to_string()),
-            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
-            Some('b') => out.push_str(&month[..3]),
-            Some('B') => out.push_str(month),
-            Some('a') => out.push_str(&DAYS[wd][..3]),
-            Some('A') => out.push_str(DAYS[wd]),
-            Some('H') => out.push_str(&format!("{h:02}")),
-            Some('I') => out.push_str(&format!("{:02}", if h % 12 == 0 { 12 } else { h % 12 })),
-            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
-            Some('M') => out.push_str(&format!("{mi:02}")),
-            Some('S') => out.push_str(&format!("{s:02}")),
-            Some('j') => out.push_str(&format!("{yday:03}")),
-            Some('%') => out.push('%'),
-            Some(o) => {
-                out.push('%');
-                out.push(o);
-            }
-            None => out.push('%'),
-        }
-    }
-    out
-}
-
-fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    strftime_utc(&fmt, secs)
-}
-
-/// JSON with Python's default separators `", "` and `": "` (`json.dumps` without indent).
-struct PyCompactFormatter;
-
-impl serde_json::ser::Formatter for PyCompactFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        writer: &mut W,
-    ) -> std::io::Result<()> {
-        writer.write_all(b": ")
-    }
-}
-
-/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`.
-/// The keyword arguments `indent` and `ensure_ascii` are supported, `separators` and
-/// `sort_keys` are not.
-fn tojson(
-    value: Value,
-    indent: Option<usize>,
-    kwargs: Kwargs,
-) -> std::result::Result<Value, minijinja::Error> {
-    let indent = match indent {
-        Some(i) => Some(i),
-        None => kwargs.get::<Option<usize>>("indent")?,
-    };
-    let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
-    kwargs.assert_all_used()?;
-    let mut buf = Vec::new();
-    let res = match indent {
-        Some(n) => {
-            let spaces = vec![b' '; n];
-            let fmt = serde_json::ser::PrettyFormatter::with_indent(&spaces);
-            let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-            value.serialize(&mut ser)
-        }
-        None => {
-            let mut ser = serde_json::Serializer::with_formatter(&mut buf, PyCompactFormatter);
-            value.serialize(&mut ser)
-        }
-    };
-    res.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let mut s = String::from_utf8(buf)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    if ensure_ascii {
-        // Non-ASCII can only occur inside JSON strings: escape it as Python does.
-        let mut escaped = String::with_capacity(s.len());
-        for c in s.chars() {
-            if c.is_ascii() {
-                escaped.push(c);
-            } else {
-                let mut units = [0u16; 2];
-                for u in c.encode_utf16(&mut units) {
-                    escaped.push_str(&format!("\\u{u:04x}"));
-                }
-            }
-        }
-        s = escaped;
-    }
-    Ok(Value::from_safe_string(s))
-}
-
-/// Rewrite `{% generation %}` / `{% endgeneration %}` (transformers' AssistantTracker
-/// extension) to `{% if true %}` / `{% endif %}`, keeping whitespace-control markers.
-fn rewrite_generation_tags(source: &str) -> String {
-    let mut out = String::with_capacity(source.len());
-    let mut rest = source;
-    while let Some(start) = rest.find("{%") {
-        let Some(len) = rest[start..].find("%}") else {
-            break;
-        };
-        let tag = &rest[start..start + len + 2];
-        let inner = &tag[2..tag.len() - 2];
-        let lead = inner.len() - inner.trim_start_matches(['-', '+']).len();
-        let trail = inner.len() - inner.trim_end_matches(['-', '+']).len();
-        let word = inner[lead..inner.len() - trail].trim();
-        out.push_str(&rest[..start]);
-        let replacement = match word {
-            "generation" => Some("if true"),
-            "endgeneration" => Some("endif"),
-            _ => None,
-        };
-        match replacement {
-            Some(r) => {
-                out.push_str("{%");
-                out.push_str(&inner[..lead]);
-                out.push(' ');
-                out.push_str(r);
-                out.push(' ');
-                out.push_str(&inner[inner.len() - trail..]);
-                out.push_str("%}");
-            }
-            None => out.push_str(tag),
-        }
-        rest = &rest[start + len + 2..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// The chat template source of a parsed `tokenizer_config.json`: `chat_template` as a string,
 /// or the entry named `default` of a list of `{name, template}`; else a `chat_template.jinja`
 /// file next to the config. `Ok(None)` when there is none.
-pub(crate) fn template_source_from_config(
-    cfg: &serde_json::Value,
-    path: &Path,
-) -> Result<Option<String>> {
+fn template_source_from_config(cfg: &serde_json::Value, path: &Path) -> Result<Option<String>> {
     match cfg.get("chat_template") {
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Array(list)) => {
@@ -409,16 +149,7 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> std::result::Result<Self, String> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_auto_escape_callback(|_| AutoEscape::None);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_filter("tojson", tojson);
-        env.add_template_owned(name.to_string(), rewrite_generation_tags(source))
+        let env = jinja::environment(name, source)
             .map_err(|e| format!("chat template `{name}` does not compile: {e}"))?;
         let mut t = ChatTemplate {
             env,
@@ -575,7 +306,7 @@ impl ChatTemplate {
 
     /// The text the template writes right after an assistant message's content, e.g.
     /// `<|im_end|>\n` (ChatML) or `<|eot_id|>` (Llama-3); `None` if empty or unknown.
-    /// [`Tokenizer`] takes its first token as an end-of-generation id.
+    /// Its first token is an end-of-generation id when special (see [`Self::end_of_turn_id`]).
     pub fn end_of_turn(&self) -> Option<&str> {
         self.end_of_turn.as_deref()
     }
@@ -642,8 +373,9 @@ impl ChatTemplate {
         }
     }
 
-    /// Spans of each message's turn in `render_fn(messages)`, from prefix renderings.
-    fn spans_with(
+    /// Spans of each message's turn in `render_fn(messages)`, from prefix renderings (see
+    /// [`Self::turn_spans`]).
+    pub(crate) fn turn_spans_with(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
@@ -682,107 +414,17 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<TurnSpans> {
-        self.spans_with(messages, add_generation_prompt, &|m, g| {
+        self.turn_spans_with(messages, add_generation_prompt, &|m, g| {
             self.render_plain(m, g)
         })
     }
 
-    /// [`Self::render_plain_with_role_renamed`]'s text with the same spans as
-    /// [`Self::turn_spans`].
-    pub fn turn_spans_with_role_renamed(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        from: &str,
-        to: &str,
-    ) -> Result<TurnSpans> {
+    /// Whether a turn of `role` renders as `header(role) + content + end of turn`, as the
+    /// probe turns do; `false` when the template's shape could not be derived.
+    pub fn renders_role_generically(&self, role: &str) -> bool {
         let Some(p) = &self.probe else {
-            let renamed = rename(messages, from, to);
-            return self.spans_with(&renamed, add_generation_prompt, &|m, g| self.render(m, g));
+            return false;
         };
-        if self.renders_role_generically(p, to) {
-            let renamed = rename(messages, from, to);
-            return self.spans_with(&renamed, add_generation_prompt, &|m, g| {
-                let body = self.render_plain(m, false)?;
-                if !g {
-                    return Ok(body);
-                }
-                let gen = self.renamed_generation_prompt(p, from, to)?;
-                Ok(format!("{body}{gen}"))
-            });
-        }
-        // The template treats `to` specially (or ignores it): render with the original roles
-        // and swap the headers of the renamed turns textually.
-        let (text, spans, gen) = self.turn_spans(messages, add_generation_prompt)?;
-        let (h_from, h_to) = (p.header(from), p.header(to));
-        let mut out = String::with_capacity(text.len() + 16 * messages.len());
-        let mut new_spans = Vec::with_capacity(spans.len());
-        let first = spans.first().map(|s| s.0).or(gen.map(|g| g.0)).unwrap_or(0);
-        out.push_str(&text[..first]);
-        for (m, &(s, e)) in messages.iter().zip(&spans) {
-            let start = out.len();
-            let seg = &text[s..e];
-            if m.role == from {
-                let rest = seg.strip_prefix(&h_from).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "chat template `{}`: a `{from}` turn does not start with its header \
-                         {h_from:?}; cannot rename the role",
-                        self.name
-                    ))
-                })?;
-                out.push_str(&h_to);
-                out.push_str(rest);
-            } else {
-                out.push_str(seg);
-            }
-            new_spans.push((start, out.len()));
-        }
-        let new_gen = match gen {
-            None => None,
-            Some((s, e)) => {
-                let start = out.len();
-                let g = &text[s..e];
-                out.push_str(&rename_in_generation_prompt(
-                    g, &h_from, &h_to, from, &self.name,
-                )?);
-                Some((start, out.len()))
-            }
-        };
-        Ok((out, new_spans, new_gen))
-    }
-
-    /// The same template with the assistant role renamed (LatentQA's decoder uses `reflect`):
-    /// the turns of role `from` and, when `from` is `assistant`, the generation prompt get the
-    /// header of role `to`. Like [`Self::render_plain`], no default system prompt is injected.
-    ///
-    /// When the template renders a probe turn of role `to` exactly like any other role, the
-    /// messages are rendered with the new role directly; otherwise the headers are swapped in
-    /// the text. When the template's shape could not be derived this falls back to
-    /// [`Self::render`] with the renamed roles (the generation prompt is then not renamed).
-    pub fn render_plain_with_role_renamed(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-        from: &str,
-        to: &str,
-    ) -> Result<String> {
-        let Some(p) = &self.probe else {
-            return self.render(&rename(messages, from, to), add_generation_prompt);
-        };
-        if self.renders_role_generically(p, to) {
-            let body = self.render_plain(&rename(messages, from, to), false)?;
-            if !add_generation_prompt {
-                return Ok(body);
-            }
-            let gen = self.renamed_generation_prompt(p, from, to)?;
-            return Ok(format!("{body}{gen}"));
-        }
-        self.turn_spans_with_role_renamed(messages, add_generation_prompt, from, to)
-            .map(|t| t.0)
-    }
-
-    /// Whether a turn of `role` renders as `header(role) + content + end of turn`.
-    fn renders_role_generically(&self, p: &Probe, role: &str) -> bool {
         let msgs = [
             Message::new("system", SENT_S),
             Message::new("user", SENT_U),
@@ -790,14 +432,7 @@ impl ChatTemplate {
         ];
         let expected = format!(
             "{}{}{SENT_U}{e}{}{SENT_A}{e}",
-            {
-                let mut s = p.preamble.clone();
-                s.push_str(&p.header("system"));
-                s.push_str(&p.system_decoration);
-                s.push_str(SENT_S);
-                s.push_str(&p.end_of_turn);
-                s
-            },
+            p.sentinel_system_block(),
             p.header("user"),
             p.header(role),
             e = p.end_of_turn
@@ -805,79 +440,17 @@ impl ChatTemplate {
         self.render_raw(&msgs, false).is_ok_and(|r| r == expected)
     }
 
-    fn renamed_generation_prompt(&self, p: &Probe, from: &str, to: &str) -> Result<String> {
-        rename_in_generation_prompt(
-            &p.generation_prompt,
-            &p.header(from),
-            &p.header(to),
-            from,
-            &self.name,
-        )
+    /// The end-of-turn token of this template in `tokenizer`'s vocabulary: the first token of
+    /// [`Self::end_of_turn`] when it is a special (added) token, e.g. `<|im_end|>` for ChatML,
+    /// `<|eot_id|>` for Llama-3, `<end_of_turn>` for Gemma. It ends generation as the EOS does.
+    pub fn end_of_turn_id(&self, tokenizer: &Tokenizer) -> Option<u32> {
+        let ids = tokenizer.encode(self.end_of_turn()?).ok()?;
+        let first = *ids.first()?;
+        tokenizer.is_special(first).then_some(first)
     }
 
     /// The template's name in error messages (`chat_template`, `tokenizer.chat_template`).
     pub fn name(&self) -> &str {
         &self.name
-    }
-}
-
-fn rename(messages: &[Message], from: &str, to: &str) -> Vec<Message> {
-    messages
-        .iter()
-        .map(|m| Message {
-            role: if m.role == from {
-                to.to_string()
-            } else {
-                m.role.clone()
-            },
-            content: m.content.clone(),
-        })
-        .collect()
-}
-
-/// The generation prompt opens an assistant turn: rename its header when `from` is the role
-/// it opens.
-fn rename_in_generation_prompt(
-    gen: &str,
-    h_from: &str,
-    h_to: &str,
-    from: &str,
-    name: &str,
-) -> Result<String> {
-    if gen.contains(h_from) {
-        Ok(gen.replacen(h_from, h_to, 1))
-    } else if from == "assistant" {
-        Err(Error::invalid(format!(
-            "chat template `{name}`: the generation prompt {gen:?} does not contain the header \
-             {h_from:?}; cannot rename the role"
-        )))
-    } else {
-        Ok(gen.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strftime_known_dates() {
-        // 2024-07-26 00:00:00 UTC
-        assert_eq!(strftime_utc("%d %b %Y", 1_721_952_000), "26 Jul 2024");
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %H:%M:%S %A %j", 951_827_696),
-            "2000-02-29 12:34:56 Tuesday 060"
-        );
-        assert_eq!(strftime_utc("%B %-d, %y %%", 0), "January 1, 70 %");
-    }
-
-    #[test]
-    fn generation_tags_rewritten() {
-        assert_eq!(
-            rewrite_generation_tags(
-                "a{%- generation %}b{% endgeneration -%}c{% if x %}{% endif %}"
-            ),
-            "a{%- if true %}b{% endif -%}c{% if x %}{% endif %}"
-        );
     }
 }
