@@ -138,6 +138,30 @@ pub enum Positions {
     List(Vec<usize>),
 }
 
+impl Positions {
+    /// The positions `relative` (`None`: all) in a row of `len` tokens; a negative position
+    /// counts from the row's end (`-1` is its last token). A position outside the row is an
+    /// error naming it.
+    pub fn resolve(relative: Option<&[i64]>, len: usize) -> Result<Self> {
+        let Some(ps) = relative else {
+            return Ok(Positions::All);
+        };
+        ps.iter()
+            .map(|&p| {
+                let q = if p < 0 { len as i64 + p } else { p };
+                if q < 0 || q as usize >= len {
+                    Err(Error::invalid(format!(
+                        "position {p} is outside the prompt of {len} tokens"
+                    )))
+                } else {
+                    Ok(q as usize)
+                }
+            })
+            .collect::<Result<_>>()
+            .map(Positions::List)
+    }
+}
+
 /// Replace or add a value at a hook point.
 ///
 /// `value` is `[d]` (the same vector at every position) or `[n, d]` (one vector per listed
