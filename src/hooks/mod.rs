@@ -9,7 +9,7 @@
 //! same thing in a left-padded batch and in a single row, and during KV-cache generation.
 
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -390,15 +390,4 @@ fn patch_row(xr: &Tensor, mut cols: Vec<(usize, Tensor)>, mode: PatchMode) -> Re
         pieces.push(xr.narrow(0, cur, s - cur)?);
     }
     Ok(Tensor::cat(&pieces, 0)?)
-}
-
-/// Remove a row's left padding from a captured `[batch, seq, d]` tensor: `[seq - pad, d]`.
-pub fn unpad_row(t: &Tensor, row: usize, pad: usize) -> Result<Tensor> {
-    let s = t.dim(1)?;
-    Ok(t.get(row)?.narrow(0, pad, s - pad)?)
-}
-
-/// L2 norm along the last dimension, in f32.
-pub fn norms(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?.sqr()?.sum(D::Minus1)?.sqrt()?)
 }
