@@ -56,9 +56,3 @@ impl Error {
         }
     }
 }
-
-/// `bail!`-style helper for [`Error::Invalid`].
-#[macro_export]
-macro_rules! invalid {
-    ($($arg:tt)*) => { $crate::error::Error::Invalid(format!($($arg)*)) };
-}

@@ -6,8 +6,10 @@
 //! - [`config`], [`tokenizer`], [`chat`]: typed config, tokenizers, chat templates
 //! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
 //! - [`lit`]: training a decoder (LIT): the LatentQA data, label splits, length-bucketed batches
+//! - [`assets`]: where the stdlib, decoders, controls and data are found
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
+pub mod assets;
 pub mod chat;
 pub mod config;
 pub mod control;

@@ -13,6 +13,7 @@ use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -77,6 +78,25 @@ impl LanguageModel {
     pub fn load(name: &str, opts: &LoadOptions) -> Result<Self> {
         let src = sources::resolve(name)?;
         Self::from_source(name, &src, opts)
+    }
+
+    /// [`LanguageModel::load`] as a shared handle: loading the same model (same name, dtype and
+    /// device) again while a handle is alive gives the same weights, not a second copy. The
+    /// cache is process-wide and holds no model alive by itself.
+    pub fn load_shared(name: &str, opts: &LoadOptions) -> Result<Arc<Self>> {
+        type Cache = Mutex<HashMap<String, Weak<LanguageModel>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let key = format!("{name}|{:?}|{:?}", opts.dtype, opts.device.location());
+        let cache = CACHE.get_or_init(Default::default);
+        let lock = || cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lm) = lock().get(&key).and_then(Weak::upgrade) {
+            return Ok(lm);
+        }
+        let lm = Arc::new(Self::load(name, opts)?);
+        let mut c = lock();
+        c.retain(|_, w| w.strong_count() > 0);
+        c.insert(key, Arc::downgrade(&lm));
+        Ok(lm)
     }
 
     pub fn from_source(name: &str, src: &ModelSource, opts: &LoadOptions) -> Result<Self> {

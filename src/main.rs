@@ -1,5 +1,6 @@
 //! `lqa FILE.rhai [ARGS...]` runs a script, `lqa -e CODE [ARGS...]` evaluates a snippet and
-//! prints its value, `lqa` alone opens the REPL; `lqa pull NAME` and `lqa models` manage models.
+//! prints its value, `lqa` alone opens the REPL; `lqa pull NAME` and `lqa models` manage models; `lqa assets` says where
+//! the stdlib, decoders, controls and data are found.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -71,9 +72,11 @@ enum Command {
     },
     /// List the models `lqa pull` knows by name
     Models,
+    /// Say where the stdlib, decoders, controls and data are found
+    Assets,
 }
 
-const SUBCOMMANDS: &[&str] = &["pull", "models"];
+const SUBCOMMANDS: &[&str] = &["pull", "models", "assets"];
 /// Options that take a value as the next argument (to find the first positional argument).
 const VALUE_OPTIONS: &[&str] = &[
     "-e",
@@ -174,6 +177,13 @@ fn run(cli: Cli) -> ExitCode {
                 };
                 println!("{:width$}  {}  ({cached})", m.name, m.description);
             }
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Assets) => {
+            println!(
+                "{}",
+                lqa::assets::describe(&lqa::assets::Roots::current(None))
+            );
             return ExitCode::SUCCESS;
         }
         None => {}

@@ -9,7 +9,7 @@
 //! same thing in a left-padded batch and in a single row, and during KV-cache generation.
 
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -147,6 +147,30 @@ pub enum Positions {
     All,
     /// These token indices of the row's own unpadded sequence, in this order.
     List(Vec<usize>),
+}
+
+impl Positions {
+    /// The positions `relative` (`None`: all) in a row of `len` tokens; a negative position
+    /// counts from the row's end (`-1` is its last token). A position outside the row is an
+    /// error naming it.
+    pub fn resolve(relative: Option<&[i64]>, len: usize) -> Result<Self> {
+        let Some(ps) = relative else {
+            return Ok(Positions::All);
+        };
+        ps.iter()
+            .map(|&p| {
+                let q = if p < 0 { len as i64 + p } else { p };
+                if q < 0 || q as usize >= len {
+                    Err(Error::invalid(format!(
+                        "position {p} is outside the prompt of {len} tokens"
+                    )))
+                } else {
+                    Ok(q as usize)
+                }
+            })
+            .collect::<Result<_>>()
+            .map(Positions::List)
+    }
 }
 
 /// Replace or add a value at a hook point.
@@ -377,15 +401,4 @@ fn patch_row(xr: &Tensor, mut cols: Vec<(usize, Tensor)>, mode: PatchMode) -> Re
         pieces.push(xr.narrow(0, cur, s - cur)?);
     }
     Ok(Tensor::cat(&pieces, 0)?)
-}
-
-/// Remove a row's left padding from a captured `[batch, seq, d]` tensor: `[seq - pad, d]`.
-pub fn unpad_row(t: &Tensor, row: usize, pad: usize) -> Result<Tensor> {
-    let s = t.dim(1)?;
-    Ok(t.get(row)?.narrow(0, pad, s - pad)?)
-}
-
-/// L2 norm along the last dimension, in f32.
-pub fn norms(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(DType::F32)?.sqr()?.sum(D::Minus1)?.sqrt()?)
 }

@@ -27,22 +27,20 @@ pub struct DecoderMeta {
 
 pub const META_FILE: &str = "lqa_decoder.json";
 
-/// Where the project's shipped decoders live (`decoders/NAME/`), `$LQA_DECODERS` first.
+/// The decoder shipped for `model_name` (`decoders/MODEL/`, found as in [`crate::assets`]).
 pub fn shipped_decoder_dir(model_name: &str) -> Option<PathBuf> {
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Ok(p) = std::env::var("LQA_DECODERS") {
-        roots.push(PathBuf::from(p));
-    }
-    roots.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("decoders"));
-    if let Ok(exe) = std::env::current_exe() {
-        for a in exe.ancestors().skip(1).take(4) {
-            roots.push(a.join("decoders"));
-        }
-    }
-    roots
-        .into_iter()
-        .map(|r| r.join(model_name))
-        .find(|d| d.join("adapter_config.json").is_file())
+    crate::assets::decoder_dir(model_name, None)
+}
+
+/// The decoder shipped for `model_name`, looked for next to the script in `script_dir` first;
+/// an error saying how to get one when there is none.
+pub fn find_shipped_decoder(model_name: &str, script_dir: Option<&Path>) -> Result<PathBuf> {
+    crate::assets::decoder_dir(model_name, script_dir).ok_or_else(|| {
+        Error::invalid(format!(
+            "no decoder is shipped for `{model_name}`: train one with scripts/train_decoder.rhai \
+             and pass its directory"
+        ))
+    })
 }
 
 pub struct Decoder {
@@ -59,13 +57,7 @@ impl Decoder {
     pub fn load(target: Arc<LanguageModel>, dir: Option<&Path>) -> Result<Self> {
         let dir = match dir {
             Some(d) => d.to_path_buf(),
-            None => shipped_decoder_dir(&target.name).ok_or_else(|| {
-                Error::invalid(format!(
-                    "no decoder is shipped for `{}`: train one with scripts/train_decoder.rhai \
-                     and pass its directory",
-                    target.name
-                ))
-            })?,
+            None => find_shipped_decoder(&target.name, None)?,
         };
         let meta_path = dir.join(META_FILE);
         let meta: DecoderMeta = if meta_path.exists() {

@@ -60,7 +60,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            data_dir: PathBuf::from("../shared/latentqa-data"),
+            data_dir: crate::assets::latentqa_data(),
             out_dir: PathBuf::from("runs/decoder"),
             limit: None,
             eval_fraction: 0.1,

@@ -3,7 +3,7 @@
 //! callback.
 //!
 //! `config` keys: `control` (a name in `controls/` or a path), `prompts` (an instruction set,
-//! default `data/instructions.json`), `out_dir` (metrics, loss curve, checkpoints), `resume`
+//! default `data/instructions.json`; both found as in [`crate::assets`]), `out_dir` (metrics, loss curve, checkpoints), `resume`
 //! (`true`: continue the run checkpointed in `out_dir`, or start a new one when there is no
 //! checkpoint), and the fields of [`ControlConfig`] (`samples`, `batch_size`, `lr`,
 //! `lora_modules`, `r`, `lora_alpha`, `lora_dropout`, `layers_to_optimize`, `read_layer`,
@@ -13,6 +13,7 @@ use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
 use super::globals::dynamic_to_json;
 use super::model::ScriptModel;
+use crate::assets;
 use crate::control::data::{load_instructions, Control};
 use crate::control::{ControlConfig, ControlOptimizer};
 use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
@@ -25,35 +26,6 @@ pub struct ScriptControl {
     pub inner: Arc<Mutex<ControlOptimizer>>,
     pub on_step: Option<FnPtr>,
     pub out_dir: Option<PathBuf>,
-}
-
-/// A control by name (`controls/NAME.json`, from the working directory or the project) or by
-/// path.
-pub fn control_path(name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.extension().is_some() || p.components().count() > 1 {
-        return p.to_path_buf();
-    }
-    let local = Path::new("controls").join(format!("{name}.json"));
-    if local.exists() {
-        return local;
-    }
-    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join(&local);
-    if project.exists() {
-        project
-    } else {
-        local
-    }
-}
-
-/// The shipped instruction set, from the working directory or the project.
-fn default_prompts() -> PathBuf {
-    let local = PathBuf::from("data/instructions.json");
-    if local.exists() {
-        local
-    } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(local)
-    }
 }
 
 struct Parsed {
@@ -109,10 +81,11 @@ fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
     }
     let config: ControlConfig =
         serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("control config: {e}")))?;
+    let here = super::script_dir(ctx);
     Ok(Parsed {
         config,
-        control: control_path(&control),
-        prompts: prompts.unwrap_or_else(default_prompts),
+        control: assets::control_path(&control, here.as_deref()),
+        prompts: prompts.unwrap_or_else(|| assets::data_file("instructions.json", here.as_deref())),
         out_dir,
         resume,
     })

@@ -332,8 +332,13 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn(
         "load_decoder",
         |ctx: NativeCallContext, m: ScriptModel| -> ScriptResult<ScriptDecoder> {
+            let dir = crate::latentqa::decoder::find_shipped_decoder(
+                &m.lm.name,
+                super::script_dir(&ctx).as_deref(),
+            )
+            .at(&ctx)?;
             Ok(ScriptDecoder(Arc::new(
-                Decoder::load(m.lm.clone(), None).at(&ctx)?,
+                Decoder::load(m.lm.clone(), Some(&dir)).at(&ctx)?,
             )))
         },
     );
@@ -426,7 +431,7 @@ pub fn register_eval(engine: &mut Engine) {
             }
             let s = |k: &str| opts.get(k).map(|v| v.to_string());
             let n = |k: &str, def: i64| opts.get(k).and_then(|v| v.as_int().ok()).unwrap_or(def);
-            let data_dir = s("data_dir").unwrap_or_else(|| "../shared/latentqa-data".into());
+            let data_dir = s("data_dir").map_or_else(crate::assets::latentqa_data, Into::into);
             let split_path = s("split").ok_or_else(|| {
                 ctx_err(
                     &ctx,

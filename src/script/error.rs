@@ -168,10 +168,18 @@ pub fn cause_message(cause: &EvalAltResult, hints: &LimitHints) -> String {
         }
         E::ErrorModuleNotFound(name, _) => {
             let stdlib = match &hints.stdlib {
-                Some(dir) => format!(" and {}", dir.display()),
-                None => " (no stdlib/ folder found; set LQA_STDLIB)".to_string(),
+                Some(dir) => format!(", {}", dir.display()),
+                None => String::new(),
             };
-            format!("module \"{name}\" not found: looked in the script's folder{stdlib}")
+            let embedded: Vec<&str> = crate::assets::STDLIB
+                .iter()
+                .map(|(f, _)| f.trim_end_matches(".rhai"))
+                .collect();
+            format!(
+                "module \"{name}\" not found: looked in the script's folder{stdlib} and the \
+                 embedded stdlib ({})",
+                embedded.join(", ")
+            )
         }
         E::ErrorSystem(s, err) if s.is_empty() => err.to_string(),
         E::ErrorSystem(s, err) => format!("{s}: {err}"),

@@ -366,6 +366,21 @@ impl rhai::ModuleResolver for SharedResolver {
     }
 }
 
+/// The folder of the script making this call (`None` for code typed at `-e` or the REPL), where
+/// [`crate::assets`] looks first.
+pub fn script_dir(ctx: &NativeCallContext) -> Option<PathBuf> {
+    ctx.call_source()
+        .filter(|s| !s.starts_with('<'))
+        .and_then(|s| Path::new(s).parent())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p.to_path_buf()
+            }
+        })
+}
+
 /// A non-negative integer argument as `usize`; a negative one is an error naming `what`.
 pub fn arg_usize(ctx: &NativeCallContext, what: &str, value: i64) -> ScriptResult<usize> {
     usize::try_from(value).map_err(|_| ctx_err(ctx, format!("{what} must be >= 0, got {value}")))

@@ -8,8 +8,7 @@ use crate::generate::GenOptions;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use crate::lm::{parse_device, parse_dtype, LanguageModel, LoadOptions};
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::Arc;
 
 /// A loaded model as the Rhai type `Model`: a shared handle, cheap to copy.
 #[derive(Clone)]
@@ -227,24 +226,7 @@ fn load(ctx: &NativeCallContext, name: &str, opts: &Map) -> ScriptResult<ScriptM
     if let Some(d) = opts.get("device") {
         lo.device = parse_device(&d.to_string()).at(ctx)?;
     }
-    // Models are shared handles: loading the same model twice (same dtype and device) while it
-    // is alive gives the same weights, not a second copy.
-    type Cache = Mutex<HashMap<String, Weak<LanguageModel>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let key = format!("{name}|{:?}|{:?}", lo.dtype, lo.device.location());
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(lm) = cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&key).and_then(Weak::upgrade))
-    {
-        return Ok(ScriptModel { lm, template: None });
-    }
-    let lm = Arc::new(LanguageModel::load(name, &lo).at(ctx)?);
-    if let Ok(mut c) = cache.lock() {
-        c.retain(|_, w| w.strong_count() > 0);
-        c.insert(key, Arc::downgrade(&lm));
-    }
+    let lm = LanguageModel::load_shared(name, &lo).at(ctx)?;
     Ok(ScriptModel { lm, template: None })
 }
 
@@ -269,7 +251,8 @@ fn generate(
     })
 }
 
-/// Resolve script hooks into model hooks; negative positions count from each prompt's end.
+/// Resolve script hooks into model hooks; negative positions count from each prompt's end
+/// ([`Positions::resolve`]).
 fn build_hooks(
     ctx: &NativeCallContext,
     m: &ScriptModel,
@@ -297,21 +280,8 @@ fn build_hooks(
             .clone();
         let point = m.point(ctx, &h.name)?;
         for (row, &len) in lens.iter().enumerate() {
-            let positions = match &h.positions {
-                None => Positions::All,
-                Some(ps) => Positions::List(
-                    ps.iter()
-                        .map(|&p| {
-                            let q = if p < 0 { len as i64 + p } else { p };
-                            if q < 0 || q as usize >= len {
-                                Err(ctx_err(ctx, format!("hooks[{i}]: position {p} is outside the prompt of {len} tokens")))
-                            } else {
-                                Ok(q as usize)
-                            }
-                        })
-                        .collect::<ScriptResult<_>>()?,
-                ),
-            };
+            let positions = Positions::resolve(h.positions.as_deref(), len)
+                .map_err(|e| ctx_err(ctx, format!("hooks[{i}]: {e}")))?;
             out = out.patch(Patch {
                 point,
                 mode: h.mode,

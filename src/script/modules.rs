@@ -1,5 +1,6 @@
 //! `import "name" as m;`: modules come from the importing file's own folder first (the current
-//! directory for `-e` and the REPL), then from the project's `stdlib/` folder.
+//! directory for `-e` and the REPL), then from a stdlib folder (`$LQA_STDLIB` or the source
+//! tree's, see [`crate::assets`]), then from the stdlib embedded in the binary.
 //!
 //! This is rhai's `FileModuleResolver` + `ModuleResolversCollection` idea in one small resolver,
 //! written out so that (1) a module's source is its full file path, so that errors inside it name
@@ -8,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
 use rhai::{Engine, EvalAltResult, Module, ModuleResolver, Position, Scope, Shared};
@@ -17,26 +18,17 @@ type SharedModule = Shared<Module>;
 
 use super::error::script_err;
 
-/// The environment variable naming the stdlib folder.
-pub const STDLIB_ENV: &str = "LQA_STDLIB";
+pub use crate::assets::STDLIB_ENV;
 
-/// The `stdlib/` folder: `$LQA_STDLIB`, else the first `stdlib/` found walking up from the
-/// executable, else walking up from this crate's source folder.
+/// The stdlib folder read before the embedded modules: [`crate::assets::stdlib_dir`].
 pub fn find_stdlib() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os(STDLIB_ENV).filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir));
-    }
-    let from_exe = std::env::current_exe()
-        .ok()
-        .and_then(|exe| find_up(exe.parent()?));
-    from_exe.or_else(|| find_up(Path::new(env!("CARGO_MANIFEST_DIR"))))
+    crate::assets::stdlib_dir()
 }
 
-fn find_up(start: &Path) -> Option<PathBuf> {
-    start
-        .ancestors()
-        .map(|dir| dir.join("stdlib"))
-        .find(|dir| dir.is_dir())
+/// What `import "name"` found: a file, or a module embedded in the binary.
+enum ModuleFile {
+    File(PathBuf),
+    Embedded(&'static str, &'static str),
 }
 
 type Cached = (Option<SystemTime>, SharedModule);
@@ -88,48 +80,98 @@ impl ScriptResolver {
         out
     }
 
-    /// The file `import "name"` loads, if any.
+    /// The file `import "name"` loads, if any (not counting the embedded stdlib).
     pub fn find(&self, source: Option<&str>, name: &str) -> Option<PathBuf> {
+        if source.is_some_and(is_embedded) {
+            return None;
+        }
         self.candidates(source, name)
             .into_iter()
             .find(|p| p.is_file())
     }
 
+    /// What `import "name"` loads: a file, else an embedded stdlib module. Embedded modules
+    /// import only each other.
+    fn locate(&self, source: Option<&str>, name: &str) -> Option<ModuleFile> {
+        if let Some(file) = self.find(source, name) {
+            return Some(ModuleFile::File(file));
+        }
+        let file = if name.ends_with(".rhai") {
+            name.to_string()
+        } else {
+            format!("{name}.rhai")
+        };
+        crate::assets::STDLIB
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map(|(f, code)| ModuleFile::Embedded(f, code))
+    }
+
     fn load(
         &self,
         engine: &Engine,
-        file: &Path,
+        found: ModuleFile,
         pos: Position,
     ) -> Result<SharedModule, Box<EvalAltResult>> {
-        let shown = file.display().to_string();
+        let (shown, key, mtime) = match &found {
+            ModuleFile::File(file) => (
+                file.display().to_string(),
+                file.canonicalize().unwrap_or_else(|_| file.to_path_buf()),
+                std::fs::metadata(file).and_then(|m| m.modified()).ok(),
+            ),
+            ModuleFile::Embedded(name, _) => {
+                let shown = crate::assets::embedded_source(name);
+                (shown.clone(), PathBuf::from(shown), None)
+            }
+        };
         let in_module = |err: Box<EvalAltResult>| -> Box<EvalAltResult> {
             EvalAltResult::ErrorInModule(shown.clone(), err, pos).into()
         };
-        let key = file.canonicalize().unwrap_or_else(|_| file.to_path_buf());
-        let mtime = std::fs::metadata(file).and_then(|m| m.modified()).ok();
-        if let Some((when, module)) = self.cache.lock().unwrap().get(&key) {
+        if let Some((when, module)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
             if *when == mtime {
                 return Ok(module.clone());
             }
         }
-        if !self.loading.lock().unwrap().insert(key.clone()) {
+        if !self
+            .loading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone())
+        {
             return Err(in_module(script_err(
                 format!("circular import: {shown} imports itself (directly or not)"),
                 Position::NONE,
             )));
         }
-        let result = engine.compile_file(file.to_path_buf()).and_then(|mut ast| {
+        let compiled = match found {
+            ModuleFile::File(file) => engine.compile_file(file),
+            ModuleFile::Embedded(_, code) => engine.compile(code).map_err(Into::into),
+        };
+        let result = compiled.and_then(|mut ast| {
             ast.set_source(shown.as_str());
             Module::eval_ast_as_new(Scope::new(), &ast, engine)
         });
-        self.loading.lock().unwrap().remove(&key);
+        self.loading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
         let module: SharedModule = result.map_err(in_module)?.into();
         self.cache
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(key, (mtime, module.clone()));
         Ok(module)
     }
+}
+
+/// Whether `source` names an embedded stdlib module.
+fn is_embedded(source: &str) -> bool {
+    source.starts_with("<stdlib>/")
 }
 
 impl ModuleResolver for ScriptResolver {
@@ -140,8 +182,8 @@ impl ModuleResolver for ScriptResolver {
         path: &str,
         pos: Position,
     ) -> Result<SharedModule, Box<EvalAltResult>> {
-        match self.find(source, path) {
-            Some(file) => self.load(engine, &file, pos),
+        match self.locate(source, path) {
+            Some(found) => self.load(engine, found, pos),
             None => Err(EvalAltResult::ErrorModuleNotFound(path.to_string(), pos).into()),
         }
     }
