@@ -110,3 +110,35 @@ fn values_with_no_plain_form_are_named() {
         "{e}"
     );
 }
+
+#[derive(Debug, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+struct Extra {
+    patch_all: bool,
+}
+
+#[test]
+fn field_lists_come_from_the_struct() {
+    assert_eq!(
+        lqa::script::options::fields::<Opts>(),
+        ["steps", "lr", "name", "lora"]
+    );
+    assert_eq!(lqa::script::options::fields::<Extra>(), ["patch_all"]);
+}
+
+#[test]
+fn one_map_splits_into_two_option_structs() {
+    use lqa::script::options::parse_split;
+    let (o, e): (Opts, Extra) = parse_split(&map("#{steps: 2, patch_all: true}"), "ask").unwrap();
+    assert_eq!((o.steps, e.patch_all), (2, true));
+    let err = parse_split::<Opts, Extra>(&map("#{patch: true}"), "ask").unwrap_err();
+    assert_eq!(
+        err,
+        "ask: unknown option `patch` (known: steps, lr, name, lora, patch_all)"
+    );
+    let err = parse_split::<Opts, Extra>(&map("#{patch_all: 1}"), "ask").unwrap_err();
+    assert!(
+        err.starts_with("ask: option `patch_all`: integer `1`, expected a boolean"),
+        "{err}"
+    );
+}

@@ -62,3 +62,62 @@ fn describe(what: &str, path: &str, inner: &str) -> String {
         key => format!("{what}: option `{key}`: {inner}"),
     }
 }
+
+/// The option names a `#[derive(Deserialize)]` struct takes, read from serde's own description
+/// of it (no list kept by hand).
+pub fn fields<T: DeserializeOwned>() -> &'static [&'static str] {
+    let probe = FieldProbe(std::cell::Cell::new(&[]));
+    let _ = T::deserialize(&probe);
+    probe.0.get()
+}
+
+/// Read one map into two option structs: each key goes to the struct that has it (an `ask`
+/// takes the generation options and its own). A key neither has is named with both lists.
+pub fn parse_split<A: DeserializeOwned, B: DeserializeOwned>(
+    map: &Map,
+    what: &str,
+) -> Result<(A, B), String> {
+    let (fa, fb) = (fields::<A>(), fields::<B>());
+    let (mut ma, mut mb) = (Map::new(), Map::new());
+    for (k, v) in map {
+        if fa.contains(&k.as_str()) {
+            ma.insert(k.clone(), v.clone());
+        } else if fb.contains(&k.as_str()) {
+            mb.insert(k.clone(), v.clone());
+        } else {
+            let known: Vec<&str> = fa.iter().chain(fb).copied().collect();
+            return Err(format!(
+                "{what}: unknown option `{k}` (known: {})",
+                known.join(", ")
+            ));
+        }
+    }
+    Ok((parse(&ma, what)?, parse(&mb, what)?))
+}
+
+/// A deserializer that only records the field list a struct asks for, then stops.
+struct FieldProbe(std::cell::Cell<&'static [&'static str]>);
+
+impl<'de> serde::Deserializer<'de> for &FieldProbe {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a struct"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.set(fields);
+        Err(serde::de::Error::custom("fields read"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
