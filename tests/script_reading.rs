@@ -319,3 +319,67 @@ fn a_control_run_resumes_from_its_checkpoint() {
     ));
     assert!(e.contains("output directory"), "{e}");
 }
+
+/// Every options map is read into a typed struct: an unknown key or a wrong type is an error
+/// naming the key, at the call's position.
+#[test]
+fn options_maps_name_unknown_keys_and_wrong_types() {
+    let f = fixture();
+    let dialog = r#"[#{role: "user", content: "Hello there"}]"#;
+    let model = f.model.to_str().unwrap();
+    let cases = [
+        (
+            format!("load_model({model:?}, #{{dtpye: \"f32\"}})"),
+            "load_model: unknown option `dtpye` (known: dtype, device, adapter)",
+        ),
+        (
+            format!("load_model({model:?}, #{{dtype: 32}})"),
+            "load_model: option `dtype`: integer `32`, expected a string",
+        ),
+        (
+            "m.generate(\"hi\", #{max_new_token: 3})".into(),
+            "generate: unknown option `max_new_token`",
+        ),
+        (
+            "m.generate(\"hi\", #{temperature: \"hot\"})".into(),
+            "generate: option `temperature`: string \"hot\", expected f64",
+        ),
+        (
+            format!("m.chat({dialog}, #{{seed: -1}})"),
+            "generate: option `seed`: invalid value: integer `-1`, expected u64",
+        ),
+        (
+            "m.run_with_hooks(\"hi\", [], #{use_cache: 1})".into(),
+            "generate: option `use_cache`: integer `1`, expected a boolean",
+        ),
+        (
+            format!("d.score({dialog}, \"q\", \"a\", #{{patchall: true}})"),
+            "score: unknown option `patchall` (known: patch_all)",
+        ),
+        (
+            format!("d.ask({dialog}, \"q\", #{{read_layr: 1}})"),
+            "ask: unknown option `read_layr`",
+        ),
+        (
+            format!("d.ask({dialog}, \"q\", #{{patch_all: 1}})"),
+            "ask: option `patch_all`: integer `1`, expected a boolean",
+        ),
+        (
+            format!("d.read_table([{dialog}], [\"q\"], #{{max_new_tokens: \"x\"}})"),
+            "ask: option `max_new_tokens`",
+        ),
+        (
+            "evaluate_reading(d, #{split: \"s.json\", limit: 2.5})".into(),
+            "evaluate_reading: option `limit`: float `2.5`",
+        ),
+        (
+            "evaluate_reading(d, #{limt: 2})".into(),
+            "evaluate_reading: unknown option `limt`",
+        ),
+    ];
+    for (code, want) in cases {
+        let err = f.eval_err(&code);
+        assert!(err.contains(want), "{code}:\n  got  {err}\n  want {want}");
+        assert!(err.starts_with("<eval>:1:"), "{code}: no position in {err}");
+    }
+}

@@ -6,11 +6,13 @@
 //! an array of them.
 
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::model::{gen_options_with, messages_from, messages_named, ScriptModel};
+use super::model::{messages_from, messages_named, GenOpts, ScriptModel};
+use super::options::{options, parse_split};
 use crate::chat::Message;
 use crate::latentqa::decoder::Decoder;
 use crate::latentqa::read::AskOptions;
 use rhai::{Array, Dynamic, Engine, Map, NativeCallContext};
+use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,19 +20,12 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct ScriptDecoder(pub Arc<Decoder>);
 
-fn patch_all(ctx: &NativeCallContext, opts: &Map) -> ScriptResult<bool> {
-    if let Some(k) = opts.keys().find(|k| k.as_str() != "patch_all") {
-        return Err(ctx_err(
-            ctx,
-            format!("unknown option `{k}` (known: patch_all)"),
-        ));
-    }
-    match opts.get("patch_all") {
-        None => Ok(false),
-        Some(v) => v
-            .as_bool()
-            .map_err(|t| ctx_err(ctx, format!("patch_all is a {t}, expected true or false"))),
-    }
+/// `score` options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ScoreOpts {
+    /// Patch the whole dialog, control included.
+    patch_all: bool,
 }
 
 fn score(
@@ -42,7 +37,8 @@ fn score(
     opts: &Map,
 ) -> ScriptResult<f64> {
     let msgs = messages_from(ctx, dialog)?;
-    d.0.score(&msgs, q, a, patch_all(ctx, opts)?).at(ctx)
+    let o: ScoreOpts = options(ctx, opts, "score")?;
+    d.0.score(&msgs, q, a, o.patch_all).at(ctx)
 }
 
 /// One dialog: a string (a single user turn), an array of message maps, or a map with
@@ -231,17 +227,22 @@ fn questions_named(
     ))
 }
 
-const ASK_KEYS: &[&str] = &["read_layer", "patch_all"];
+/// The decoder's own options of `ask` and `read_table` (the generation options come beside them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AskOpts {
+    /// Read the target at this layer instead of the decoder's own.
+    read_layer: Option<usize>,
+    /// Patch the whole dialog, control included (the paper's unmasked reading).
+    patch_all: bool,
+}
 
 fn ask_options(ctx: &NativeCallContext, d: &Decoder, opts: &Map) -> ScriptResult<AskOptions> {
-    let mut gen_map = opts.clone();
+    let (g, a): (GenOpts, AskOpts) = parse_split(opts, "ask").map_err(|e| ctx_err(ctx, e))?;
     let mut o = AskOptions::default();
-    if let Some(v) = gen_map.remove("read_layer") {
-        let l = v
-            .as_int()
-            .map_err(|t| ctx_err(ctx, format!("read_layer is a {t}, expected an integer")))?;
+    if let Some(l) = a.read_layer {
         let n = d.target.model.n_layers();
-        if l < 0 || l as usize >= n {
+        if l >= n {
             return Err(ctx_err(
                 ctx,
                 format!(
@@ -250,20 +251,10 @@ fn ask_options(ctx: &NativeCallContext, d: &Decoder, opts: &Map) -> ScriptResult
                 ),
             ));
         }
-        o.read_layer = Some(l as usize);
+        o.read_layer = Some(l);
     }
-    if let Some(v) = gen_map.remove("patch_all") {
-        o.patch_all = v
-            .as_bool()
-            .map_err(|t| ctx_err(ctx, format!("patch_all is a {t}, expected true or false")))?;
-    }
-    if !gen_map.contains_key("max_new_tokens") {
-        gen_map.insert(
-            "max_new_tokens".into(),
-            (o.gen.max_new_tokens as i64).into(),
-        );
-    }
-    o.gen = gen_options_with(ctx, &d.target, &gen_map, ASK_KEYS)?;
+    o.patch_all = a.patch_all;
+    o.gen = g.resolve(&d.target, o.gen.max_new_tokens);
     Ok(o)
 }
 
@@ -415,6 +406,32 @@ pub fn register(engine: &mut Engine) {
     let _ = Dynamic::UNIT;
 }
 
+/// `evaluate_reading` options.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct EvalOpts {
+    /// The LatentQA data directory.
+    data_dir: Option<String>,
+    /// The `split.json` a training run wrote (required).
+    split: Option<String>,
+    /// At most this many held-out items.
+    limit: Option<usize>,
+    batch_size: usize,
+    seed: u64,
+}
+
+impl Default for EvalOpts {
+    fn default() -> Self {
+        EvalOpts {
+            data_dir: None,
+            split: None,
+            limit: None,
+            batch_size: 8,
+            seed: 0,
+        }
+    }
+}
+
 /// `evaluate_reading(decoder, #{data_dir, split, limit, batch_size, seed})`: the held-out
 /// reading test (true vs shuffled activations); `split` is the `split.json` a training run
 /// wrote.
@@ -422,17 +439,9 @@ pub fn register_eval(engine: &mut Engine) {
     engine.register_fn(
         "evaluate_reading",
         |ctx: NativeCallContext, d: ScriptDecoder, opts: Map| -> ScriptResult<Map> {
-            const KEYS: &[&str] = &["data_dir", "split", "limit", "batch_size", "seed"];
-            if let Some(k) = opts.keys().find(|k| !KEYS.contains(&k.as_str())) {
-                return Err(ctx_err(
-                    &ctx,
-                    format!("unknown option `{k}` (known: {})", KEYS.join(", ")),
-                ));
-            }
-            let s = |k: &str| opts.get(k).map(|v| v.to_string());
-            let n = |k: &str, def: i64| opts.get(k).and_then(|v| v.as_int().ok()).unwrap_or(def);
-            let data_dir = s("data_dir").map_or_else(crate::assets::latentqa_data, Into::into);
-            let split_path = s("split").ok_or_else(|| {
+            let o: EvalOpts = options(&ctx, &opts, "evaluate_reading")?;
+            let data_dir = o.data_dir.map_or_else(crate::assets::latentqa_data, Into::into);
+            let split_path = o.split.ok_or_else(|| {
                 ctx_err(
                     &ctx,
                     "evaluate_reading needs `split` (a split.json from training)",
@@ -442,17 +451,13 @@ pub fn register_eval(engine: &mut Engine) {
                 crate::lit::data::LitData::load_dir(Path::new(&data_dir), &Default::default())
                     .at(&ctx)?;
             let split = crate::lit::data::LabelSplit::load(Path::new(&split_path)).at(&ctx)?;
-            let limit = opts
-                .get("limit")
-                .and_then(|v| v.as_int().ok())
-                .map(|l| l.max(0) as usize);
             let r = crate::lit::eval::reading_gap(
                 &d.0,
                 &data,
                 &split,
-                limit,
-                n("batch_size", 8).max(1) as usize,
-                n("seed", 0) as u64,
+                o.limit,
+                o.batch_size.max(1),
+                o.seed,
             )
             .at(&ctx)?;
             let v = serde_json::to_value(&r).expect("json");

@@ -31,6 +31,7 @@ pub mod error;
 pub mod globals;
 pub mod model;
 pub mod modules;
+pub mod options;
 pub mod table;
 pub mod tensor;
 pub mod trainer;

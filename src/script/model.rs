@@ -2,12 +2,14 @@
 //! patch activations at TransformerLens-named hook points.
 
 use super::error::{ctx_err, ScriptResult, ToScript};
+use super::options::options;
 use super::tensor::{from_dynamic, to_dynamic};
 use crate::chat::{ChatTemplate, Message};
 use crate::generate::GenOptions;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use crate::lm::{parse_device, parse_dtype, LanguageModel, LoadOptions};
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
+use serde::Deserialize;
 use std::sync::Arc;
 
 /// A loaded model as the Rhai type `Model`: a shared handle, cheap to copy.
@@ -77,55 +79,49 @@ pub fn messages_named(
         .collect()
 }
 
-fn opt_f64(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Option<f64>> {
-    match opts.get(key) {
-        None => Ok(None),
-        Some(v) if v.is_float() => Ok(Some(v.as_float().unwrap())),
-        Some(v) if v.is_int() => Ok(Some(v.as_int().unwrap() as f64)),
-        Some(v) => Err(ctx_err(
-            ctx,
-            format!("option `{key}` is a {}, expected a number", v.type_name()),
-        )),
+/// Generation options as a script gives them (`#{max_new_tokens: 40, temperature: 0.7}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenOpts {
+    /// `None`: the caller's default (64 for `generate`, the decoder's for `ask`).
+    pub max_new_tokens: Option<usize>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// Stop a row at the model's end-of-turn/end-of-text tokens.
+    pub stop: bool,
+    pub use_cache: bool,
+}
+
+impl Default for GenOpts {
+    fn default() -> Self {
+        let d = GenOptions::default();
+        GenOpts {
+            max_new_tokens: None,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            seed: d.seed,
+            stop: true,
+            use_cache: d.use_cache,
+        }
     }
 }
 
-fn opt_usize(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Option<usize>> {
-    match opts.get(key) {
-        None => Ok(None),
-        Some(v) => match v.as_int() {
-            Ok(n) if n >= 0 => Ok(Some(n as usize)),
-            Ok(n) => Err(ctx_err(
-                ctx,
-                format!("option `{key}` must be >= 0, got {n}"),
-            )),
-            Err(t) => Err(ctx_err(
-                ctx,
-                format!("option `{key}` is a {t}, expected an integer"),
-            )),
-        },
+impl GenOpts {
+    /// The generator's options for `lm` (its stop tokens), `max_new_tokens` defaulting to
+    /// `default_max`.
+    pub fn resolve(self, lm: &LanguageModel, default_max: usize) -> GenOptions {
+        GenOptions {
+            max_new_tokens: self.max_new_tokens.unwrap_or(default_max),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            row_seeds: vec![],
+            stop_ids: if self.stop { lm.stop_ids() } else { vec![] },
+            use_cache: self.use_cache,
+        }
     }
 }
-
-fn opt_bool(ctx: &NativeCallContext, opts: &Map, key: &str) -> ScriptResult<Option<bool>> {
-    match opts.get(key) {
-        None => Ok(None),
-        Some(v) => v.as_bool().map(Some).map_err(|t| {
-            ctx_err(
-                ctx,
-                format!("option `{key}` is a {t}, expected true or false"),
-            )
-        }),
-    }
-}
-
-const GEN_KEYS: &[&str] = &[
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "use_cache",
-];
 
 /// Generation options from a script map; unknown keys are errors (typos never pass silently).
 pub fn gen_options(
@@ -133,38 +129,20 @@ pub fn gen_options(
     lm: &LanguageModel,
     opts: &Map,
 ) -> ScriptResult<GenOptions> {
-    gen_options_with(ctx, lm, opts, &[])
+    let o: GenOpts = options(ctx, opts, "generate")?;
+    Ok(o.resolve(lm, GenOptions::default().max_new_tokens))
 }
 
-/// [`gen_options`] for a call that also takes `extra` options (handled by the caller: they
-/// are only named in the error for an unknown key).
-pub fn gen_options_with(
-    ctx: &NativeCallContext,
-    lm: &LanguageModel,
-    opts: &Map,
-    extra: &[&str],
-) -> ScriptResult<GenOptions> {
-    if let Some(k) = opts.keys().find(|k| !GEN_KEYS.contains(&k.as_str())) {
-        let known: Vec<&str> = GEN_KEYS.iter().chain(extra).copied().collect();
-        return Err(ctx_err(
-            ctx,
-            format!("unknown option `{k}` (known: {})", known.join(", ")),
-        ));
-    }
-    let d = GenOptions::default();
-    Ok(GenOptions {
-        max_new_tokens: opt_usize(ctx, opts, "max_new_tokens")?.unwrap_or(d.max_new_tokens),
-        temperature: opt_f64(ctx, opts, "temperature")?.unwrap_or(d.temperature),
-        top_p: opt_f64(ctx, opts, "top_p")?.unwrap_or(d.top_p),
-        seed: opt_usize(ctx, opts, "seed")?.unwrap_or(0) as u64,
-        row_seeds: vec![],
-        stop_ids: if opt_bool(ctx, opts, "stop")?.unwrap_or(true) {
-            lm.stop_ids()
-        } else {
-            vec![]
-        },
-        use_cache: opt_bool(ctx, opts, "use_cache")?.unwrap_or(true),
-    })
+/// `load_model` options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LoadOpts {
+    /// `"f32"` (default), `"bf16"`, ...
+    dtype: Option<String>,
+    /// `"cpu"` (default), `"cuda"`, `"cuda:N"`.
+    device: Option<String>,
+    /// A PEFT adapter directory attached to (a copy of) the model.
+    adapter: Option<String>,
 }
 
 /// A prompt argument: one string, or an array of strings (a batch).
@@ -197,34 +175,26 @@ fn prompts_from(ctx: &NativeCallContext, v: &Dynamic) -> ScriptResult<(Vec<Strin
 }
 
 fn load(ctx: &NativeCallContext, name: &str, opts: &Map) -> ScriptResult<ScriptModel> {
-    const KEYS: &[&str] = &["dtype", "device", "adapter"];
-    if let Some(dir) = opts.get("adapter") {
+    let o: LoadOpts = options(ctx, opts, "load_model")?;
+    load_with(ctx, name, o)
+}
+
+fn load_with(ctx: &NativeCallContext, name: &str, o: LoadOpts) -> ScriptResult<ScriptModel> {
+    if let Some(dir) = o.adapter {
         // the base model (shared), then a copy with the adapter attached
-        let mut base_opts = opts.clone();
-        base_opts.remove("adapter");
-        let base = load(ctx, name, &base_opts)?;
-        let dir = dir.to_string();
+        let base = load_with(ctx, name, LoadOpts { adapter: None, ..o })?;
         let lm = base.lm.with_adapter(std::path::Path::new(&dir)).at(ctx)?;
         return Ok(ScriptModel {
             lm: Arc::new(lm),
             template: None,
         });
     }
-    if let Some(k) = opts.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ctx_err(
-            ctx,
-            format!(
-                "unknown load_model option `{k}` (known: {})",
-                KEYS.join(", ")
-            ),
-        ));
-    }
     let mut lo = LoadOptions::default();
-    if let Some(d) = opts.get("dtype") {
-        lo.dtype = parse_dtype(&d.to_string()).at(ctx)?;
+    if let Some(d) = &o.dtype {
+        lo.dtype = parse_dtype(d).at(ctx)?;
     }
-    if let Some(d) = opts.get("device") {
-        lo.device = parse_device(&d.to_string()).at(ctx)?;
+    if let Some(d) = &o.device {
+        lo.device = parse_device(d).at(ctx)?;
     }
     let lm = LanguageModel::load_shared(name, &lo).at(ctx)?;
     Ok(ScriptModel { lm, template: None })
