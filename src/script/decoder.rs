@@ -440,7 +440,9 @@ pub fn register_eval(engine: &mut Engine) {
         "evaluate_reading",
         |ctx: NativeCallContext, d: ScriptDecoder, opts: Map| -> ScriptResult<Map> {
             let o: EvalOpts = options(&ctx, &opts, "evaluate_reading")?;
-            let data_dir = o.data_dir.map_or_else(crate::assets::latentqa_data, Into::into);
+            let data_dir = o
+                .data_dir
+                .map_or_else(crate::assets::latentqa_data, Into::into);
             let split_path = o.split.ok_or_else(|| {
                 ctx_err(
                     &ctx,
