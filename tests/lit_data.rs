@@ -228,14 +228,14 @@ fn limit_applies_per_file_on_real_data() {
 fn split_holds_out_whole_labels() {
     let d = real();
     let labels = d.labels();
-    let split = d.split_labels(0.2, 7);
+    let split = d.split_labels(0.2, 7).unwrap();
     assert!(split.train.is_disjoint(&split.eval));
     let all: BTreeSet<String> = split.train.union(&split.eval).cloned().collect();
     assert_eq!(all, labels);
     let want = (labels.len() as f64 * 0.2).round() as usize;
     assert_eq!(split.eval.len(), want);
 
-    let (train, eval) = d.split_by_label(0.2, 7);
+    let (train, eval) = d.split_by_label(0.2, 7).unwrap();
     assert_eq!(train.len() + eval.len(), d.examples.len());
     assert!(eval.iter().all(|e| split.eval.contains(&e.item.label)));
     assert!(train.iter().all(|e| split.train.contains(&e.item.label)));
@@ -243,27 +243,27 @@ fn split_holds_out_whole_labels() {
     assert!((0.12..0.28).contains(&frac), "eval fraction {frac}");
 
     // Deterministic for a seed, different across seeds.
-    assert_eq!(d.split_labels(0.2, 7), split);
-    let (train2, eval2) = d.split_by_label(0.2, 7);
+    assert_eq!(d.split_labels(0.2, 7).unwrap(), split);
+    let (train2, eval2) = d.split_by_label(0.2, 7).unwrap();
     assert_eq!((train2, eval2), (train, eval));
-    assert_ne!(d.split_labels(0.2, 8).eval, split.eval);
+    assert_ne!(d.split_labels(0.2, 8).unwrap().eval, split.eval);
 
     // Edge fractions.
-    assert!(d.split_labels(0.0, 1).eval.is_empty());
-    assert!(d.split_labels(1.0, 1).train.is_empty());
-    assert_eq!(d.split_labels(1e-9, 1).eval.len(), 1);
+    assert!(d.split_labels(0.0, 1).unwrap().eval.is_empty());
+    assert!(d.split_labels(1.0, 1).unwrap().train.is_empty());
+    assert_eq!(d.split_labels(1e-9, 1).unwrap().eval.len(), 1);
 }
 
 #[test]
 fn split_can_be_saved_and_reused() {
     let d = real();
-    let split = d.split_labels(0.15, 3);
+    let split = d.split_labels(0.15, 3).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("split.json");
     split.save(&path).unwrap();
     let back = LabelSplit::load(&path).unwrap();
     assert_eq!(back, split);
-    assert_eq!(d.split_with(&back), d.split_by_label(0.15, 3));
+    assert_eq!(d.split_with(&back), d.split_by_label(0.15, 3).unwrap());
 
     // A label on both sides is refused.
     let mut bad = split.clone();
@@ -663,4 +663,14 @@ fn labels_and_qa_are_consistent() {
         m
     });
     assert_eq!(per_label.len(), labels.len());
+}
+
+#[test]
+fn a_bad_eval_fraction_is_an_error_naming_it() {
+    let d = real();
+    for bad in [-0.1, 1.5, f64::NAN] {
+        let e = d.split_labels(bad, 1).unwrap_err().to_string();
+        assert!(e.contains("eval_fraction"), "{e}");
+        assert!(d.split_by_label(bad, 1).is_err());
+    }
 }

@@ -125,7 +125,7 @@ fn toy_latentqa_data_loads() {
         .collect();
     assert!(red.contains(&("What color?", "Red.")));
     assert_eq!(red.len(), 8);
-    let (train, eval) = data.split_by_label(0.34, 0);
+    let (train, eval) = data.split_by_label(0.34, 0).unwrap();
     assert_eq!(train.len() + eval.len(), 48);
     assert_eq!(eval.len(), 16, "two of six labels held out");
 }

@@ -218,12 +218,13 @@ impl LitData {
     /// rounded, but at least one and at most all but one when there are two labels or more and
     /// the fraction is strictly between 0 and 1. Deterministic for a seed.
     ///
-    /// Panics unless `0 <= eval_fraction <= 1`.
-    pub fn split_labels(&self, eval_fraction: f64, seed: u64) -> LabelSplit {
-        assert!(
-            (0.0..=1.0).contains(&eval_fraction),
-            "eval_fraction must be in [0, 1], got {eval_fraction}"
-        );
+    /// An error naming `eval_fraction` unless `0 <= eval_fraction <= 1`.
+    pub fn split_labels(&self, eval_fraction: f64, seed: u64) -> Result<LabelSplit> {
+        if !(0.0..=1.0).contains(&eval_fraction) {
+            return Err(Error::invalid(format!(
+                "eval_fraction must be a number in [0, 1], got {eval_fraction}"
+            )));
+        }
         let mut labels: Vec<String> = self.labels().into_iter().collect();
         let n = labels.len();
         let mut k = (eval_fraction * n as f64).round() as usize;
@@ -232,16 +233,20 @@ impl LitData {
         }
         SplitMix64::derive(seed, STREAM_SPLIT).shuffle(&mut labels);
         let train = labels.split_off(k.min(n));
-        LabelSplit {
+        Ok(LabelSplit {
             train: train.into_iter().collect(),
             eval: labels.into_iter().collect(),
-        }
+        })
     }
 
     /// `(train, eval)` examples: every example of an eval label (see
     /// [`LitData::split_labels`]) goes to eval, the rest to train; both in data order.
-    pub fn split_by_label(&self, eval_fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
-        self.split_with(&self.split_labels(eval_fraction, seed))
+    pub fn split_by_label(
+        &self,
+        eval_fraction: f64,
+        seed: u64,
+    ) -> Result<(Vec<Example>, Vec<Example>)> {
+        Ok(self.split_with(&self.split_labels(eval_fraction, seed)?))
     }
 
     /// `(train, eval)` examples for a given (e.g. saved) split: examples whose label is in

@@ -231,7 +231,7 @@ impl Trainer {
         )?;
         let split = match &state {
             Some(s) => s.split.clone(),
-            None => data.split_labels(config.eval_fraction, config.seed),
+            None => data.split_labels(config.eval_fraction, config.seed)?,
         };
         if state.is_none() {
             std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
