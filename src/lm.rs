@@ -236,7 +236,10 @@ impl LanguageModel {
         let input = Input::left_padded(&[ids], self.pad_id(), self.model.device())?
             .with_logits(Logits::Last);
         let out = self.model.forward(&input, None, None)?;
-        Ok(out.logits.expect("logits asked for").get(0)?)
+        let logits = out
+            .logits
+            .ok_or_else(|| Error::Invalid("the forward pass returned no logits".into()))?;
+        Ok(logits.get(0)?)
     }
 
     /// Run prompts as one batch and capture activations at `points`. Returns, per point, a

@@ -462,7 +462,7 @@ pub fn register_eval(engine: &mut Engine) {
                 o.seed,
             )
             .at(&ctx)?;
-            let v = serde_json::to_value(&r).expect("json");
+            let v = serde_json::to_value(&r).map_err(|e| ctx_err(&ctx, e))?;
             Ok(super::globals::json_to_dynamic(v)
                 .try_cast::<Map>()
                 .unwrap_or_default())

@@ -289,8 +289,8 @@ fn make_hook(
                 })
                 .collect::<ScriptResult<Vec<i64>>>()?,
         )
-    } else if positions.is_int() {
-        Some(vec![positions.as_int().unwrap()])
+    } else if let Ok(i) = positions.as_int() {
+        Some(vec![i])
     } else if positions.to_string() == "all" {
         None
     } else {
