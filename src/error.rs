@@ -24,6 +24,10 @@ pub enum Error {
     /// Bad arguments or values given by the user (a shape, a hook name, an option).
     #[error("{0}")]
     Invalid(String),
+    /// A stop asked for by Ctrl-C (or [`crate::interrupt::request`]), seen by
+    /// [`crate::interrupt::check`] between steps of long work.
+    #[error("interrupted")]
+    Interrupted,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -50,8 +54,7 @@ impl Error {
     /// and a Ctrl-C stays a Ctrl-C; both are left as they are.
     pub fn context(self, what: impl std::fmt::Display) -> Self {
         match self {
-            Error::Invalid(m) if m == crate::interrupt::INTERRUPTED => Error::Invalid(m),
-            e @ (Error::Io { .. } | Error::BadFile { .. }) => e,
+            e @ (Error::Interrupted | Error::Io { .. } | Error::BadFile { .. }) => e,
             e => Error::Invalid(format!("{what}: {e}")),
         }
     }

@@ -5,9 +5,9 @@
 
 use crate::hooks::Hooks;
 use crate::model::{Input, KvCache, Llama, Logits};
+use crate::rng::{Rng, SeedableRng, StdRng};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 #[derive(Clone, Debug)]
 pub struct GenOptions {

@@ -11,9 +11,6 @@ use crate::{Error, Result};
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 static INSTALL: Once = Once::new();
 
-/// The message of the error [`check`] returns; the script layer recognises it.
-pub const INTERRUPTED: &str = "interrupted";
-
 /// Install the Ctrl-C handler (once; later calls do nothing).
 pub fn install_ctrlc_handler() {
     INSTALL.call_once(|| {
@@ -45,10 +42,10 @@ pub fn clear() {
     REQUESTED.store(false, Ordering::SeqCst);
 }
 
-/// `Err(Error::Invalid("interrupted"))` when a stop was asked for.
+/// `Err(Error::Interrupted)` when a stop was asked for.
 pub fn check() -> Result<()> {
     if requested() {
-        Err(Error::Invalid(INTERRUPTED.to_string()))
+        Err(Error::Interrupted)
     } else {
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod lm;
 pub mod lora;
 pub mod model;
 pub mod repl;
+pub mod rng;
 pub mod script;
 pub mod sources;
 pub mod threads;

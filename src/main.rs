@@ -143,10 +143,10 @@ fn options(limits: &Limits) -> RuntimeOptions {
     }
 }
 
-/// Exit code for a script error: 130 for Ctrl-C (as shells do), 1 otherwise.
-fn failure(message: &str) -> ExitCode {
+/// Exit code for an error: 130 for Ctrl-C (as shells do), 1 otherwise.
+fn failure(message: &str, interrupted: bool) -> ExitCode {
     eprintln!("{message}");
-    if message.ends_with(": interrupted (Ctrl-C)") {
+    if interrupted {
         ExitCode::from(130)
     } else {
         ExitCode::FAILURE
@@ -161,7 +161,10 @@ fn run(cli: Cli) -> ExitCode {
                     println!("{}", dir.display());
                     ExitCode::SUCCESS
                 }
-                Err(e) => failure(&format!("lqa pull {name}: {e}")),
+                Err(e) => failure(
+                    &format!("lqa pull {name}: {e}"),
+                    matches!(e, lqa::Error::Interrupted),
+                ),
             };
         }
         Some(Command::Models) => {
@@ -199,18 +202,18 @@ fn run(cli: Cli) -> ExitCode {
                 println!("{}", runtime.to_display(&value));
                 ExitCode::SUCCESS
             }
-            Err(message) => failure(&message),
+            Err(message) => failure(&message, runtime.interrupted()),
         };
     }
     let mut script = cli.script.into_iter();
     match script.next() {
         Some(path) => match runtime.run_file(&path, script.collect()) {
             Ok(_) => ExitCode::SUCCESS,
-            Err(message) => failure(&message),
+            Err(message) => failure(&message, runtime.interrupted()),
         },
         None => match lqa::repl::run(runtime) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => failure(&format!("lqa: {e}")),
+            Err(e) => failure(&format!("lqa: {e}"), matches!(e, lqa::Error::Interrupted)),
         },
     }
 }

@@ -2,7 +2,8 @@
 //! bucketing, and one-line errors for bad data.
 
 use lqa::latentqa::VerbMask;
-use lqa::lit::data::{Batcher, DataOptions, ItemKind, LabelSplit, LitData, Position, SplitMix64};
+use lqa::lit::data::{Batcher, DataOptions, ItemKind, LabelSplit, LitData, Position};
+use lqa::rng::SplitMix64;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@
 
 use crate::chat::Message;
 use crate::latentqa::{ReadDialog, VerbMask};
-use crate::lit::data::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -16,12 +16,12 @@ use crate::latentqa::loss::{
     gather_patches, latentqa_loss, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
 };
 use crate::latentqa::{Labels, LayerPlan};
-use crate::lit::data::SplitMix64;
 use crate::lit::optim::{AdamW, AdamWParams};
 use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{module_group_names, Adapter, LoraConfig};
 use crate::model::{Input, Llama, Logits};
+use crate::rng::SplitMix64;
 use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};

@@ -47,9 +47,7 @@ impl Default for AskOptions {
 /// The sampling seed of one question: answers depend on the seed and the question, not on
 /// which other questions share the batch (FNV-1a over the text, mixed with the seed).
 fn question_seed(seed: u64, question: &str) -> u64 {
-    question.bytes().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    crate::rng::fnv1a(crate::rng::FNV_OFFSET ^ seed, question.as_bytes())
 }
 
 /// What the decoder saw of one dialog: the read prompt and the activations patched in.

@@ -21,12 +21,13 @@
 //! Errors are one line and name the file and the item (`…/stimulus.json: item 12: missing field
 //! "stimulus_user"`); items are numbered from 0, as in the JSON array.
 //!
-//! Randomness (label splits, batch order) comes from [`SplitMix64`], a fixed algorithm written
-//! here, so that a seed gives the same split and the same batches whatever the version of any
+//! Randomness (label splits, batch order) comes from [`SplitMix64`] ([`crate::rng`]), a fixed
+//! algorithm, so that a seed gives the same split and the same batches whatever the version of any
 //! dependency: a saved position in training can be resumed exactly.
 
 use crate::chat::Message;
 use crate::latentqa::{ReadDialog, VerbMask};
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -520,55 +521,6 @@ fn read_dialog(file_kind: ItemKind, f: &Fields) -> Result<(ItemKind, ReadDialog)
                     )
                 }
             })
-        }
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a small, fixed pseudo-random generator, so that seeded
-/// shuffles never change with a dependency's version.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    /// An independent generator for one use (`stream`) of a seed.
-    pub fn derive(seed: u64, stream: u64) -> Self {
-        let a = SplitMix64::new(seed).next_u64();
-        let b = SplitMix64::new(stream ^ 0xD1B5_4A32_D192_ED03).next_u64();
-        SplitMix64::new(a ^ b)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (unbiased). Panics if `n == 0`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "below(0)");
-        // Reject the lowest 2^64 mod n values so that the rest is a multiple of n.
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let x = self.next_u64();
-            if x >= threshold {
-                return x % n;
-            }
-        }
-    }
-
-    /// Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
         }
     }
 }

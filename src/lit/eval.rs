@@ -4,7 +4,8 @@
 //! scores both the same; one that reads the activations scores the true ones lower.
 
 use crate::latentqa::decoder::Decoder;
-use crate::lit::data::{Example, LabelSplit, LitData, SplitMix64};
+use crate::lit::data::{Example, LabelSplit, LitData};
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 use serde::Serialize;
 

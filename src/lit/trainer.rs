@@ -7,12 +7,13 @@
 use crate::latentqa::format::{decoder_prompt, read_prompt};
 use crate::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
 use crate::latentqa::{Labels, LayerPlan};
-use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position, SplitMix64};
+use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position};
 use crate::lit::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
 use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Dropout, Llama};
+use crate::rng::SplitMix64;
 use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -134,15 +134,9 @@ pub struct Adapter {
 
 /// A tiny seeded uniform generator for PEFT's kaiming-uniform init of `A`.
 fn uniform(n: usize, bound: f32, seed: u64) -> Vec<f32> {
-    let mut s = seed ^ 0x0005_DEEC_E66D;
+    let mut g = crate::rng::Lcg64::new(seed ^ 0x0005_DEEC_E66D);
     (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let u = (s >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            (2.0 * u - 1.0) * bound
-        })
+        .map(|_| (2.0 * g.next_unit_f32() - 1.0) * bound)
         .collect()
 }
 

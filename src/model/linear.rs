@@ -9,6 +9,7 @@
 
 use super::ops::f32_slice;
 use super::packed::{self, PackedWeight, Shared};
+use crate::rng::{fnv1a, splitmix, spread, FNV_OFFSET};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
 
@@ -52,18 +53,9 @@ pub struct Dropout {
     pub seed: u64,
 }
 
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// A stable 64-bit id of a module name (FNV-1a).
 pub fn name_uid(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv1a(FNV_OFFSET, name.as_bytes())
 }
 
 impl Dropout {
@@ -84,7 +76,7 @@ impl Dropout {
         v.par_chunks_mut(Self::BLOCK)
             .enumerate()
             .for_each(|(bi, chunk)| {
-                let mut s = splitmix(base ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut s = splitmix(base ^ spread(bi as u64));
                 for quad in chunk.chunks_mut(4) {
                     s = splitmix(s);
                     for (j, e) in quad.iter_mut().enumerate() {

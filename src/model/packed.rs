@@ -382,15 +382,8 @@ mod tests {
     use super::*;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+        let mut g = crate::rng::Lcg64::new(seed);
+        (0..n).map(|_| g.next_unit_f32() - 0.5).collect()
     }
 
     #[test]

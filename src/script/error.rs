@@ -9,17 +9,12 @@ use std::fmt::Display;
 
 use rhai::{Dynamic, EvalAltResult, NativeCallContext, Position};
 
-use crate::interrupt::INTERRUPTED;
-
 /// The result type of a fallible native function.
 pub type ScriptResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// A runtime error with `msg` at `pos`. Multi-line messages are folded into one line.
 pub fn script_err(msg: impl Display, pos: Position) -> Box<EvalAltResult> {
     let msg = one_line(&msg.to_string());
-    if msg == INTERRUPTED {
-        return interrupted(pos);
-    }
     EvalAltResult::ErrorRuntime(msg.into(), pos).into()
 }
 
@@ -28,9 +23,24 @@ pub fn ctx_err(ctx: &NativeCallContext, msg: impl Display) -> Box<EvalAltResult>
     script_err(msg, ctx.call_position())
 }
 
+/// The token of the termination a Ctrl-C turns into ([`crate::Error::Interrupted`] on the
+/// Rust side); [`is_interrupt`] recognises it by type.
+#[derive(Clone, Copy, Debug)]
+pub struct Interrupt;
+
+/// The termination token of a Ctrl-C (for `Engine::on_progress`).
+pub fn interrupt_token() -> Dynamic {
+    Dynamic::from(Interrupt)
+}
+
 /// The error a Ctrl-C turns into: a termination (scripts cannot `catch` it).
 pub fn interrupted(pos: Position) -> Box<EvalAltResult> {
-    EvalAltResult::ErrorTerminated(INTERRUPTED.into(), pos).into()
+    EvalAltResult::ErrorTerminated(interrupt_token(), pos).into()
+}
+
+/// Is this termination token the one of a Ctrl-C?
+fn is_interrupt_token(token: &Dynamic) -> bool {
+    token.is::<Interrupt>()
 }
 
 /// Convert the error of a Rust result into a script error at a position.
@@ -48,7 +58,10 @@ pub trait ToScript<T> {
 
 impl<T> ToScript<T> for Result<T, crate::Error> {
     fn to_script(self, pos: Position) -> ScriptResult<T> {
-        self.map_err(|e| script_err(e, pos))
+        self.map_err(|e| match e {
+            crate::Error::Interrupted => interrupted(pos),
+            e => script_err(e, pos),
+        })
     }
 }
 
@@ -143,7 +156,7 @@ pub fn cause_message(cause: &EvalAltResult, hints: &LimitHints) -> String {
              (0 = no limit)",
             hints.max_ops
         ),
-        E::ErrorTerminated(token, _) if token.to_string() == INTERRUPTED => {
+        E::ErrorTerminated(token, _) if is_interrupt_token(token) => {
             "interrupted (Ctrl-C)".to_string()
         }
         E::ErrorTerminated(token, _) => format!("terminated: {token}"),
@@ -244,7 +257,7 @@ pub fn format_error(err: &EvalAltResult, top: &str, hints: &LimitHints) -> Strin
 
 /// Is this error a Ctrl-C interruption (so the CLI can exit with 130)?
 pub fn is_interrupt(err: &EvalAltResult) -> bool {
-    matches!(err.unwrap_inner(), EvalAltResult::ErrorTerminated(t, _) if t.to_string() == INTERRUPTED)
+    matches!(err.unwrap_inner(), EvalAltResult::ErrorTerminated(t, _) if is_interrupt_token(t))
 }
 
 #[cfg(test)]
@@ -283,8 +296,14 @@ mod tests {
 
     #[test]
     fn interrupt_is_recognised() {
-        let e = script_err(INTERRUPTED, Position::new(1, 2));
+        let e = Err::<(), _>(crate::Error::Interrupted)
+            .to_script(Position::new(1, 2))
+            .unwrap_err();
         assert!(is_interrupt(&e));
+        assert!(!is_interrupt(&script_err(
+            "interrupted",
+            Position::new(1, 2)
+        )));
         assert_eq!(
             format_error(&e, "x.rhai", &LimitHints::default()),
             "x.rhai:1:2: interrupted (Ctrl-C)"

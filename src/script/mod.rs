@@ -141,6 +141,8 @@ pub struct Runtime {
     imports_ast: AST,
     hints: error::LimitHints,
     resolver: Arc<ScriptResolver>,
+    /// Whether the last [`Runtime::run_file`] / [`Runtime::eval`] error was a Ctrl-C.
+    interrupted: bool,
 }
 
 impl Runtime {
@@ -156,7 +158,7 @@ impl Runtime {
             .set_max_map_size(opts.max_map);
         engine.on_progress(|_| {
             if crate::interrupt::requested() {
-                Some(crate::interrupt::INTERRUPTED.into())
+                Some(error::interrupt_token())
             } else {
                 None
             }
@@ -178,6 +180,7 @@ impl Runtime {
             functions: AST::empty(),
             imports: Vec::new(),
             imports_ast: AST::empty(),
+            interrupted: false,
             hints: error::LimitHints {
                 max_ops: opts.max_ops,
                 max_call_depth: opts.max_call_depth,
@@ -238,8 +241,8 @@ impl Runtime {
         let source = path.display().to_string();
         let code = read_script(path).map_err(|e| e.to_string())?;
         self.set_args(args);
-        self.eval_raw(&code, &source)
-            .map_err(|e| self.format_error(&e, &source))
+        let result = self.eval_raw(&code, &source);
+        result.map_err(|e| self.failure(&e, &source))
     }
 
     /// [`Runtime::run_file`] without setting `ARGS` and with the raw error.
@@ -250,8 +253,21 @@ impl Runtime {
 
     /// Evaluate a snippet (`lqa -e`) in the persistent scope. The error is the one line to show.
     pub fn eval(&mut self, code: &str) -> Result<Dynamic, String> {
-        self.eval_raw(code, EVAL_SOURCE)
-            .map_err(|e| self.format_error(&e, EVAL_SOURCE))
+        let result = self.eval_raw(code, EVAL_SOURCE);
+        result.map_err(|e| self.failure(&e, EVAL_SOURCE))
+    }
+
+    /// The one line to show for an error of [`Runtime::run_file`] / [`Runtime::eval`],
+    /// remembering whether it was a Ctrl-C (see [`Runtime::interrupted`]).
+    fn failure(&mut self, err: &EvalAltResult, source: &str) -> String {
+        self.interrupted = error::is_interrupt(err);
+        self.format_error(err, source)
+    }
+
+    /// Was the error of the last [`Runtime::run_file`] / [`Runtime::eval`] a Ctrl-C (so that
+    /// the CLI exits with 130)?
+    pub fn interrupted(&self) -> bool {
+        self.interrupted
     }
 
     /// Compile and run `code` (named `source` in errors) in the persistent scope, keeping the
