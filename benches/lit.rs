@@ -14,9 +14,9 @@ use lqa::chat::Message;
 use lqa::latentqa::format::{decoder_prompt, read_prompt};
 use lqa::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
 use lqa::latentqa::{Labels, LayerPlan, ReadDialog, VerbMask};
-use lqa::lit::optim::{AdamW, AdamWParams};
 use lqa::lora::{Adapter, LoraConfig};
 use lqa::model::Dropout;
+use lqa::train::optim::{AdamW, AdamWParams};
 use std::time::Instant;
 
 const PARAGRAPHS: [&str; 6] = [

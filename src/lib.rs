@@ -28,6 +28,7 @@ pub mod script;
 pub mod sources;
 pub mod threads;
 pub mod tokenizer;
+pub mod train;
 pub mod util;
 
 pub use error::{Error, Result};

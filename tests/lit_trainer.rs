@@ -71,7 +71,7 @@ fn training_lowers_the_loss_on_a_toy_task() {
         ema: None,
         ..config(root.path(), "run")
     };
-    let mut t = Trainer::new(target, cfg, false).unwrap();
+    let mut t = Trainer::new(target, cfg).unwrap();
     let before = t.evaluate().unwrap();
     let mut losses = vec![];
     t.train(|s| {
@@ -100,15 +100,15 @@ fn training_lowers_the_loss_on_a_toy_task() {
 fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     let root = tempfile::tempdir().unwrap();
     let target = setup(root.path());
-    let mut straight = Trainer::new(target.clone(), config(root.path(), "a"), false).unwrap();
+    let mut straight = Trainer::new(target.clone(), config(root.path(), "a")).unwrap();
     straight.train(|_| Ok(true)).unwrap();
 
-    let mut first = Trainer::new(target.clone(), config(root.path(), "b"), false).unwrap();
+    let mut first = Trainer::new(target.clone(), config(root.path(), "b")).unwrap();
     // stop after 5 steps (the callback says stop; a checkpoint is written at that point)
     first.train(|s| Ok(s.step < 5)).unwrap();
     assert_eq!(first.step_count(), 5);
     drop(first);
-    let mut resumed = Trainer::new(target, config(root.path(), "b"), true).unwrap();
+    let mut resumed = Trainer::resume(target, config(root.path(), "b")).unwrap();
     assert_eq!(resumed.step_count(), 5);
     resumed.train(|_| Ok(true)).unwrap();
     assert_eq!(resumed.step_count(), 8);
@@ -137,7 +137,6 @@ fn the_trained_adapter_loads_as_a_decoder() {
             max_steps: Some(2),
             ..config(root.path(), "c")
         },
-        false,
     )
     .unwrap();
     t.train(|_| Ok(true)).unwrap();
@@ -160,7 +159,6 @@ fn bad_data_names_the_file_and_item_and_keeps_earlier_outputs() {
             max_steps: Some(2),
             ..config(root.path(), "d")
         },
-        false,
     )
     .unwrap();
     t.train(|_| Ok(true)).unwrap();
@@ -172,7 +170,7 @@ fn bad_data_names_the_file_and_item_and_keeps_earlier_outputs() {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     items[1].as_object_mut().unwrap().remove("control_user");
     std::fs::write(&p, serde_json::to_string(&items).unwrap()).unwrap();
-    let err = Trainer::new(target, config(root.path(), "d"), true)
+    let err = Trainer::resume(target, config(root.path(), "d"))
         .err()
         .unwrap()
         .to_string();
@@ -193,7 +191,6 @@ fn the_reading_test_scores_true_and_shuffled_activations() {
             max_steps: Some(2),
             ..config(root.path(), "e")
         },
-        false,
     )
     .unwrap();
     t.train(|_| Ok(true)).unwrap();

@@ -3,7 +3,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use lqa::lit::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
+use lqa::train::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
 use std::collections::HashMap;
 
 const A: [f64; 4] = [1.0, 3.0, 0.5, 10.0];

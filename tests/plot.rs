@@ -1,6 +1,6 @@
 //! SVG loss curves: well-formed, one line per series, nice ticks, robust to empty and NaN input.
 
-use lqa::lit::plot::{loss_curve_svg, smooth, write_loss_curve, Series, PALETTE};
+use lqa::train::plot::{loss_curve_svg, smooth, write_loss_curve, Series, PALETTE};
 
 /// A minimal well-formedness check: every tag is closed in order, attributes are quoted, and
 /// there is exactly one root `<svg>` element.

@@ -16,19 +16,19 @@ use crate::latentqa::loss::{
     gather_patches, latentqa_loss, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
 };
 use crate::latentqa::{Labels, LayerPlan};
-use crate::lit::optim::{AdamW, AdamWParams};
-use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{module_group_names, Adapter, LoraConfig};
 use crate::model::{Input, Llama, Logits};
 use crate::rng::SplitMix64;
-use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
+use crate::train::optim::{AdamW, AdamWParams};
+use crate::train::plot::{smooth, Series};
+use crate::train::run::{check_resume_config, run_steps, RunDir, StepRecord, Steps, STATE_FILE};
+use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use data::{Control, ControlSample, Instruction};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -145,49 +145,12 @@ struct ControlState {
 }
 
 /// The checkpoint directory of a run writing to `out`.
-fn ckpt_dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
-}
-
 /// An optimizer's state file in a checkpoint: one for the whole adapter, or one per layer.
 fn optimizer_file(layer: Option<usize>) -> String {
     match layer {
         None => "optimizer.safetensors".into(),
         Some(l) => format!("optimizer-layer{l}.safetensors"),
     }
-}
-
-/// The fields in which a checkpoint's config differs from the one asked for (as
-/// `field: checkpoint X, asked Y`), `checkpoint_every` aside. Numbers are compared to 1e-12
-/// (relative): JSON need not give back the last bit of a float.
-fn config_differences(saved: &ControlConfig, asked: &ControlConfig) -> Vec<String> {
-    use serde_json::Value;
-    fn same(a: &Value, b: &Value) -> bool {
-        match (a, b) {
-            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-                (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
-                _ => x == y,
-            },
-            (Value::Array(x), Value::Array(y)) => {
-                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
-            }
-            _ => a == b,
-        }
-    }
-    let (a, b) = (
-        serde_json::to_value(saved).expect("json"),
-        serde_json::to_value(asked).expect("json"),
-    );
-    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
-        return vec!["the config is not an object".into()];
-    };
-    a.iter()
-        .filter(|(k, _)| k.as_str() != "checkpoint_every")
-        .filter_map(|(k, v)| {
-            let w = b.get(k).unwrap_or(&Value::Null);
-            (!same(v, w)).then(|| format!("{k}: checkpoint {v}, asked {w}"))
-        })
-        .collect()
 }
 
 /// A prepared sample.
@@ -216,7 +179,7 @@ pub struct ControlOptimizer {
     step: usize,
     history: Vec<ControlStats>,
     /// Where metrics, the plot and checkpoints go, when set.
-    out_dir: Option<PathBuf>,
+    out: Option<RunDir>,
 }
 
 /// `blocks.{i}.` of a PEFT variable name, if it is in a block.
@@ -358,7 +321,7 @@ impl ControlOptimizer {
             write_layer,
             step: 0,
             history: Vec::new(),
-            out_dir: None,
+            out: None,
         })
     }
 
@@ -388,9 +351,9 @@ impl ControlOptimizer {
 
     /// Write metrics (JSONL) and the loss curve into `dir` as the run goes.
     pub fn with_out_dir(mut self, dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        atomic_write(&dir.join("metrics.jsonl"), b"")?;
-        self.out_dir = Some(dir.to_path_buf());
+        let run = RunDir::new(dir);
+        run.start()?;
+        self.out = Some(run);
         Ok(self)
     }
 
@@ -406,12 +369,12 @@ impl ControlOptimizer {
         config: ControlConfig,
         out_dir: &Path,
     ) -> Result<Self> {
-        let ck = ckpt_dir(out_dir);
-        recover_dir(&ck)?;
-        let p = ck.join("state.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        let state: ControlState = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(&p, format!("not a control checkpoint state: {e}")))?;
+        let run = RunDir::new(out_dir);
+        let ck = run.checkpoint_dir();
+        let p = ck.join(STATE_FILE);
+        let state: ControlState = run
+            .read_state("control")?
+            .ok_or_else(|| Error::io(&p, std::io::Error::from(std::io::ErrorKind::NotFound)))?;
         if state.base_model != decoder.target.name {
             return Err(Error::bad_file(
                 &p,
@@ -433,16 +396,7 @@ impl ControlOptimizer {
                 ),
             ));
         }
-        let diff = config_differences(&state.config, &config);
-        if !diff.is_empty() {
-            return Err(Error::bad_file(
-                &p,
-                format!(
-                    "the checkpoint was made with another config: {}",
-                    diff.join("; ")
-                ),
-            ));
-        }
+        check_resume_config(&p, &state.config, &config, &["checkpoint_every"])?;
         let mut opt = Self::build(
             decoder,
             control,
@@ -463,24 +417,8 @@ impl ControlOptimizer {
             o.load(&ck.join(optimizer_file(*layer)))?;
         }
         opt.step = state.step;
-        // keep the metrics up to the checkpoint: the resumed run rewrites what follows
-        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-        let metrics = out_dir.join("metrics.jsonl");
-        if metrics.exists() {
-            let text = std::fs::read_to_string(&metrics).map_err(|e| Error::io(&metrics, e))?;
-            opt.history = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<ControlStats>(l).ok())
-                .filter(|s| s.step <= state.step)
-                .collect();
-        }
-        let kept: String = opt
-            .history
-            .iter()
-            .map(|s| serde_json::to_string(s).expect("json") + "\n")
-            .collect();
-        atomic_write(&metrics, kept.as_bytes())?;
-        opt.out_dir = Some(out_dir.to_path_buf());
+        opt.history = run.resume_metrics(state.step)?;
+        opt.out = Some(run);
         tracing::info!(
             "resumed the control run in {} at step {}",
             out_dir.display(),
@@ -492,9 +430,7 @@ impl ControlOptimizer {
     /// The checkpoint in `out_dir`, if there is one (a swap interrupted between its renames is
     /// recovered first).
     pub fn find_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
-        let ck = ckpt_dir(out_dir);
-        recover_dir(&ck)?;
-        Ok(ck.join("state.json").exists().then_some(ck))
+        RunDir::new(out_dir).find_checkpoint()
     }
 
     /// Write a checkpoint into `out_dir/checkpoint/` atomically (the previous one is replaced
@@ -502,14 +438,13 @@ impl ControlOptimizer {
     /// (`optimizer.safetensors`, or `optimizer-layer{L}.safetensors` per layer) and
     /// `state.json` (step, config, control, samples, base model).
     pub fn checkpoint(&self) -> Result<PathBuf> {
-        let out = self.out_dir.as_deref().ok_or_else(|| {
+        let run = self.out.as_ref().ok_or_else(|| {
             Error::invalid(
                 "cannot checkpoint a control run without an output directory \
                  (with_out_dir, or `out_dir` in the script's config)",
             )
         })?;
-        let ck = ckpt_dir(out);
-        atomic_dir(&ck, |tmp| {
+        run.write_checkpoint(|tmp| {
             self.adapter.save_peft(
                 &tmp.join("adapter"),
                 &self.target.name,
@@ -529,9 +464,8 @@ impl ControlOptimizer {
                 config: self.config.clone(),
                 samples: self.chosen.clone(),
             };
-            atomic_write_json(&tmp.join("state.json"), &state)
-        })?;
-        Ok(ck)
+            atomic_write_json(&tmp.join(STATE_FILE), &state)
+        })
     }
 
     /// Steps in one pass over the samples (the paper's run length).
@@ -565,7 +499,7 @@ impl ControlOptimizer {
     }
     /// Where metrics, the plot and checkpoints go, when set.
     pub fn out_dir(&self) -> Option<&Path> {
-        self.out_dir.as_deref()
+        self.out.as_ref().map(RunDir::path)
     }
 
     fn loss_config(&self, read_layer: usize) -> LossConfig {
@@ -682,15 +616,8 @@ impl ControlOptimizer {
     }
 
     fn record(&mut self, stats: &ControlStats) -> Result<()> {
-        if let Some(dir) = &self.out_dir {
-            let p = dir.join("metrics.jsonl");
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .map_err(|e| Error::io(&p, e))?;
-            writeln!(f, "{}", serde_json::to_string(stats).expect("json"))
-                .map_err(|e| Error::io(&p, e))?;
+        if let Some(run) = &self.out {
+            run.append_metrics(stats)?;
         }
         self.history.push(stats.clone());
         Ok(())
@@ -707,41 +634,18 @@ impl ControlOptimizer {
             Series::new("control loss", pts.clone(), "#9ecae1"),
             Series::new("smoothed", smooth(&pts, 10), "#3182bd"),
         ];
-        let path = dir.join("loss.svg");
-        write_loss_curve(
-            &path,
+        RunDir::new(dir).plot(
             &series,
             "control: decoder loss on the control's answers",
-            "step",
             "loss (nats / answer token)",
-        )?;
-        Ok(path)
+        )
     }
 
     /// Run to the end of the pass; `on_step` may return `false` to stop early. With an output
     /// directory, a checkpoint is written every `checkpoint_every` steps, on an early stop and
     /// at the end.
-    pub fn run(&mut self, mut on_step: impl FnMut(&ControlStats) -> Result<bool>) -> Result<()> {
-        let mut saved_at = None;
-        while !self.is_done() {
-            let stats = self.step()?;
-            let go_on = on_step(&stats)?;
-            let every = self.config.checkpoint_every;
-            if self.out_dir.is_some() && every > 0 && stats.step % every == 0 {
-                self.checkpoint()?;
-                saved_at = Some(self.step);
-            }
-            if !go_on {
-                break;
-            }
-        }
-        if let Some(dir) = self.out_dir.clone() {
-            if saved_at != Some(self.step) {
-                self.checkpoint()?;
-            }
-            self.plot(&dir)?;
-        }
-        Ok(())
+    pub fn run(&mut self, on_step: impl FnMut(&ControlStats) -> Result<bool>) -> Result<()> {
+        run_steps(self, on_step)
     }
 
     /// Save the steered adapter in PEFT format (f32) with `lqa_control.json` (the control's
@@ -757,5 +661,36 @@ impl ControlOptimizer {
             "steps": self.step,
         });
         atomic_write_json(&dir.join("lqa_control.json"), &meta)
+    }
+}
+
+impl Steps for ControlOptimizer {
+    type Stats = ControlStats;
+
+    fn is_done(&self) -> bool {
+        ControlOptimizer::is_done(self)
+    }
+
+    fn next_step(&mut self) -> Result<ControlStats> {
+        self.step()
+    }
+
+    fn checkpoint_due(&self, stats: &ControlStats) -> bool {
+        let every = self.config.checkpoint_every;
+        every > 0 && stats.step % every == 0
+    }
+
+    fn save_point(&mut self) -> Result<()> {
+        if let Some(dir) = self.out_dir().map(Path::to_path_buf) {
+            self.checkpoint()?;
+            self.plot(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl StepRecord for ControlStats {
+    fn step(&self) -> usize {
+        self.step
     }
 }

@@ -3,12 +3,8 @@
 //!
 //! - [`data`]: the LatentQA data (read dialogs and their QA pairs), label splits, and
 //!   length-bucketed, resumable batching.
-//! - [`optim`]: AdamW with checkpointable state, gradient clipping and accumulation, the cosine
-//!   learning-rate schedule, and an EMA of the weights.
-//! - [`plot`]: self-contained SVG line charts of loss curves.
+//! - [`trainer`]: the LIT step and run, on the shared toolkit in [`crate::train`].
 
 pub mod data;
 pub mod eval;
-pub mod optim;
-pub mod plot;
 pub mod trainer;

@@ -8,16 +8,16 @@ use crate::latentqa::format::{decoder_prompt, read_prompt};
 use crate::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
 use crate::latentqa::{Labels, LayerPlan};
 use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position};
-use crate::lit::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
-use crate::lit::plot::{smooth, write_loss_curve, Series};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Dropout, Llama};
 use crate::rng::SplitMix64;
-use crate::util::{atomic_dir, atomic_write, atomic_write_json, recover_dir};
+use crate::train::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
+use crate::train::plot::{smooth, Series};
+use crate::train::run::{check_resume_config, run_steps, RunDir, StepRecord, Steps, STATE_FILE};
+use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -135,6 +135,8 @@ pub struct Trainer {
     step: usize,
     total_steps: usize,
     history: Vec<StepStats>,
+    /// Where metrics, the plot and checkpoints go.
+    run: RunDir,
 }
 
 fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Result<Vec<Prepared>> {
@@ -178,36 +180,44 @@ fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Resul
     Ok(out)
 }
 
-fn ckpt_dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
-}
-
 impl Trainer {
-    /// A new run, or the continuation of the one checkpointed in `config.out_dir` when `resume`.
-    pub fn new(target: Arc<LanguageModel>, config: TrainConfig, resume: bool) -> Result<Self> {
-        let ck = ckpt_dir(&config.out_dir);
+    /// A new run writing into `config.out_dir`.
+    pub fn new(target: Arc<LanguageModel>, config: TrainConfig) -> Result<Self> {
+        Self::open(target, config, false)
+    }
+
+    /// The continuation of the run checkpointed in `config.out_dir` (a new run if there is no
+    /// checkpoint). The config must be the one the checkpoint was made with, but for
+    /// `checkpoint_every` and `eval_every`: a differing field is an error naming it.
+    pub fn resume(target: Arc<LanguageModel>, config: TrainConfig) -> Result<Self> {
+        Self::open(target, config, true)
+    }
+
+    /// [`Trainer::new`] or, with `resume`, [`Trainer::resume`].
+    pub fn open(target: Arc<LanguageModel>, config: TrainConfig, resume: bool) -> Result<Self> {
+        let run = RunDir::new(&config.out_dir);
         let state: Option<TrainState> = if resume {
-            // a checkpoint swap interrupted between its two renames leaves `checkpoint.old`
-            recover_dir(&ck)?;
-            if ck.join("state.json").exists() {
-                let p = ck.join("state.json");
-                let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-                Some(serde_json::from_str(&text).map_err(|e| Error::bad_file(&p, e))?)
-            } else {
+            let state = run.read_state("LIT")?;
+            if state.is_none() {
                 tracing::warn!(
                     "no checkpoint in {}: starting a new run",
                     config.out_dir.display()
                 );
-                None
             }
+            state
         } else {
             None
         };
+        let ck = run.checkpoint_dir();
         let config = match &state {
-            Some(s) => TrainConfig {
-                out_dir: config.out_dir.clone(),
-                ..s.config.clone()
-            },
+            Some(s) => {
+                check_resume_config(&ck.join(STATE_FILE), &s.config, &config, RESUME_MAY_CHANGE)?;
+                TrainConfig {
+                    checkpoint_every: config.checkpoint_every,
+                    eval_every: config.eval_every,
+                    ..s.config.clone()
+                }
+            }
             None => config,
         };
         let n_layers = target.model.n_layers();
@@ -291,28 +301,13 @@ impl Trainer {
                 .map_err(|e| Error::bad_file(&p, e))?;
             e.load_state(&t)?;
         }
-        let mut history = Vec::new();
-        let metrics = config.out_dir.join("metrics.jsonl");
         let step = state.as_ref().map(|s| s.step).unwrap_or(0);
-        if state.is_some() && metrics.exists() {
-            // keep the metrics up to the checkpoint: the resumed run rewrites what follows
-            let text = std::fs::read_to_string(&metrics).map_err(|e| Error::io(&metrics, e))?;
-            for line in text.lines() {
-                if let Ok(s) = serde_json::from_str::<StepStats>(line) {
-                    if s.step <= step {
-                        history.push(s);
-                    }
-                }
-            }
-            let kept: String = history
-                .iter()
-                .map(|s| serde_json::to_string(s).unwrap() + "\n")
-                .collect();
-            atomic_write(&metrics, kept.as_bytes())?;
-        } else if state.is_none() {
-            std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
-            atomic_write(&metrics, b"")?;
-        }
+        let history = if state.is_some() {
+            run.resume_metrics(step)?
+        } else {
+            run.start()?;
+            Vec::new()
+        };
         Ok(Trainer {
             next: state.as_ref().map(|s| s.next).unwrap_or_default(),
             split,
@@ -328,6 +323,7 @@ impl Trainer {
             step,
             total_steps,
             history,
+            run,
         })
     }
 
@@ -491,14 +487,7 @@ impl Trainer {
 
     /// Record a step's stats (JSONL) and keep them for the plot.
     pub fn record(&mut self, stats: &StepStats) -> Result<()> {
-        let p = self.config.out_dir.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .map_err(|e| Error::io(&p, e))?;
-        writeln!(f, "{}", serde_json::to_string(stats).expect("json"))
-            .map_err(|e| Error::io(&p, e))?;
+        self.run.append_metrics(stats)?;
         self.history.push(stats.clone());
         Ok(())
     }
@@ -520,22 +509,14 @@ impl Trainer {
             Series::new("train (smoothed)", smooth(&train, 25), "#3182bd"),
             Series::new("eval (held-out labels)", eval, "#e6550d"),
         ];
-        let path = self.config.out_dir.join("loss.svg");
-        write_loss_curve(
-            &path,
-            &series,
-            "LIT: decoder loss",
-            "step",
-            "loss (nats / label token)",
-        )?;
-        Ok(path)
+        self.run
+            .plot(&series, "LIT: decoder loss", "loss (nats / label token)")
     }
 
     /// Write a checkpoint atomically: adapter (f32), optimizer, EMA, state. The previous
     /// checkpoint is replaced only once the new one is complete.
     pub fn checkpoint(&self) -> Result<PathBuf> {
-        let ck = ckpt_dir(&self.config.out_dir);
-        atomic_dir(&ck, |tmp| {
+        self.run.write_checkpoint(|tmp| {
             self.adapter.save_peft(
                 &tmp.join("adapter"),
                 &self.target.name,
@@ -554,9 +535,8 @@ impl Trainer {
                 split: self.split.clone(),
                 base_model: self.target.name.clone(),
             };
-            atomic_write_json(&tmp.join("state.json"), &state)
-        })?;
-        Ok(ck)
+            atomic_write_json(&tmp.join(STATE_FILE), &state)
+        })
     }
 
     /// Save the adapter (EMA weights when EMA is on) in PEFT format, e.g. bf16 to ship.
@@ -582,23 +562,47 @@ impl Trainer {
     /// Train to the end: evaluation, checkpoints, metrics and plot on their schedules.
     /// `on_step` sees every step's stats and may return `false` to stop early (a checkpoint is
     /// written).
-    pub fn train(&mut self, mut on_step: impl FnMut(&StepStats) -> Result<bool>) -> Result<()> {
-        while !self.is_done() {
-            let mut stats = self.step()?;
-            let every = |n: usize| n > 0 && stats.step % n == 0;
-            if every(self.config.eval_every) || (self.is_done() && !self.eval.is_empty()) {
-                stats.eval_loss = Some(self.evaluate()?);
-            }
-            self.record(&stats)?;
-            let go_on = on_step(&stats)?;
-            if every(self.config.checkpoint_every) || self.is_done() || !go_on {
-                self.checkpoint()?;
-                self.plot()?;
-            }
-            if !go_on {
-                break;
-            }
+    pub fn train(&mut self, on_step: impl FnMut(&StepStats) -> Result<bool>) -> Result<()> {
+        run_steps(self, on_step)
+    }
+}
+
+/// Fields a resumed run may change: how often it checkpoints and evaluates.
+const RESUME_MAY_CHANGE: &[&str] = &["checkpoint_every", "eval_every"];
+
+fn every(n: usize, step: usize) -> bool {
+    n > 0 && step % n == 0
+}
+
+impl Steps for Trainer {
+    type Stats = StepStats;
+
+    fn is_done(&self) -> bool {
+        Trainer::is_done(self)
+    }
+
+    fn next_step(&mut self) -> Result<StepStats> {
+        let mut stats = self.step()?;
+        if every(self.config.eval_every, stats.step) || (self.is_done() && !self.eval.is_empty()) {
+            stats.eval_loss = Some(self.evaluate()?);
         }
+        self.record(&stats)?;
+        Ok(stats)
+    }
+
+    fn checkpoint_due(&self, stats: &StepStats) -> bool {
+        every(self.config.checkpoint_every, stats.step)
+    }
+
+    fn save_point(&mut self) -> Result<()> {
+        self.checkpoint()?;
+        self.plot()?;
         Ok(())
+    }
+}
+
+impl StepRecord for StepStats {
+    fn step(&self) -> usize {
+        self.step
     }
 }

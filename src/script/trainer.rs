@@ -63,7 +63,7 @@ pub fn register(engine: &mut Engine) {
         "lit_trainer",
         |ctx: NativeCallContext, target: ScriptModel, config: Map| -> ScriptResult<ScriptTrainer> {
             let (cfg, resume) = config_from(&ctx, &config)?;
-            let t = Trainer::new(target.lm.clone(), cfg, resume).at(&ctx)?;
+            let t = Trainer::open(target.lm.clone(), cfg, resume).at(&ctx)?;
             Ok(ScriptTrainer {
                 inner: Arc::new(Mutex::new(t)),
                 on_step: None,

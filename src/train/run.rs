@@ -1,0 +1,245 @@
+//! A training run on disk and its step loop, the same for LIT and control.
+//!
+//! `out_dir/` holds `metrics.jsonl` (one JSON line per step), `checkpoint/` (written atomically:
+//! the previous one is replaced only once the new one is complete; `state.json` marks a complete
+//! checkpoint) and `loss.svg`.
+
+use super::plot::{write_loss_curve, Series};
+use crate::util::{atomic_dir, atomic_write, recover_dir};
+use crate::{Error, Result};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The state file that marks a complete checkpoint.
+pub const STATE_FILE: &str = "state.json";
+
+/// Stats of one step, as a line of `metrics.jsonl`.
+pub trait StepRecord: Serialize + DeserializeOwned + Clone {
+    /// The step these stats are of (1-based: the step just taken).
+    fn step(&self) -> usize;
+}
+
+/// A run's output directory.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(dir: impl Into<PathBuf>) -> RunDir {
+        RunDir { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `out_dir/checkpoint`.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoint")
+    }
+
+    fn metrics_file(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+
+    /// The checkpoint, if there is a complete one (a swap interrupted between its two renames
+    /// leaves `checkpoint.old`: that is recovered first).
+    pub fn find_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let ck = self.checkpoint_dir();
+        recover_dir(&ck)?;
+        Ok(ck.join(STATE_FILE).exists().then_some(ck))
+    }
+
+    /// The checkpoint's state, if there is a checkpoint; `what` names the kind of run in the
+    /// error for a state file of another shape.
+    pub fn read_state<S: DeserializeOwned>(&self, what: &str) -> Result<Option<S>> {
+        let Some(ck) = self.find_checkpoint()? else {
+            return Ok(None);
+        };
+        let p = ck.join(STATE_FILE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::bad_file(&p, format!("not a {what} checkpoint state: {e}")))
+    }
+
+    /// Write a checkpoint atomically: `fill` writes its files into a temporary directory, which
+    /// then replaces `checkpoint/`.
+    pub fn write_checkpoint(&self, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let ck = self.checkpoint_dir();
+        atomic_dir(&ck, fill)?;
+        Ok(ck)
+    }
+
+    /// A new run: create the directory and start an empty `metrics.jsonl`.
+    pub fn start(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        atomic_write(&self.metrics_file(), b"")
+    }
+
+    /// A resumed run at `step`: the metrics up to the checkpoint, with the file trimmed to them
+    /// (the resumed run rewrites what follows).
+    pub fn resume_metrics<S: StepRecord>(&self, step: usize) -> Result<Vec<S>> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let metrics = self.metrics_file();
+        let kept: Vec<S> = if metrics.exists() {
+            let text = std::fs::read_to_string(&metrics).map_err(|e| Error::io(&metrics, e))?;
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<S>(l).ok())
+                .filter(|s| s.step() <= step)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut text = String::new();
+        for s in &kept {
+            text += &json_line(s, &metrics)?;
+        }
+        atomic_write(&metrics, text.as_bytes())?;
+        Ok(kept)
+    }
+
+    /// Append one step's stats to `metrics.jsonl`.
+    pub fn append_metrics<S: Serialize>(&self, stats: &S) -> Result<()> {
+        let p = self.metrics_file();
+        let line = json_line(stats, &p)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        f.write_all(line.as_bytes()).map_err(|e| Error::io(&p, e))
+    }
+
+    /// Write `loss.svg`.
+    pub fn plot(&self, series: &[Series], title: &str, y_label: &str) -> Result<PathBuf> {
+        let path = self.dir.join("loss.svg");
+        write_loss_curve(&path, series, title, "step", y_label)?;
+        Ok(path)
+    }
+}
+
+fn json_line(v: &impl Serialize, file: &Path) -> Result<String> {
+    serde_json::to_string(v)
+        .map(|s| s + "\n")
+        .map_err(|e| Error::bad_file(file, e))
+}
+
+/// The fields (by path, `lora.r`) in which two configs differ, `ignore`d top-level fields left
+/// out; numbers compare by value (`1` equals `1.0`).
+pub fn config_differences<C: Serialize>(saved: &C, asked: &C, ignore: &[&str]) -> Vec<String> {
+    fn same(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            // to 1e-12, relative: a config read back from JSON need not keep a float's last bit
+            (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+                (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs()),
+                _ => x == y,
+            },
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b))
+            }
+            _ => a == b,
+        }
+    }
+    fn walk(prefix: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let (v, w) = (
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                    );
+                    walk(&format!("{prefix}{k}."), v, w, out);
+                }
+            }
+            _ if !same(a, b) => out.push(format!(
+                "{}: checkpoint {a}, asked {b}",
+                prefix.trim_end_matches('.')
+            )),
+            _ => {}
+        }
+    }
+    let (Ok(mut a), Ok(mut b)) = (serde_json::to_value(saved), serde_json::to_value(asked)) else {
+        return vec!["the config cannot be written as JSON".into()];
+    };
+    for k in ignore {
+        for v in [&mut a, &mut b] {
+            if let Some(m) = v.as_object_mut() {
+                m.remove(*k);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
+}
+
+/// The one resume rule: a run resumes only with the config its checkpoint was made with
+/// (`ignore`d fields, such as how often to checkpoint, may change). `state` names the file.
+pub fn check_resume_config<C: Serialize>(
+    state: &Path,
+    saved: &C,
+    asked: &C,
+    ignore: &[&str],
+) -> Result<()> {
+    let diff = config_differences(saved, asked, ignore);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(Error::bad_file(
+        state,
+        format!(
+            "the checkpoint was made with another config: {}",
+            diff.join("; ")
+        ),
+    ))
+}
+
+/// A run the step loop drives.
+pub trait Steps {
+    type Stats;
+    fn is_done(&self) -> bool;
+    /// Take one step (and whatever is due with it, e.g. an evaluation) and record its stats.
+    fn next_step(&mut self) -> Result<Self::Stats>;
+    /// Whether a checkpoint is due after `stats` on the run's own schedule.
+    fn checkpoint_due(&self, stats: &Self::Stats) -> bool;
+    /// Write the checkpoint and the plot (a run without a directory does nothing).
+    fn save_point(&mut self) -> Result<()>;
+}
+
+/// Step to the end. `on_step` sees each step's stats and returns `false` to stop; a checkpoint
+/// is written when due, on a stop and at the end (once per step). An interrupt (Ctrl-C) is an
+/// error from the step and leaves the last checkpoint as it was.
+pub fn run_steps<R: Steps>(
+    run: &mut R,
+    mut on_step: impl FnMut(&R::Stats) -> Result<bool>,
+) -> Result<()> {
+    let mut saved = false;
+    while !run.is_done() {
+        let stats = run.next_step()?;
+        let go_on = on_step(&stats)?;
+        saved = false;
+        if run.checkpoint_due(&stats) || run.is_done() || !go_on {
+            run.save_point()?;
+            saved = true;
+        }
+        if !go_on {
+            break;
+        }
+    }
+    if !saved {
+        // a run that took no step (resumed at its end) still leaves its plot and checkpoint
+        run.save_point()?;
+    }
+    Ok(())
+}
