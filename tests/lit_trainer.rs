@@ -108,6 +108,28 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     first.train(|s| Ok(s.step < 5)).unwrap();
     assert_eq!(first.step_count(), 5);
     drop(first);
+    // the one resume rule: another config is an error naming the fields (and loses nothing)
+    let state = root.path().join("b/checkpoint/state.json");
+    let before = std::fs::read(&state).unwrap();
+    let mut other = config(root.path(), "b");
+    other.lr *= 2.0;
+    other.lora.r += 1;
+    let e = Trainer::resume(target.clone(), other)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("state.json")
+            && e.contains("lr: checkpoint")
+            && e.contains("lora.r: checkpoint"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), before);
+    // how often to checkpoint and evaluate may change
+    let mut other = config(root.path(), "b");
+    other.checkpoint_every += 1;
+    other.eval_every += 1;
+    drop(Trainer::resume(target.clone(), other).unwrap());
     let mut resumed = Trainer::resume(target, config(root.path(), "b")).unwrap();
     assert_eq!(resumed.step_count(), 5);
     resumed.train(|_| Ok(true)).unwrap();

@@ -11,12 +11,12 @@
 
 use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::globals::dynamic_to_json;
 use super::model::ScriptModel;
+use super::options::parse_over;
 use crate::assets;
 use crate::control::data::{load_instructions, Control};
-use crate::control::{ControlConfig, ControlOptimizer};
-use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
+use crate::control::{ControlConfig, ControlOptimizer, ControlStats};
+use rhai::{Engine, FnPtr, Map, NativeCallContext};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -63,24 +63,13 @@ fn parse_config(ctx: &NativeCallContext, map: &Map) -> ScriptResult<Parsed> {
             "`resume: true` needs `out_dir` (where the run's checkpoint is)",
         ));
     }
-    let user = dynamic_to_json(&Dynamic::from_map(map), "config").map_err(|e| ctx_err(ctx, e))?;
-    let mut base = serde_json::to_value(ControlConfig::default()).expect("json");
-    let (Some(b), Some(u)) = (base.as_object_mut(), user.as_object()) else {
-        return Err(ctx_err(ctx, "the control config must be a map"));
-    };
-    for (k, v) in u {
-        if !b.contains_key(k) {
-            let mut known: Vec<&str> = b.keys().map(String::as_str).collect();
-            known.extend(["control", "prompts", "out_dir", "resume"]);
-            return Err(ctx_err(
-                ctx,
-                format!("unknown control option `{k}` (known: {})", known.join(", ")),
-            ));
-        }
-        b.insert(k.clone(), v.clone());
-    }
-    let config: ControlConfig =
-        serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("control config: {e}")))?;
+    let config: ControlConfig = parse_over(
+        &map,
+        &ControlConfig::default(),
+        "control config",
+        &["control", "prompts", "out_dir", "resume"],
+    )
+    .map_err(|e| ctx_err(ctx, e))?;
     let here = super::script_dir(ctx);
     Ok(Parsed {
         config,
@@ -165,24 +154,9 @@ pub fn register(engine: &mut Engine) {
         |ctx: NativeCallContext, c: &mut ScriptControl| -> ScriptResult<()> {
             let cc = c.clone();
             let mut opt = lock(&ctx, &cc)?;
-            let bar = super::step_bar(opt.total_steps(), opt.step_count());
-            let mut err = None;
-            let res = opt.run(|s| {
-                bar.set_position(s.step as u64);
-                bar.set_message(format!("loss {:.3}", s.loss));
-                match super::call_on_step(&ctx, cc.on_step.as_ref(), s) {
-                    Ok(go) => Ok(go),
-                    Err(e) => {
-                        err = Some(e);
-                        Ok(false)
-                    }
-                }
-            });
-            bar.finish();
-            if let Some(e) = err {
-                return Err(e);
-            }
-            res.at(&ctx)
+            let steps = (opt.step_count(), opt.total_steps());
+            let message = |s: &ControlStats| format!("loss {:.3}", s.loss);
+            super::progress::drive(&ctx, cc.on_step.as_ref(), steps, message, |f| opt.run(f))
         },
     );
     engine.register_fn(

@@ -32,6 +32,7 @@ pub mod globals;
 pub mod model;
 pub mod modules;
 pub mod options;
+pub mod progress;
 pub mod table;
 pub mod tensor;
 pub mod trainer;
@@ -62,34 +63,6 @@ pub fn to_map(v: &impl serde::Serialize) -> rhai::Map {
     globals::json_to_dynamic(serde_json::to_value(v).expect("json"))
         .try_cast::<rhai::Map>()
         .unwrap_or_default()
-}
-
-/// Call a loop's `on_step` callback (if set) with the step's stats; it returns `false` to stop.
-pub fn call_on_step(
-    ctx: &NativeCallContext,
-    on_step: Option<&rhai::FnPtr>,
-    stats: &impl serde::Serialize,
-) -> ScriptResult<bool> {
-    match on_step {
-        None => Ok(true),
-        Some(f) => {
-            let r: Dynamic = f.call_within_context(ctx, (Dynamic::from_map(to_map(stats)),))?;
-            Ok(r.as_bool().unwrap_or(true))
-        }
-    }
-}
-
-/// The progress bar of a training or control loop: steps, a message (loss...), elapsed and ETA.
-pub fn step_bar(total: usize, done: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("template"),
-    );
-    bar.set_position(done as u64);
-    bar
 }
 
 /// Source names for code that is not in a file.

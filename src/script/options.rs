@@ -10,6 +10,7 @@ use super::error::{ctx_err, ScriptResult};
 use super::globals::dynamic_to_json;
 use rhai::{Dynamic, Map, NativeCallContext};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Read `map` into `T`; `what` names the options in errors (`"generate"`, `"trainer config"`).
 pub fn parse<T: DeserializeOwned>(map: &Map, what: &str) -> Result<T, String> {
@@ -120,4 +121,62 @@ impl<'de> serde::Deserializer<'de> for &FieldProbe {
         option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
         ignored_any
     }
+}
+
+/// Read `map` over the defaults `base` (a core config such as the trainer's, whose nested maps
+/// — `lora` — take their defaults from `base` too): each key must be one of `base`'s (or of
+/// `extra`, keys the caller took out first, named in the error only); nested maps merge key by
+/// key with the same check.
+pub fn parse_over<T: Serialize + DeserializeOwned>(
+    map: &Map,
+    base: &T,
+    what: &str,
+    extra: &[&str],
+) -> Result<T, String> {
+    use serde_json::Value;
+    fn merge(
+        base: &mut Value,
+        user: Value,
+        path: &str,
+        what: &str,
+        extra: &[&str],
+    ) -> Result<(), String> {
+        let (Value::Object(b), Value::Object(u)) = (&mut *base, &user) else {
+            *base = user;
+            return Ok(());
+        };
+        for (k, v) in u {
+            let at = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            match b.get_mut(k) {
+                None => {
+                    let known: Vec<&str> = b
+                        .keys()
+                        .map(String::as_str)
+                        .chain(if path.is_empty() { extra } else { &[] }.iter().copied())
+                        .collect();
+                    return Err(format!(
+                        "{what}: unknown option `{at}` (known: {})",
+                        known.join(", ")
+                    ));
+                }
+                Some(slot) if slot.is_object() && v.is_object() => {
+                    merge(slot, v.clone(), &at, what, extra)?
+                }
+                Some(slot) => *slot = v.clone(),
+            }
+        }
+        Ok(())
+    }
+    let user = dynamic_to_json(&Dynamic::from_map(map.clone()), "options")
+        .map_err(|e| format!("{what} options: {e}"))?;
+    let mut json = serde_json::to_value(base).map_err(|e| format!("{what}: {e}"))?;
+    merge(&mut json, user, "", what, extra)?;
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        describe(what, &path, &e.into_inner().to_string())
+    })
 }

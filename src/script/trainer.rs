@@ -2,10 +2,10 @@
 //! `evaluate()`, `save(dir)`, `checkpoint()` and an `on_step` callback.
 
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::globals::dynamic_to_json;
 use super::model::ScriptModel;
-use crate::lit::trainer::{TrainConfig, Trainer};
-use rhai::{Dynamic, Engine, FnPtr, Map, NativeCallContext};
+use super::options::parse_over;
+use crate::lit::trainer::{StepStats, TrainConfig, Trainer};
+use rhai::{Engine, FnPtr, Map, NativeCallContext};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -26,34 +26,8 @@ fn config_from(ctx: &NativeCallContext, map: &Map) -> ScriptResult<(TrainConfig,
             .as_bool()
             .map_err(|t| ctx_err(ctx, format!("resume is a {t}, expected true or false")))?,
     };
-    let user = dynamic_to_json(&Dynamic::from_map(map), "config").map_err(|e| ctx_err(ctx, e))?;
-    let mut base = serde_json::to_value(TrainConfig::default()).expect("json");
-    let (Some(b), Some(u)) = (base.as_object_mut(), user.as_object()) else {
-        return Err(ctx_err(ctx, "the trainer config must be a map"));
-    };
-    for (k, v) in u {
-        if !b.contains_key(k) {
-            let known: Vec<&String> = b.keys().collect();
-            return Err(ctx_err(
-                ctx,
-                format!("unknown trainer option `{k}` (known: {known:?})"),
-            ));
-        }
-        if k == "lora" {
-            if let (Some(bl), Some(ul)) = (
-                b.get_mut("lora").and_then(|x| x.as_object_mut()),
-                v.as_object(),
-            ) {
-                for (lk, lv) in ul {
-                    bl.insert(lk.clone(), lv.clone());
-                }
-                continue;
-            }
-        }
-        b.insert(k.clone(), v.clone());
-    }
-    let cfg: TrainConfig =
-        serde_json::from_value(base).map_err(|e| ctx_err(ctx, format!("trainer config: {e}")))?;
+    let cfg: TrainConfig = parse_over(&map, &TrainConfig::default(), "trainer config", &["resume"])
+        .map_err(|e| ctx_err(ctx, e))?;
     Ok((cfg, resume))
 }
 
@@ -150,29 +124,15 @@ pub fn register(engine: &mut Engine) {
             let mut tr = inner
                 .lock()
                 .map_err(|_| ctx_err(&ctx, "trainer lock poisoned"))?;
-            let bar = super::step_bar(tr.total_steps(), tr.step_count());
-            let mut err: Option<Box<rhai::EvalAltResult>> = None;
-            let tt = t.clone();
-            let res = tr.train(|s| {
-                bar.set_position(s.step as u64);
+            let steps = (tr.step_count(), tr.total_steps());
+            let message = |s: &StepStats| {
                 let eval = s
                     .eval_loss
                     .map(|e| format!(" eval {e:.3}"))
                     .unwrap_or_default();
-                bar.set_message(format!("loss {:.3}{eval}  lr {:.2e}", s.loss, s.lr));
-                match super::call_on_step(&ctx, tt.on_step.as_ref(), s) {
-                    Ok(go) => Ok(go),
-                    Err(e) => {
-                        err = Some(e);
-                        Ok(false)
-                    }
-                }
-            });
-            bar.finish();
-            if let Some(e) = err {
-                return Err(e);
-            }
-            res.at(&ctx)
+                format!("loss {:.3}{eval}  lr {:.2e}", s.loss, s.lr)
+            };
+            super::progress::drive(&ctx, t.on_step.as_ref(), steps, message, |f| tr.train(f))
         },
     );
 }

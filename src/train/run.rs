@@ -243,3 +243,163 @@ pub fn run_steps<R: Steps>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Cfg {
+        lr: f64,
+        every: usize,
+        lora: Lora,
+    }
+    #[derive(Serialize)]
+    struct Lora {
+        r: usize,
+        modules: Vec<&'static str>,
+    }
+
+    fn cfg(lr: f64, every: usize, r: usize) -> Cfg {
+        Cfg {
+            lr,
+            every,
+            lora: Lora {
+                r,
+                modules: vec!["q_proj"],
+            },
+        }
+    }
+
+    #[test]
+    fn differences_name_nested_fields_and_skip_the_ignored() {
+        assert!(config_differences(&cfg(1e-3, 5, 4), &cfg(1e-3, 9, 4), &["every"]).is_empty());
+        let d = config_differences(&cfg(1e-3, 5, 4), &cfg(2e-3, 5, 8), &[]);
+        assert_eq!(
+            d,
+            [
+                "lora.r: checkpoint 4, asked 8",
+                "lr: checkpoint 0.001, asked 0.002"
+            ]
+        );
+        // a float read back from JSON with its last bit off still matches
+        let x = 0.1f64 + 0.2;
+        assert!(config_differences(
+            &cfg(x, 5, 4),
+            &cfg(f64::from_bits(x.to_bits() + 1), 5, 4),
+            &[]
+        )
+        .is_empty());
+    }
+
+    /// A run of `n` steps that records when it saved.
+    struct Counting {
+        step: usize,
+        n: usize,
+        every: usize,
+        saved: Vec<usize>,
+    }
+
+    impl Steps for Counting {
+        type Stats = usize;
+        fn is_done(&self) -> bool {
+            self.step >= self.n
+        }
+        fn next_step(&mut self) -> Result<usize> {
+            self.step += 1;
+            Ok(self.step)
+        }
+        fn checkpoint_due(&self, s: &usize) -> bool {
+            self.every > 0 && s % self.every == 0
+        }
+        fn save_point(&mut self) -> Result<()> {
+            self.saved.push(self.step);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_loop_saves_when_due_on_a_stop_and_at_the_end_once() {
+        let mut r = Counting {
+            step: 0,
+            n: 7,
+            every: 3,
+            saved: vec![],
+        };
+        run_steps(&mut r, |_| Ok(true)).unwrap();
+        assert_eq!(r.saved, [3, 6, 7]);
+        let mut r = Counting {
+            step: 0,
+            n: 7,
+            every: 3,
+            saved: vec![],
+        };
+        run_steps(&mut r, |s| Ok(*s < 4)).unwrap();
+        assert_eq!((r.step, r.saved), (4, vec![3, 4]));
+        let mut r = Counting {
+            step: 0,
+            n: 6,
+            every: 3,
+            saved: vec![],
+        };
+        run_steps(&mut r, |_| Ok(true)).unwrap();
+        assert_eq!(r.saved, [3, 6]);
+        // resumed at its end: no step, one save (the plot and checkpoint exist)
+        let mut r = Counting {
+            step: 6,
+            n: 6,
+            every: 3,
+            saved: vec![],
+        };
+        run_steps(&mut r, |_| Ok(true)).unwrap();
+        assert_eq!(r.saved, [6]);
+        // an error in a step stops the loop without a save
+        struct Failing;
+        impl Steps for Failing {
+            type Stats = ();
+            fn is_done(&self) -> bool {
+                false
+            }
+            fn next_step(&mut self) -> Result<()> {
+                Err(Error::Interrupted)
+            }
+            fn checkpoint_due(&self, _: &()) -> bool {
+                true
+            }
+            fn save_point(&mut self) -> Result<()> {
+                panic!("no save after a failed step")
+            }
+        }
+        assert!(run_steps(&mut Failing, |_| Ok(true)).is_err());
+    }
+
+    #[test]
+    fn metrics_are_trimmed_to_the_resumed_step() {
+        #[derive(Clone, Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct S {
+            step: usize,
+        }
+        impl StepRecord for S {
+            fn step(&self) -> usize {
+                self.step
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::new(tmp.path().join("run"));
+        run.start().unwrap();
+        for step in 1..=5 {
+            run.append_metrics(&S { step }).unwrap();
+        }
+        let kept: Vec<S> = run.resume_metrics(3).unwrap();
+        assert_eq!(kept, [S { step: 1 }, S { step: 2 }, S { step: 3 }]);
+        let text = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+        assert_eq!(text, "{\"step\":1}\n{\"step\":2}\n{\"step\":3}\n");
+        assert_eq!(run.find_checkpoint().unwrap(), None);
+        let ck = run
+            .write_checkpoint(|d| {
+                std::fs::write(d.join(STATE_FILE), "{}").map_err(|e| Error::io(d, e))
+            })
+            .unwrap();
+        assert_eq!(run.find_checkpoint().unwrap(), Some(ck));
+    }
+}
