@@ -22,7 +22,9 @@ use crate::model::{Input, Llama, Logits};
 use crate::rng::SplitMix64;
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::plot::{smooth, Series};
-use crate::train::run::{check_resume_config, run_steps, RunDir, StepRecord, Steps, STATE_FILE};
+use crate::train::run::{
+    check_resume_config, every, run_steps, RunDir, StepRecord, Steps, STATE_FILE,
+};
 use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
@@ -676,8 +678,7 @@ impl Steps for ControlOptimizer {
     }
 
     fn checkpoint_due(&self, stats: &ControlStats) -> bool {
-        let every = self.config.checkpoint_every;
-        every > 0 && stats.step % every == 0
+        every(self.config.checkpoint_every, stats.step)
     }
 
     fn save_point(&mut self) -> Result<()> {

@@ -14,7 +14,9 @@ use crate::model::{Dropout, Llama};
 use crate::rng::SplitMix64;
 use crate::train::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
 use crate::train::plot::{smooth, Series};
-use crate::train::run::{check_resume_config, run_steps, RunDir, StepRecord, Steps, STATE_FILE};
+use crate::train::run::{
+    check_resume_config, every, run_steps, RunDir, StepRecord, Steps, STATE_FILE,
+};
 use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -569,10 +571,6 @@ impl Trainer {
 
 /// Fields a resumed run may change: how often it checkpoints and evaluates.
 const RESUME_MAY_CHANGE: &[&str] = &["checkpoint_every", "eval_every"];
-
-fn every(n: usize, step: usize) -> bool {
-    n > 0 && step % n == 0
-}
 
 impl Steps for Trainer {
     type Stats = StepStats;

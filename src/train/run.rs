@@ -205,6 +205,11 @@ pub fn check_resume_config<C: Serialize>(
     ))
 }
 
+/// Whether something scheduled every `n` steps (0: never) is due at `step`.
+pub fn every(n: usize, step: usize) -> bool {
+    n > 0 && step.is_multiple_of(n)
+}
+
 /// A run the step loop drives.
 pub trait Steps {
     type Stats;
@@ -310,7 +315,7 @@ mod tests {
             Ok(self.step)
         }
         fn checkpoint_due(&self, s: &usize) -> bool {
-            self.every > 0 && s % self.every == 0
+            every(self.every, *s)
         }
         fn save_point(&mut self) -> Result<()> {
             self.saved.push(self.step);
