@@ -192,10 +192,12 @@ fn bad_data_names_the_file_and_item_and_keeps_earlier_outputs() {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     items[1].as_object_mut().unwrap().remove("control_user");
     std::fs::write(&p, serde_json::to_string(&items).unwrap()).unwrap();
-    let err = Trainer::resume(target, config(root.path(), "d"))
-        .err()
-        .unwrap()
-        .to_string();
+    // resumed with the config it was made with (the resume rule), the broken item is named
+    let same = TrainConfig {
+        max_steps: Some(2),
+        ..config(root.path(), "d")
+    };
+    let err = Trainer::resume(target, same).err().unwrap().to_string();
     assert!(
         err.contains("control.json") && err.contains("item 1") && err.contains("control_user"),
         "{err}"
