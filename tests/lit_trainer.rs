@@ -130,6 +130,12 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     other.checkpoint_every += 1;
     other.eval_every += 1;
     drop(Trainer::resume(target.clone(), other).unwrap());
+    // and so may where the run is: a moved run folder resumes
+    std::fs::rename(root.path().join("b"), root.path().join("b-moved")).unwrap();
+    let moved = Trainer::resume(target.clone(), config(root.path(), "b-moved")).unwrap();
+    assert_eq!(moved.step_count(), 5);
+    drop(moved);
+    std::fs::rename(root.path().join("b-moved"), root.path().join("b")).unwrap();
     let mut resumed = Trainer::resume(target, config(root.path(), "b")).unwrap();
     assert_eq!(resumed.step_count(), 5);
     resumed.train(|_| Ok(true)).unwrap();

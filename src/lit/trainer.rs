@@ -190,7 +190,7 @@ impl Trainer {
 
     /// The continuation of the run checkpointed in `config.out_dir` (a new run if there is no
     /// checkpoint). The config must be the one the checkpoint was made with, but for
-    /// `checkpoint_every` and `eval_every`: a differing field is an error naming it.
+    /// `out_dir`, `checkpoint_every` and `eval_every`: a differing field is an error naming it.
     pub fn resume(target: Arc<LanguageModel>, config: TrainConfig) -> Result<Self> {
         Self::open(target, config, true)
     }
@@ -215,6 +215,7 @@ impl Trainer {
             Some(s) => {
                 check_resume_config(&ck.join(STATE_FILE), &s.config, &config, RESUME_MAY_CHANGE)?;
                 TrainConfig {
+                    out_dir: config.out_dir.clone(),
                     checkpoint_every: config.checkpoint_every,
                     eval_every: config.eval_every,
                     ..s.config.clone()
@@ -569,8 +570,9 @@ impl Trainer {
     }
 }
 
-/// Fields a resumed run may change: how often it checkpoints and evaluates.
-const RESUME_MAY_CHANGE: &[&str] = &["checkpoint_every", "eval_every"];
+/// Fields a resumed run may change: where the run is (a moved run folder resumes), how often it
+/// checkpoints and evaluates.
+const RESUME_MAY_CHANGE: &[&str] = &["out_dir", "checkpoint_every", "eval_every"];
 
 impl Steps for Trainer {
     type Stats = StepStats;
