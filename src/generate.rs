@@ -4,7 +4,7 @@
 //! positions (a steering vector) also acts on every new token.
 
 use crate::hooks::Hooks;
-use crate::model::{Input, KvCache, Llama, Logits};
+use crate::model::{Input, KvCache, Logits, Model};
 use crate::rng::{Rng, SeedableRng, StdRng};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -98,7 +98,7 @@ fn pick(logits: &[f32], opts: &GenOptions, rng: &mut StdRng) -> u32 {
 
 /// Generate continuations of each prompt (token ids). Returns the new tokens of each row.
 pub fn generate(
-    model: &Llama,
+    model: &Model,
     prompts: &[Vec<u32>],
     pad_id: u32,
     opts: &GenOptions,

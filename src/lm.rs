@@ -2,11 +2,11 @@
 //! with text in and text out. The script layer wraps this; it knows nothing of Rhai itself.
 
 use crate::chat::{self, ChatTemplate, Message};
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::generate::{generate, GenOptions};
 use crate::hooks::{HookPoint, Hooks};
 use crate::model::weights::{GgufWeights, SafetensorsWeights};
-use crate::model::{Input, Llama, Logits};
+use crate::model::{Input, Logits, Model};
 use crate::sources::{self, ModelSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -68,7 +68,7 @@ pub struct LanguageModel {
     pub name: String,
     /// The GGUF file or model directory.
     pub path: PathBuf,
-    pub model: Llama,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
 }
@@ -103,14 +103,10 @@ impl LanguageModel {
         match src {
             ModelSource::Gguf(path) => {
                 let mut w = GgufWeights::open(path)?;
-                let cfg = LlamaConfig::from_gguf(&w.content, path)?;
-                w.set_heads(
-                    &cfg.architecture,
-                    cfg.num_attention_heads,
-                    cfg.num_key_value_heads,
-                );
+                let cfg = ModelConfig::from_gguf(&w.content, path)?;
+                w.set_family(cfg.family, cfg.num_attention_heads, cfg.num_key_value_heads);
                 let (tokenizer, chat_template) = chat::load_gguf(&w.content, path)?;
-                let model = Llama::load(cfg, &mut w, opts.dtype, &opts.device)?;
+                let model = Model::load(cfg, &mut w, opts.dtype, &opts.device)?;
                 Ok(LanguageModel {
                     name: name.to_string(),
                     path: path.clone(),
@@ -127,11 +123,11 @@ impl LanguageModel {
                 weights,
                 ..
             } => {
-                let cfg = LlamaConfig::from_hf_json(config)?;
+                let cfg = ModelConfig::from_hf_json(config)?;
                 let (tok, chat_template) =
                     chat::load_files(tokenizer, tokenizer_config.as_deref())?;
                 let mut w = SafetensorsWeights::open(weights)?;
-                let model = Llama::load(cfg, &mut w, opts.dtype, &opts.device)?;
+                let model = Model::load(cfg, &mut w, opts.dtype, &opts.device)?;
                 Ok(LanguageModel {
                     name: name.to_string(),
                     path: root.clone(),
@@ -145,7 +141,7 @@ impl LanguageModel {
 
     /// The same language model (tokenizer, template) around other weights, e.g. a steered
     /// copy of this model.
-    pub fn with_model(&self, model: Llama) -> LanguageModel {
+    pub fn with_model(&self, model: Model) -> LanguageModel {
         LanguageModel {
             name: self.name.clone(),
             path: self.path.clone(),

@@ -15,7 +15,7 @@ use lqa::latentqa::{
     latentqa_token_nll, patch_vectors, read_prompt, DecoderPrompt, Labels, LayerPlan, LossConfig,
     PatchedBatch, PatchedExample, ReadDialog, ReadPrompt, VerbMask, BASE_REPLY,
 };
-use lqa::model::Llama;
+use lqa::model::Model;
 use lqa::tokenizer::Tokenizer;
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -346,12 +346,12 @@ fn reference_losses_match() {
 
 // ---- gradients on the tiny model ----
 
-fn load_tiny_f64(dir: &Path, seed: u64) -> Llama {
+fn load_tiny_f64(dir: &Path, seed: u64) -> Model {
     common::write_tiny_model(dir, seed);
-    let cfg = lqa::config::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let cfg = lqa::config::ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
     let mut src =
         lqa::model::weights::SafetensorsWeights::open(&[dir.join("model.safetensors")]).unwrap();
-    Llama::load(cfg, &mut src, DType::F64, &Device::Cpu).unwrap()
+    Model::load(cfg, &mut src, DType::F64, &Device::Cpu).unwrap()
 }
 
 /// Deterministic values in [-1, 1).
@@ -402,8 +402,8 @@ fn tiny_batch() -> PatchedBatch {
 
 /// The loss with `values[r]` (`[len_r, d]`) added to the target's read-layer output of row r.
 fn loss_with_added(
-    target: &Llama,
-    decoder: &Llama,
+    target: &Model,
+    decoder: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
     values: &[Tensor],

@@ -6,13 +6,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use lqa::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use lqa::lora::{Adapter, LoraConfig};
-use lqa::model::{Input, Llama, Logits};
+use lqa::model::{Input, Logits, Model};
 
-fn load(dir: &std::path::Path, dtype: DType) -> Llama {
-    let cfg = lqa::config::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+fn load(dir: &std::path::Path, dtype: DType) -> Model {
+    let cfg = lqa::config::ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
     let mut src =
         lqa::model::weights::SafetensorsWeights::open(&[dir.join("model.safetensors")]).unwrap();
-    Llama::load(cfg, &mut src, dtype, &Device::Cpu).unwrap()
+    Model::load(cfg, &mut src, dtype, &Device::Cpu).unwrap()
 }
 
 fn config() -> LoraConfig {
@@ -24,7 +24,7 @@ fn config() -> LoraConfig {
     }
 }
 
-fn logits(m: &Llama, differentiable: bool) -> Tensor {
+fn logits(m: &Model, differentiable: bool) -> Tensor {
     let rows = vec![vec![5u32, 9, 14, 3, 77, 8], vec![1, 2, 3]];
     let mut input = Input::left_padded(&rows, 0, &Device::Cpu)
         .unwrap()
@@ -147,7 +147,7 @@ fn peft_adapter_round_trips() {
 }
 
 /// A scalar loss with a fixed random projection of all logits.
-fn loss_of(m: &Llama, hooks: Option<&mut Hooks>) -> Tensor {
+fn loss_of(m: &Model, hooks: Option<&mut Hooks>) -> Tensor {
     let rows = vec![vec![5u32, 9, 14, 3, 77, 8], vec![1, 2, 3]];
     let mut input = Input::left_padded(&rows, 0, &Device::Cpu)
         .unwrap()

@@ -6,16 +6,16 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use lqa::generate::{generate, GenOptions};
 use lqa::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions, Site};
-use lqa::model::{Input, Llama, Logits};
+use lqa::model::{Input, Logits, Model};
 
-fn model() -> (tempfile::TempDir, Llama) {
+fn model() -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 7);
     let m = load_tiny(dir.path());
     (dir, m)
 }
 
-fn logits_all(m: &Llama, rows: &[Vec<u32>]) -> (Tensor, Vec<usize>) {
+fn logits_all(m: &Model, rows: &[Vec<u32>]) -> (Tensor, Vec<usize>) {
     let input = Input::left_padded(rows, 0, &Device::Cpu)
         .unwrap()
         .with_logits(Logits::All);
@@ -309,7 +309,7 @@ fn bad_weight_files_name_the_problem() {
     use lqa::model::weights::SafetensorsWeights;
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 1);
-    let cfg = lqa::config::LlamaConfig::from_hf_json(&dir.path().join("config.json")).unwrap();
+    let cfg = lqa::config::ModelConfig::from_hf_json(&dir.path().join("config.json")).unwrap();
     let st = dir.path().join("model.safetensors");
 
     // a missing tensor
@@ -317,7 +317,7 @@ fn bad_weight_files_name_the_problem() {
     w.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&w, &st).unwrap();
     let mut src = SafetensorsWeights::open(std::slice::from_ref(&st)).unwrap();
-    let err = Llama::load(cfg.clone(), &mut src, DType::F32, &Device::Cpu)
+    let err = Model::load(cfg.clone(), &mut src, DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -335,7 +335,7 @@ fn bad_weight_files_name_the_problem() {
     );
     candle_core::safetensors::save(&w, &st).unwrap();
     let mut src = SafetensorsWeights::open(std::slice::from_ref(&st)).unwrap();
-    let err = Llama::load(cfg.clone(), &mut src, DType::F32, &Device::Cpu)
+    let err = Model::load(cfg.clone(), &mut src, DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();

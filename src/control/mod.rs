@@ -18,7 +18,7 @@ use crate::latentqa::loss::{
 use crate::latentqa::{Labels, LayerPlan};
 use crate::lm::LanguageModel;
 use crate::lora::{module_group_names, Adapter, LoraConfig};
-use crate::model::{Input, Llama, Logits};
+use crate::model::{Input, Logits, Model};
 use crate::rng::SplitMix64;
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::train::plot::{smooth, Series};
@@ -167,9 +167,9 @@ pub struct ControlOptimizer {
     pub control: Control,
     target: Arc<LanguageModel>,
     /// The target with the control LoRA attached (the steered model).
-    steered: Llama,
+    steered: Model,
     /// The decoder with its adapter folded in (frozen).
-    decoder: Llama,
+    decoder: Model,
     adapter: Adapter,
     /// One optimizer over all LoRA variables, or one per optimised layer.
     opts: Vec<(Option<usize>, AdamW)>,
@@ -493,7 +493,7 @@ impl ControlOptimizer {
         &self.adapter
     }
     /// The steered target (base weights + the control LoRA).
-    pub fn steered(&self) -> &Llama {
+    pub fn steered(&self) -> &Model {
         &self.steered
     }
     pub fn target(&self) -> &Arc<LanguageModel> {

@@ -9,7 +9,7 @@ use super::{Labels, ReadDialog, VerbMask};
 use crate::chat::Message;
 use crate::lm::LanguageModel;
 use crate::lora::Adapter;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub fn find_shipped_decoder(model_name: &str, script_dir: Option<&Path>) -> Resu
 pub struct Decoder {
     pub target: Arc<LanguageModel>,
     /// The decoder: the target's weights with the adapter folded in (frozen).
-    pub model: Llama,
+    pub model: Model,
     pub meta: DecoderMeta,
     pub path: PathBuf,
 }

@@ -17,7 +17,7 @@
 use super::format::{DecoderPrompt, ReadPrompt};
 use super::layers::LayerPlan;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
-use crate::model::{log_softmax, Input, Llama, Logits};
+use crate::model::{log_softmax, Input, Logits, Model};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -140,7 +140,7 @@ pub struct TokenNll {
 /// target's forward (e.g. a steering vector, or an `Add` patch at the read layer), before the
 /// activations are taken. Detached unless `cfg.grad_through_target`.
 pub fn patch_vectors(
-    target: &Llama,
+    target: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
     target_hooks: Option<&mut Hooks>,
@@ -152,7 +152,7 @@ pub fn patch_vectors(
 /// [`patch_vectors`] for bare read prompts (reading needs no decoder prompt to get them):
 /// one left-padded target forward up to `cfg.layers.read`.
 pub fn read_vectors(
-    target: &Llama,
+    target: &Model,
     reads: &[&ReadPrompt],
     cfg: &LossConfig,
     target_hooks: Option<&mut Hooks>,
@@ -223,7 +223,7 @@ pub fn gather_patches(
 /// (log-softmax in f32). Only label columns are unembedded. `decoder_hooks` run too (the
 /// placeholder patches are added to them for this forward and removed afterwards).
 pub fn patched_token_nll(
-    decoder: &Llama,
+    decoder: &Model,
     batch: &PatchedBatch,
     patches: &[Tensor],
     cfg: &LossConfig,
@@ -308,8 +308,8 @@ pub fn patched_token_nll(
 
 /// The LatentQA loss of a batch, with hooks in either model (see [`latentqa_loss`]).
 pub fn latentqa_loss_with_hooks(
-    target: &Llama,
-    decoder: &Llama,
+    target: &Model,
+    decoder: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
     target_hooks: Option<&mut Hooks>,
@@ -336,8 +336,8 @@ pub fn latentqa_loss_with_hooks(
 /// replace the decoder's placeholders at `write_layer`, and the loss is the decoder's mean
 /// NLL over all label tokens of the batch (log-softmax in f32).
 pub fn latentqa_loss(
-    target: &Llama,
-    decoder: &Llama,
+    target: &Model,
+    decoder: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
 ) -> Result<LossOutput> {
@@ -346,8 +346,8 @@ pub fn latentqa_loss(
 
 /// Per-token NLL of each example's labels (in label order), for reading and scoring answers.
 pub fn latentqa_token_nll(
-    target: &Llama,
-    decoder: &Llama,
+    target: &Model,
+    decoder: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
 ) -> Result<Vec<Vec<f32>>> {

@@ -10,7 +10,7 @@ use crate::latentqa::{Labels, LayerPlan};
 use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
-use crate::model::{Dropout, Llama};
+use crate::model::{Dropout, Model};
 use crate::rng::SplitMix64;
 use crate::train::optim::{clip_grad_norm, cosine_lr, AdamW, AdamWParams, Ema, GradAccumulator};
 use crate::train::plot::{smooth, Series};
@@ -125,7 +125,7 @@ struct TrainState {
 pub struct Trainer {
     pub config: TrainConfig,
     target: Arc<LanguageModel>,
-    decoder: Llama,
+    decoder: Model,
     adapter: Adapter,
     opt: AdamW,
     ema: Option<Ema>,
@@ -345,7 +345,7 @@ impl Trainer {
     pub fn adapter(&self) -> &Adapter {
         &self.adapter
     }
-    pub fn decoder(&self) -> &Llama {
+    pub fn decoder(&self) -> &Model {
         &self.decoder
     }
     pub fn history(&self) -> &[StepStats] {

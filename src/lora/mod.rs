@@ -8,7 +8,7 @@
 
 pub mod groups;
 
-use crate::model::{LinearId, Llama, LoraWeights, Proj, Target};
+use crate::model::{LinearId, LoraWeights, Model, Proj, Target};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 pub use groups::{module_group, module_group_names, MODULE_GROUPS};
@@ -144,7 +144,7 @@ impl Adapter {
     /// Fresh adapters as PEFT initialises them: `A ~ U(-1/sqrt(in), 1/sqrt(in))` (kaiming
     /// uniform with a = sqrt 5), `B = 0`, so the adapted model starts equal to the base.
     /// Variables are f32 (f64 for an f64 model) on the model's device.
-    pub fn new(model: &Llama, config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(model: &Model, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate(model.n_layers())?;
         let dev = model.device().clone();
         let vdt = if model.dtype() == DType::F64 {
@@ -182,7 +182,7 @@ impl Adapter {
 
     /// Plug the adapters into a model (replacing any it had). The model's other layers keep
     /// no adapter.
-    pub fn attach(&self, model: &mut Llama) -> Result<()> {
+    pub fn attach(&self, model: &mut Model) -> Result<()> {
         Self::detach(model);
         for (name, w) in &self.layers {
             let lin = model
@@ -204,7 +204,7 @@ impl Adapter {
     /// A copy of `model` with every attached adapter folded into its weights
     /// (`W + scale * B A`) and no adapter left: the same function, run at the base model's
     /// cost, with nothing to differentiate (a frozen decoder in control).
-    pub fn merged(model: &Llama) -> Result<Llama> {
+    pub fn merged(model: &Model) -> Result<Model> {
         let mut m = model.clone();
         for id in m.linear_ids() {
             if let Some(l) = m.linear_at_mut(id) {
@@ -226,7 +226,7 @@ impl Adapter {
     }
 
     /// Remove every adapter from a model.
-    pub fn detach(model: &mut Llama) {
+    pub fn detach(model: &mut Model) {
         for id in model.linear_ids() {
             if let Some(l) = model.linear_at_mut(id) {
                 l.lora = None;
@@ -293,7 +293,7 @@ impl Adapter {
     }
 
     /// Load a PEFT adapter directory for `model` (f32 variables on the model's device).
-    pub fn load_peft(dir: &Path, model: &Llama) -> Result<Self> {
+    pub fn load_peft(dir: &Path, model: &Model) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let raw: serde_json::Value =

@@ -1,14 +1,22 @@
-//! Our own hookable Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) in candle.
+//! Our own hookable transformer for every supported family (Llama 2/3, SmolLM, Mistral, Qwen2/3,
+//! Gemma 2/3, Phi-3; see [`crate::config`]) in candle.
 //!
 //! A block reads like the math, with TransformerLens hook points at every site:
 //!
 //! ```text
-//! resid_pre = x                                   // blocks.{i}.hook_resid_pre
-//! attn_out  = attn(rms_norm(resid_pre))           // blocks.{i}.hook_attn_out
-//! resid_mid = resid_pre + attn_out                // blocks.{i}.hook_resid_mid
-//! mlp_out   = mlp(rms_norm(resid_mid))            // blocks.{i}.hook_mlp_out
-//! resid_post = resid_mid + mlp_out                // blocks.{i}.hook_resid_post
+//! x          = embed(ids) [* sqrt(d)]                        // hook_embed
+//! resid_pre  = x                                             // blocks.{i}.hook_resid_pre
+//! attn_out   = [post_norm](attn(rms_norm(resid_pre)))        // blocks.{i}.hook_attn_out
+//! resid_mid  = resid_pre + attn_out                          // blocks.{i}.hook_resid_mid
+//! mlp_out    = [post_norm](mlp(rms_norm(resid_mid)))         // blocks.{i}.hook_mlp_out
+//! resid_post = resid_mid + mlp_out                           // blocks.{i}.hook_resid_post
 //! ```
+//!
+//! The bracketed parts are family options ([`ModelConfig`]): Gemma scales the embeddings and
+//! norms each sublayer's output before it joins the residual, so every hook keeps its meaning
+//! (what is added to the residual stream, and the stream itself) in every family. Inside
+//! attention, queries and keys may be RMS-normed per head (Qwen3, Gemma 3), scores soft-capped
+//! (Gemma 2), and a layer may see only a sliding window of keys (Mistral, Gemma).
 //!
 //! Batches are left-padded; every row gets explicit position ids (`0..len` over its own tokens)
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
@@ -21,7 +29,7 @@ pub mod ops;
 pub mod packed;
 pub mod weights;
 
-use crate::config::LlamaConfig;
+use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};
 use crate::hooks::{HookCtx, HookPoint, Hooks, Site};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -109,9 +117,20 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3), `[hd]`.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     n_heads: usize,
     n_kv: usize,
     hd: usize,
+    /// Multiplier of `q . k`.
+    scale: f64,
+    /// Gemma 2's `cap * tanh(scores / cap)`.
+    softcap: Option<f64>,
+    /// Sliding-window layer: each query sees its last `window` keys (itself included).
+    window: Option<usize>,
+    /// Which RoPE table (0 = global, 1 = local).
+    rope: usize,
 }
 
 #[derive(Clone)]
@@ -119,34 +138,43 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    act: Activation,
 }
 
 #[derive(Clone)]
 struct Block {
     attn_norm: Tensor,
     attn: Attention,
+    /// Gemma's norm of the attention output before it joins the residual.
+    post_attn_norm: Option<Tensor>,
     mlp_norm: Tensor,
     mlp: Mlp,
+    /// Gemma's norm of the MLP output before it joins the residual.
+    post_mlp_norm: Option<Tensor>,
 }
 
-/// A Llama-family model with hook points.
+/// The hookable transformer: one model for every family, the family's differences being
+/// options of [`ModelConfig`].
 #[derive(Clone)]
-pub struct Llama {
-    pub cfg: LlamaConfig,
+pub struct Model {
+    pub cfg: ModelConfig,
     embed: Tensor,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
-    inv_freq: Vec<f32>,
+    /// Inverse RoPE frequencies: the global table and, where the family has one, the local.
+    inv_freq: Vec<Vec<f32>>,
     device: Device,
     dtype: DType,
 }
 
 /// Everything a block needs besides its input.
 struct Ctx<'a> {
-    cos: &'a Tensor,
-    sin: &'a Tensor,
+    /// RoPE cos/sin `[b, s, hd/2]`, one pair per table.
+    rope: &'a [(Tensor, Tensor)],
+    /// Additive masks `[b, 1, s, kv]`: full attention, and sliding window where used.
     mask: Option<&'a Tensor>,
+    mask_sliding: Option<&'a Tensor>,
     /// Left padding of each row and the chunk's offset in the padded sequence (what `mask`
     /// encodes).
     pads: &'a [usize],
@@ -165,10 +193,26 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.hd);
+        let (cos, sin) = &ctx.rope[self.rope];
+        let rope = Some((cos, sin));
+        // [b, s, heads*hd], normed per head where the family does
+        let head_norm = |t: Tensor, w: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+            match w {
+                None => Ok(t),
+                Some(w) => Ok(ops::rms_norm(
+                    &t.reshape((b, s, heads, hd))?,
+                    w,
+                    ctx.eps,
+                    ctx.differentiable,
+                )?
+                .reshape((b, s, heads * hd))?),
+            }
+        };
+        let q = head_norm(self.q.forward(x)?, &self.q_norm, nh)?;
+        let k = head_norm(self.k.forward(x)?, &self.k_norm, nkv)?;
         // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
-        let rope = Some((ctx.cos, ctx.sin));
-        let q = ops::split_heads(&self.q.forward(x)?, nh, rope, ctx.differentiable)?;
-        let k = ops::split_heads(&self.k.forward(x)?, nkv, rope, ctx.differentiable)?;
+        let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
+        let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
         let v = ops::split_heads(&self.v.forward(x)?, nkv, None, ctx.differentiable)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
@@ -179,7 +223,6 @@ impl Attention {
         // Grouped-query attention without copying K/V: fold the query heads that share a KV
         // head into the sequence axis. [b, nkv, rep*s, hd] @ [b, nkv, hd, kv] -> [b, nkv, rep*s, kv]
         let qg = q.reshape((b, nkv, rep * s, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let att = qg.matmul(&k.t()?)?;
         // scores and softmax in f32 (f64 when the model is f64, for gradient checks)
         let sdt = if v.dtype() == DType::F64 {
@@ -188,10 +231,18 @@ impl Attention {
             DType::F32
         };
         let att = att.to_dtype(sdt)?.reshape((b, nh, s, kv_len))?;
+        let mask = match self.window {
+            Some(_) => ctx.mask_sliding,
+            None => ctx.mask,
+        };
         let att = ops::attention_probs(
             &att,
-            scale,
-            ctx.mask,
+            &ops::Scores {
+                scale: self.scale,
+                softcap: self.softcap,
+                window: self.window,
+            },
+            mask,
             ctx.pads,
             ctx.offset,
             ctx.differentiable,
@@ -210,14 +261,27 @@ impl Mlp {
     fn forward(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
         let g = self.gate.forward_t(x, dropout)?;
         let u = self.up.forward_t(x, dropout)?;
-        Ok(self.down.forward_t(&ops::silu_mul(&g, &u)?, dropout)?)
+        let h = match self.act {
+            Activation::Silu => ops::silu_mul(&g, &u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+            Activation::Gelu => (g.gelu_erf()? * u)?,
+        };
+        Ok(self.down.forward_t(&h, dropout)?)
     }
 }
 
-impl Llama {
+/// `cap * tanh(x / cap)`.
+fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(c) => ((x / c)?.tanh()? * c)?,
+        None => x.clone(),
+    })
+}
+
+impl Model {
     /// Build the model from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
-        cfg: LlamaConfig,
+        mut cfg: ModelConfig,
         src: &mut dyn WeightSource,
         dtype: DType,
         device: &Device,
@@ -236,69 +300,157 @@ impl Llama {
             dtype,
             device,
         )?;
-        let lin = |src: &mut dyn WeightSource,
-                   name: &str,
-                   out: usize,
-                   inp: usize,
-                   bias: bool|
-         -> Result<Linear> {
-            let w = require(src, &format!("{name}.weight"), &[out, inp], dtype, device)?;
-            let b = if bias {
-                optional(src, &format!("{name}.bias"), &[out], dtype, device)?
-            } else {
-                None
-            };
+        // Gemma's (1 + w) norms: fold the 1 in, unless the file already did (GGUF).
+        let fold = cfg.norm_unit_offset && !src.norms_include_unit_offset();
+        let norm = |src: &mut dyn WeightSource, name: &str, n: usize| -> Result<Tensor> {
+            let w = require(src, name, &[n], dtype, device)?;
+            Ok(if fold { (w + 1.0)? } else { w })
+        };
+        let lin = |w: Tensor, b: Option<Tensor>, name: &str| -> Result<Linear> {
             Ok(Linear::new_packed(w, b)?.with_uid(name))
         };
+        // A projection stored alone, or rows `[at, at + out)` of a fused one (Phi-3's
+        // `qkv_proj` and `gate_up_proj`).
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             crate::interrupt::check()?;
             let p = format!("model.layers.{i}");
-            let bias = cfg.attention_bias;
             let name = |proj| LinearId::Block(i, proj).hf_name();
+            let bias = cfg.attention_bias;
+            let qkv_rows = [nh * hd, nkv * hd, nkv * hd];
+            let (q, k, v) = if src.has(&format!("{}.weight", name(Proj::Q))) {
+                let one = |src: &mut dyn WeightSource, pr: Proj, out: usize| -> Result<Linear> {
+                    let n = name(pr);
+                    let w = require(src, &format!("{n}.weight"), &[out, d], dtype, device)?;
+                    let b = if bias {
+                        optional(src, &format!("{n}.bias"), &[out], dtype, device)?
+                    } else {
+                        None
+                    };
+                    lin(w, b, &n)
+                };
+                (
+                    one(src, Proj::Q, qkv_rows[0])?,
+                    one(src, Proj::K, qkv_rows[1])?,
+                    one(src, Proj::V, qkv_rows[2])?,
+                )
+            } else {
+                let total: usize = qkv_rows.iter().sum();
+                let fused = format!("{p}.self_attn.qkv_proj");
+                let w = require(src, &format!("{fused}.weight"), &[total, d], dtype, device)?;
+                let b = if bias {
+                    optional(src, &format!("{fused}.bias"), &[total], dtype, device)?
+                } else {
+                    None
+                };
+                let mut at = 0;
+                let mut parts = Vec::with_capacity(3);
+                for (pr, rows) in [Proj::Q, Proj::K, Proj::V].into_iter().zip(qkv_rows) {
+                    let wp = w.narrow(0, at, rows)?.contiguous()?;
+                    let bp = match &b {
+                        Some(b) => Some(b.narrow(0, at, rows)?.contiguous()?),
+                        None => None,
+                    };
+                    parts.push(lin(wp, bp, &name(pr))?);
+                    at += rows;
+                }
+                let v = parts.pop().expect("three parts");
+                let k = parts.pop().expect("three parts");
+                let q = parts.pop().expect("three parts");
+                (q, k, v)
+            };
+            let plain = |src: &mut dyn WeightSource, pr: Proj, out: usize, inp: usize| {
+                let n = name(pr);
+                let w = require(src, &format!("{n}.weight"), &[out, inp], dtype, device)?;
+                lin(w, None, &n)
+            };
+            let (gate, up) = if src.has(&format!("{}.weight", name(Proj::Gate))) {
+                (plain(src, Proj::Gate, ff, d)?, plain(src, Proj::Up, ff, d)?)
+            } else {
+                let fused = format!("{p}.mlp.gate_up_proj.weight");
+                let w = require(src, &fused, &[2 * ff, d], dtype, device)?;
+                (
+                    lin(w.narrow(0, 0, ff)?.contiguous()?, None, &name(Proj::Gate))?,
+                    lin(w.narrow(0, ff, ff)?.contiguous()?, None, &name(Proj::Up))?,
+                )
+            };
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(norm(src, &format!("{p}.self_attn.q_norm.weight"), hd)?),
+                    Some(norm(src, &format!("{p}.self_attn.k_norm.weight"), hd)?),
+                )
+            } else {
+                (None, None)
+            };
+            let window = cfg.window_for(i);
             let attn = Attention {
-                q: lin(src, &name(Proj::Q), nh * hd, d, bias)?,
-                k: lin(src, &name(Proj::K), nkv * hd, d, bias)?,
-                v: lin(src, &name(Proj::V), nkv * hd, d, bias)?,
-                o: lin(src, &name(Proj::O), d, nh * hd, false)?,
+                q,
+                k,
+                v,
+                o: plain(src, Proj::O, d, nh * hd)?,
+                q_norm,
+                k_norm,
                 n_heads: nh,
                 n_kv: nkv,
                 hd,
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+                window,
+                rope: usize::from(window.is_some() && cfg.rope_local.is_some()),
             };
             let mlp = Mlp {
-                gate: lin(src, &name(Proj::Gate), ff, d, false)?,
-                up: lin(src, &name(Proj::Up), ff, d, false)?,
-                down: lin(src, &name(Proj::Down), d, ff, false)?,
+                gate,
+                up,
+                down: plain(src, Proj::Down, d, ff)?,
+                act: cfg.activation,
             };
-            let attn_norm = require(
-                src,
-                &format!("{p}.input_layernorm.weight"),
-                &[d],
-                dtype,
-                device,
-            )?;
-            let mlp_norm = require(
-                src,
-                &format!("{p}.post_attention_layernorm.weight"),
-                &[d],
-                dtype,
-                device,
-            )?;
+            let attn_norm = norm(src, &format!("{p}.input_layernorm.weight"), d)?;
+            let (post_attn_norm, mlp_norm, post_mlp_norm) = if cfg.sandwich_norms {
+                (
+                    Some(norm(
+                        src,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        d,
+                    )?),
+                    norm(src, &format!("{p}.pre_feedforward_layernorm.weight"), d)?,
+                    Some(norm(
+                        src,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                        d,
+                    )?),
+                )
+            } else {
+                (
+                    None,
+                    norm(src, &format!("{p}.post_attention_layernorm.weight"), d)?,
+                    None,
+                )
+            };
             blocks.push(Block {
                 attn_norm,
                 attn,
+                post_attn_norm,
                 mlp_norm,
                 mlp,
+                post_mlp_norm,
             });
         }
-        let final_norm = require(src, "model.norm.weight", &[d], dtype, device)?;
+        let final_norm = norm(src, "model.norm.weight", d)?;
         let lm_head = match optional(src, "lm_head.weight", &[cfg.vocab_size, d], dtype, device)? {
             Some(w) => Linear::new(w, None),
             None => Linear::new(embed.clone(), None),
         }
         .with_uid(&LinearId::LmHead.hf_name());
-        let inv_freq = cfg.rope_inv_freq();
-        Ok(Llama {
+        // llama.cpp's Llama-3.1 frequency divisors live in a tensor.
+        if let Some(RopeScaling::Factors(f)) = &mut cfg.rope.scaling {
+            let t = require(src, "rope_freqs.weight", &[hd / 2], DType::F32, device)?;
+            *f = t.to_vec1::<f32>()?;
+        }
+        let mut inv_freq = vec![cfg.rope_inv_freq()];
+        if let Some(local) = &cfg.rope_local {
+            inv_freq.push(local.inv_freq(hd));
+        }
+        Ok(Model {
             cfg,
             embed,
             blocks,
@@ -395,9 +547,19 @@ impl Llama {
         if let Some(rest) = module.strip_prefix("model.layers.") {
             let (i, m) = rest.split_once('.')?;
             let b = self.blocks.get(i.parse::<usize>().ok()?)?;
+            let sandwich = b.post_attn_norm.is_some();
             match (m, kind) {
                 ("input_layernorm", "weight") => return Some(b.attn_norm.clone()),
+                ("post_attention_layernorm", "weight") if sandwich => {
+                    return b.post_attn_norm.clone()
+                }
                 ("post_attention_layernorm", "weight") => return Some(b.mlp_norm.clone()),
+                ("pre_feedforward_layernorm", "weight") if sandwich => {
+                    return Some(b.mlp_norm.clone())
+                }
+                ("post_feedforward_layernorm", "weight") => return b.post_mlp_norm.clone(),
+                ("self_attn.q_norm", "weight") => return b.attn.q_norm.clone(),
+                ("self_attn.k_norm", "weight") => return b.attn.k_norm.clone(),
                 _ => {}
             }
         }
@@ -409,32 +571,50 @@ impl Llama {
         }
     }
 
-    /// RoPE cos/sin `[batch, seq, hd/2]` for each row's own positions.
-    fn rope_tables(&self, pads: &[usize], offset: usize, s: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    /// RoPE cos/sin `[batch, seq, hd/2]` for each row's own positions, one pair per table.
+    fn rope_tables(
+        &self,
+        pads: &[usize],
+        offset: usize,
+        s: usize,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
         let b = pads.len();
-        let mut cos = Vec::with_capacity(b * s * half);
-        let mut sin = Vec::with_capacity(b * s * half);
-        for &pad in pads {
-            for j in 0..s {
-                let pos = (offset + j).saturating_sub(pad) as f32;
-                for &f in &self.inv_freq {
-                    let a = pos * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+        let mut out = Vec::with_capacity(self.inv_freq.len());
+        for inv_freq in &self.inv_freq {
+            let half = inv_freq.len();
+            let mut cos = Vec::with_capacity(b * s * half);
+            let mut sin = Vec::with_capacity(b * s * half);
+            for &pad in pads {
+                for j in 0..s {
+                    let pos = (offset + j).saturating_sub(pad) as f32;
+                    for &f in inv_freq {
+                        let a = pos * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
                 }
             }
+            out.push((
+                Tensor::from_vec(cos, (b, s, half), &self.device)?,
+                Tensor::from_vec(sin, (b, s, half), &self.device)?,
+            ));
         }
-        let cos = Tensor::from_vec(cos, (b, s, half), &self.device)?;
-        let sin = Tensor::from_vec(sin, (b, s, half), &self.device)?;
-        Ok((cos, sin))
+        Ok(out)
     }
 
-    /// Additive attention mask `[batch, 1, s, offset + s]`: causal, pads hidden. A pad query
-    /// sees itself so that its softmax stays finite. `None` when nothing is masked.
-    fn mask(&self, pads: &[usize], offset: usize, s: usize) -> Result<Option<Tensor>> {
+    /// Additive attention mask `[batch, 1, s, offset + s]`: causal, pads hidden, and with a
+    /// `window` only the last `window` keys (the query's own included). A pad query sees
+    /// itself so that its softmax stays finite. `None` when nothing is masked.
+    fn mask(
+        &self,
+        pads: &[usize],
+        offset: usize,
+        s: usize,
+        window: Option<usize>,
+    ) -> Result<Option<Tensor>> {
         let kv = offset + s;
-        if s == 1 && pads.iter().all(|&p| p == 0) {
+        let windowed = window.is_some_and(|w| w < kv);
+        if s == 1 && pads.iter().all(|&p| p == 0) && !windowed {
             return Ok(None);
         }
         let b = pads.len();
@@ -442,9 +622,9 @@ impl Llama {
         for (r, &pad) in pads.iter().enumerate() {
             for i in 0..s {
                 let qpos = offset + i;
+                let lo = ops::first_key(pad, qpos, window);
                 for j in 0..kv {
-                    let hidden = j > qpos || (j < pad && j != qpos);
-                    if hidden {
+                    if j > qpos || j < lo {
                         m[(r * s + i) * kv + j] = f32::NEG_INFINITY;
                     }
                 }
@@ -453,14 +633,22 @@ impl Llama {
         Ok(Some(Tensor::from_vec(m, (b, 1, s, kv), &self.device)?))
     }
 
-    /// Embed token ids `[batch, seq]` -> `[batch, seq, d]`.
+    /// Embed token ids `[batch, seq]` -> `[batch, seq, d]` (scaled by sqrt(d) in Gemma): the
+    /// value of `hook_embed`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        Ok(self
+        let x = self
             .embed
             .index_select(&flat, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?)
+            .reshape((b, s, self.cfg.hidden_size))?;
+        Ok(match self.cfg.embed_scale {
+            // transformers rounds the scale to the model's dtype first
+            Some(c) => {
+                x.broadcast_mul(&Tensor::new(c as f32, &self.device)?.to_dtype(x.dtype())?)?
+            }
+            None => x,
+        })
     }
 
     /// Run the model on a chunk, with optional KV cache and hooks.
@@ -512,12 +700,24 @@ impl Llama {
             pads: input.pads.clone(),
             offset,
         };
-        let (cos, sin) = self.rope_tables(&input.pads, offset, s)?;
-        let mask = self.mask(&input.pads, offset, s)?;
+        let rope = self.rope_tables(&input.pads, offset, s)?;
+        // The fused attention derives its mask from the positions; other paths need tensors.
+        let fused = !input.differentiable && self.dtype == DType::F32 && self.device.is_cpu();
+        let (mask, mask_sliding) = if fused {
+            (None, None)
+        } else {
+            let sliding = match self.cfg.sliding_window {
+                Some(w) if self.cfg.layer_types.contains(&LayerType::Sliding) => {
+                    self.mask(&input.pads, offset, s, Some(w))?
+                }
+                _ => None,
+            };
+            (self.mask(&input.pads, offset, s, None)?, sliding)
+        };
         let ctx = Ctx {
-            cos: &cos,
-            sin: &sin,
+            rope: &rope,
             mask: mask.as_ref(),
+            mask_sliding: mask_sliding.as_ref(),
             pads: &input.pads,
             offset,
             differentiable: input.differentiable,
@@ -539,19 +739,23 @@ impl Llama {
             let resid_pre = hook(HookPoint::Block(i, Site::ResidPre), x)?;
             let h = ops::rms_norm(&resid_pre, &blk.attn_norm, ctx.eps, ctx.differentiable)?;
             let c = cache.as_deref_mut().map(|c| (c, i));
-            let attn_out = hook(
-                HookPoint::Block(i, Site::AttnOut),
-                blk.attn.forward(&h, &ctx, c)?,
-            )?;
+            let a = blk.attn.forward(&h, &ctx, c)?;
+            let a = match &blk.post_attn_norm {
+                Some(w) => ops::rms_norm(&a, w, ctx.eps, ctx.differentiable)?,
+                None => a,
+            };
+            let attn_out = hook(HookPoint::Block(i, Site::AttnOut), a)?;
             let resid_mid = hook(
                 HookPoint::Block(i, Site::ResidMid),
                 (&resid_pre + attn_out)?,
             )?;
             let h = ops::rms_norm(&resid_mid, &blk.mlp_norm, ctx.eps, ctx.differentiable)?;
-            let mlp_out = hook(
-                HookPoint::Block(i, Site::MlpOut),
-                blk.mlp.forward(&h, ctx.dropout)?,
-            )?;
+            let m = blk.mlp.forward(&h, ctx.dropout)?;
+            let m = match &blk.post_mlp_norm {
+                Some(w) => ops::rms_norm(&m, w, ctx.eps, ctx.differentiable)?,
+                None => m,
+            };
+            let mlp_out = hook(HookPoint::Block(i, Site::MlpOut), m)?;
             x = hook(HookPoint::Block(i, Site::ResidPost), (resid_mid + mlp_out)?)?;
         }
         if input
@@ -605,6 +809,10 @@ impl Llama {
                 Some(l.to_dtype(DType::F32)?)
             }
             l => l,
+        };
+        let logits = match logits {
+            Some(l) => Some(softcap(&l, self.cfg.final_softcap)?),
+            None => None,
         };
         Ok(Output { logits, hidden: x })
     }

@@ -1,4 +1,4 @@
-//! The few non-matmul ops of a Llama block, each in two forms: fused kernels for inference
+//! The few non-matmul ops of a block, each in two forms: fused kernels for inference
 //! (candle's, or lqa's own loops in `super::kernels`), and compositions of differentiable
 //! primitives for training paths. The SwiGLU gate has one form for both: a fused kernel with its
 //! own backward.
@@ -192,20 +192,46 @@ impl CustomOp3 for SplitHeads {
     }
 }
 
-/// Attention probabilities from raw scores `[b, heads, s, kv]`: `softmax(scale * scores + mask)`
-/// where `mask` (`[b, 1, s, kv]`, additive) hides future keys and each row's left padding
-/// (`pads`; the chunk starts at `offset`, so `kv == offset + s`). Inference on f32 CPU tensors
-/// runs it as one pass per row that derives the mask from the positions; otherwise the
-/// differentiable composition with the mask tensor.
+/// How raw attention scores become logits of the softmax.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Multiplier of `q . k`.
+    pub scale: f64,
+    /// `cap * tanh(x / cap)` after scaling, before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+    /// Each query sees only its last `window` keys, itself included (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+/// The first key a query at padded position `q` may see, in a row with `pad` left pads:
+/// its row's first token (or itself when it is a pad), and no further back than `window`.
+pub fn first_key(pad: usize, q: usize, window: Option<usize>) -> usize {
+    let lo = pad.min(q);
+    match window {
+        Some(w) => lo.max((q + 1).saturating_sub(w)),
+        None => lo,
+    }
+}
+
+/// Attention probabilities from raw scores `[b, heads, s, kv]`:
+/// `softmax(softcap(scale * scores) + mask)` where `mask` (`[b, 1, s, kv]`, additive) hides
+/// future keys, each row's left padding (`pads`; the chunk starts at `offset`, so
+/// `kv == offset + s`) and, for a sliding-window layer, keys out of the window. Inference on
+/// f32 CPU tensors runs it as one pass per row that derives the mask from the positions;
+/// otherwise the differentiable composition with the mask tensor.
 pub fn attention_probs(
     scores: &Tensor,
-    scale: f64,
+    how: &Scores,
     mask: Option<&Tensor>,
     pads: &[usize],
     offset: usize,
     differentiable: bool,
 ) -> Result<Tensor> {
     let fused = !differentiable && scores.dtype() == DType::F32 && scores.device().is_cpu();
+    let (scores, scale) = match how.softcap {
+        Some(c) => ((((scores * (how.scale / c))?.tanh())? * c)?, 1.0),
+        None => (scores.clone(), how.scale),
+    };
     if fused {
         let (b, _, s, kv) = scores.dims4()?;
         if b == pads.len() && kv == offset + s {
@@ -213,7 +239,14 @@ pub fn attention_probs(
                 scale: scale as f32,
                 pads: pads.to_vec(),
                 offset,
+                window: how.window,
             });
+        }
+    }
+    if mask.is_none() && (how.window.is_some() || pads.iter().any(|&p| p > 0)) {
+        let (_, _, s, kv) = scores.dims4()?;
+        if s > 1 || how.window.is_some_and(|w| w < kv) || pads.iter().any(|&p| p > 0) {
+            candle_core::bail!("attention: a mask is needed here but none was given");
         }
     }
     let att = (scores * scale)?;
@@ -225,12 +258,12 @@ pub fn attention_probs(
 }
 
 /// See [`attention_probs`]: the query at chunk row `i` (position `offset + i` of the padded
-/// sequence) sees keys `min(pad, q)..=q`: its row's own tokens up to itself, or only itself
-/// when it is a pad.
+/// sequence) sees keys `first_key(pad, q, window)..=q`.
 struct MaskedSoftmax {
     scale: f32,
     pads: Vec<usize>,
     offset: usize,
+    window: Option<usize>,
 }
 
 impl CustomOp1 for MaskedSoftmax {
@@ -256,7 +289,7 @@ impl CustomOp1 for MaskedSoftmax {
                             o,
                             row,
                             self.scale,
-                            self.pads[bi].min(q),
+                            first_key(self.pads[bi], q, self.window),
                             q + 1,
                         );
                     });

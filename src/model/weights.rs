@@ -1,8 +1,10 @@
-//! Where weights come from: a GGUF file (dequantized, llama.cpp's q/k permutation undone) or
+//! Where weights come from: a GGUF file (dequantized, llama.cpp's q/k permutation undone, its
+//! per-family tensor names mapped) or
 //! HF safetensors (single file or shards). Both answer to HF tensor names, so the model loader
 //! has one naming scheme; every failure names the file and the tensor.
 
 use super::names::Proj;
+use crate::config::Family;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::safetensors::MmapedSafetensors;
@@ -15,8 +17,14 @@ use std::path::{Path, PathBuf};
 pub trait WeightSource {
     /// Load a tensor with the given HF name and check its shape; `Ok(None)` if absent.
     fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>>;
+    /// Does the source hold a tensor with this HF name?
+    fn has(&self, name: &str) -> bool;
     /// The file(s) this source reads, for error messages.
     fn describe(&self) -> String;
+    /// Do norm weights already hold Gemma's `1 + w` (llama.cpp's converter folds it in)?
+    fn norms_include_unit_offset(&self) -> bool {
+        false
+    }
 }
 
 /// Load a required tensor and check its shape.
@@ -75,8 +83,8 @@ pub struct GgufWeights {
     pub content: gguf_file::Content,
     n_heads: usize,
     n_kv_heads: usize,
-    /// llama.cpp permutes q/k rows for its adjacent-pair RoPE for these architectures.
-    unpermute_qk: bool,
+    /// The family decides llama.cpp's tensor names and conventions.
+    family: Family,
 }
 
 impl GgufWeights {
@@ -92,27 +100,30 @@ impl GgufWeights {
             content,
             n_heads: 0,
             n_kv_heads: 0,
-            unpermute_qk: false,
+            family: Family::Llama,
         })
     }
 
-    /// Tell the loader the head counts, needed to undo the q/k permutation.
-    pub fn set_heads(&mut self, arch: &str, n_heads: usize, n_kv_heads: usize) {
+    /// Tell the loader the family (llama.cpp's names and conventions differ per family) and
+    /// the head counts, needed to undo the q/k permutation.
+    pub fn set_family(&mut self, family: Family, n_heads: usize, n_kv_heads: usize) {
         self.n_heads = n_heads;
         self.n_kv_heads = n_kv_heads;
-        self.unpermute_qk = matches!(arch, "llama" | "mistral");
+        self.family = family;
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The GGUF name of an HF tensor name.
-    pub fn gguf_name(hf: &str) -> Option<String> {
+    /// The GGUF name of an HF tensor name, in llama.cpp's naming for `family` (Gemma's
+    /// `post_attention_layernorm` is the norm after attention, Llama's the one before the MLP).
+    pub fn gguf_name(hf: &str, family: Family) -> Option<String> {
         let simple = match hf {
             "model.embed_tokens.weight" => Some("token_embd.weight"),
             "model.norm.weight" => Some("output_norm.weight"),
             "lm_head.weight" => Some("output.weight"),
+            "rope_freqs.weight" => Some("rope_freqs.weight"),
             _ => None,
         };
         if let Some(s) = simple {
@@ -121,10 +132,17 @@ impl GgufWeights {
         let rest = hf.strip_prefix("model.layers.")?;
         let (i, rest) = rest.split_once('.')?;
         let (module, kind) = rest.rsplit_once('.')?;
-        let g = match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            m => {
+        let g = match (module, family.is_gemma()) {
+            ("input_layernorm", _) => "attn_norm",
+            ("post_attention_layernorm", false) => "ffn_norm",
+            ("post_attention_layernorm", true) => "post_attention_norm",
+            ("pre_feedforward_layernorm", _) => "ffn_norm",
+            ("post_feedforward_layernorm", _) => "post_ffw_norm",
+            ("self_attn.q_norm", _) => "attn_q_norm",
+            ("self_attn.k_norm", _) => "attn_k_norm",
+            ("self_attn.qkv_proj", _) => "attn_qkv",
+            ("mlp.gate_up_proj", _) => "ffn_up",
+            (m, _) => {
                 let (group, short) = m.split_once('.')?;
                 Proj::parse(short)
                     .filter(|p| p.group() == group)?
@@ -149,7 +167,7 @@ pub fn unpermute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> 
 
 impl WeightSource for GgufWeights {
     fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
-        let Some(gname) = Self::gguf_name(name) else {
+        let Some(gname) = Self::gguf_name(name, self.family) else {
             return Ok(None);
         };
         if !self.content.tensor_infos.contains_key(&gname) {
@@ -162,7 +180,7 @@ impl WeightSource for GgufWeights {
         let mut t = q
             .dequantize(device)
             .map_err(|e| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}")))?;
-        if self.unpermute_qk {
+        if self.family.gguf_permutes_qk() {
             if gname.ends_with("attn_q.weight") || gname.ends_with("attn_q.bias") {
                 t = unpermute_rows(&t, self.n_heads)?;
             } else if gname.ends_with("attn_k.weight") || gname.ends_with("attn_k.bias") {
@@ -171,8 +189,15 @@ impl WeightSource for GgufWeights {
         }
         Ok(Some(t.to_dtype(dtype)?))
     }
+    fn has(&self, name: &str) -> bool {
+        Self::gguf_name(name, self.family)
+            .is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
     fn describe(&self) -> String {
         self.path.display().to_string()
+    }
+    fn norms_include_unit_offset(&self) -> bool {
+        true
     }
 }
 
@@ -180,6 +205,9 @@ impl WeightSource for GgufWeights {
 pub struct SafetensorsWeights {
     files: Vec<PathBuf>,
     st: MmapedSafetensors,
+    /// What the files write instead of `model.` (multimodal checkpoints keep the language
+    /// model under `language_model.model.` or `model.language_model.`).
+    prefix: String,
 }
 
 impl SafetensorsWeights {
@@ -196,15 +224,38 @@ impl SafetensorsWeights {
         }
         let st = unsafe { MmapedSafetensors::multi(files) }
             .map_err(|e| Error::bad_file(&files[0], e))?;
+        let prefix = st
+            .tensors()
+            .into_iter()
+            .filter_map(|(n, _)| n.strip_suffix("embed_tokens.weight").map(str::to_string))
+            .min_by_key(|p| p.len())
+            .unwrap_or_else(|| "model.".into());
         Ok(SafetensorsWeights {
             files: files.to_vec(),
             st,
+            prefix,
         })
+    }
+
+    /// The name in the files of an HF (text-model) name.
+    fn stored(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) if self.prefix != "model." => format!("{}{rest}", self.prefix),
+            _ => {
+                if name == "lm_head.weight" && self.st.get(name).is_err() {
+                    // `language_model.lm_head.weight` beside `language_model.model.`
+                    let outer = self.prefix.trim_end_matches("model.");
+                    return format!("{outer}lm_head.weight");
+                }
+                name.to_string()
+            }
+        }
     }
 }
 
 impl WeightSource for SafetensorsWeights {
     fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
+        let name = &self.stored(name);
         if self.st.get(name).is_err() {
             return Ok(None);
         }
@@ -213,6 +264,9 @@ impl WeightSource for SafetensorsWeights {
             .load(name, device)
             .map_err(|e| Error::bad_file(self.describe(), format!("tensor `{name}`: {e}")))?;
         Ok(Some(t.to_dtype(dtype)?))
+    }
+    fn has(&self, name: &str) -> bool {
+        self.st.get(&self.stored(name)).is_ok()
     }
     fn describe(&self) -> String {
         if self.files.len() == 1 {

@@ -323,7 +323,8 @@ fn info(m: &ScriptModel) -> Map {
     put("n_kv_heads", (c.num_key_value_heads as i64).into());
     put("d_head", (c.head_dim as i64).into());
     put("vocab_size", (c.vocab_size as i64).into());
-    put("rope_theta", c.rope_theta.into());
+    put("family", c.family.model_type().into());
+    put("rope_theta", c.rope.theta.into());
     put(
         "max_position_embeddings",
         (c.max_position_embeddings as i64).into(),

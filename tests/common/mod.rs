@@ -124,11 +124,11 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> PathBuf {
     dir.to_path_buf()
 }
 
-pub fn load_tiny(dir: &Path) -> lqa::model::Llama {
-    let cfg = lqa::config::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+pub fn load_tiny(dir: &Path) -> lqa::model::Model {
+    let cfg = lqa::config::ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
     let mut src =
         lqa::model::weights::SafetensorsWeights::open(&[dir.join("model.safetensors")]).unwrap();
-    lqa::model::Llama::load(cfg, &mut src, DType::F32, &Device::Cpu).unwrap()
+    lqa::model::Model::load(cfg, &mut src, DType::F32, &Device::Cpu).unwrap()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

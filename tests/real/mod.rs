@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device};
-use lqa::model::Llama;
+use lqa::model::Model;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -39,7 +39,7 @@ pub fn lm() -> &'static lqa::lm::LanguageModel {
     })
 }
 
-pub fn model() -> &'static Llama {
+pub fn model() -> &'static Model {
     &lm().model
 }
 
