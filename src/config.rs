@@ -426,7 +426,7 @@ impl ModelConfig {
         }
         let sliding_window = if layer_types.contains(&LayerType::Sliding) {
             Some(f.usize("sliding_window")?.ok_or_else(|| {
-                format!("missing field `sliding_window` (layer_types has sliding layers)")
+                "missing field `sliding_window` (layer_types has sliding layers)".to_string()
             })?)
         } else {
             sliding_window
@@ -727,7 +727,7 @@ fn read_hf_rope(f: &Fields, family: Family) -> std::result::Result<(Rope, Option
             return Ok((full, local));
         }
         let rope = rope_from(p, "rope_parameters", default_theta)?;
-        let local = (family == Family::Gemma3).then(|| Rope {
+        let local = (family == Family::Gemma3).then_some(Rope {
             theta: 10000.0,
             scaling: None,
         });

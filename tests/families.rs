@@ -245,6 +245,39 @@ fn unsupported_architectures_are_named_with_the_supported_ones() {
 }
 
 #[test]
+fn a_multimodal_gemma3_checkpoint_loads_its_language_model() {
+    // Gemma 3 4B+ checkpoints: `model_type: gemma3` with the text config under `text_config`,
+    // and the language model's tensors under `language_model.model.` (hub checkpoints).
+    let src = arch_dir("gemma3");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let text_cfg = json(&src.join("config.json"));
+    let cfg = serde_json::json!({
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "text_config": text_cfg,
+        "vision_config": {"model_type": "siglip_vision_model"},
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let st = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = st
+        .into_iter()
+        .map(|(k, v)| (format!("language_model.{k}"), v))
+        .collect();
+    candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).unwrap();
+    let lm = load(dir);
+    assert_eq!(lm.model.cfg.family, lqa::config::Family::Gemma3);
+    check_against_reference(
+        &lm,
+        &json(&src.join("reference.json")),
+        "gemma3 (multimodal)",
+    );
+}
+
+#[test]
 fn both_rope_config_forms_give_the_same_model() {
     // transformers-5 `rope_parameters` and the hub's top-level `rope_theta`/`rope_scaling`
     // (and Gemma 3's `rope_local_base_freq`) describe the same RoPE.

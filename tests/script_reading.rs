@@ -323,6 +323,23 @@ fn a_control_run_resumes_from_its_checkpoint() {
 /// Every options map is read into a typed struct: an unknown key or a wrong type is an error
 /// naming the key, at the call's position.
 #[test]
+fn steering_measures_measure_answers_in_a_script() {
+    let f = fixture();
+    let v = f.eval(
+        r#"let p = ["What should I pack for a picnic?", "Name a color."];
+           let a = ["Pack vegan sandwiches for the picnic.", "vegan vegan vegan vegan vegan vegan"];
+           steering_measures(m, p, a, #{keywords: ["vegan"], references: ["Pack fruit.", "Blue."]})"#,
+    );
+    let m = v.cast::<rhai::Map>();
+    let get = |k: &str| m[k].as_float().unwrap();
+    assert_eq!(get("topic_share"), 1.0);
+    assert_eq!(get("relevance"), 0.5);
+    // the second answer is one loop: 2 of its 3 four-grams repeat the first
+    assert!((get("repeat_share") - (0.0 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+    assert!(get("perplexity").is_finite() && get("perplexity") > 1.0);
+}
+
+#[test]
 fn options_maps_name_unknown_keys_and_wrong_types() {
     let f = fixture();
     let dialog = r#"[#{role: "user", content: "Hello there"}]"#;
@@ -375,6 +392,14 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
         (
             "evaluate_reading(d, #{limt: 2})".into(),
             "evaluate_reading: unknown option `limt`",
+        ),
+        (
+            "steering_measures(m, [\"q\"], [\"a\"], #{keyword: [\"x\"]})".into(),
+            "steering_measures: unknown option `keyword`",
+        ),
+        (
+            "steering_measures(m, [\"q\"], [\"a\", \"b\"], #{})".into(),
+            "1 prompts, 2 answers",
         ),
     ];
     for (code, want) in cases {

@@ -8,6 +8,8 @@
 //!   checkpoints that resume exactly, metrics, the loss curve, the steered adapter.
 
 pub mod data;
+pub mod kl;
+pub mod measures;
 
 use crate::hooks::{HookFn, HookPoint, Hooks};
 use crate::latentqa::decoder::Decoder;
@@ -65,6 +67,11 @@ pub struct ControlConfig {
     /// and on an early stop) when the run has an output directory.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
+    /// Weight of the KL regulariser ([`kl::kl_to_reference`]): the steered model's next-token
+    /// distributions on the batch's read prompts (instructions and their responses) are kept
+    /// near the unsteered model's. 0 turns it off (the paper).
+    #[serde(default)]
+    pub kl_weight: f64,
 }
 
 fn default_checkpoint_every() -> usize {
@@ -88,6 +95,7 @@ impl Default for ControlConfig {
             seed: 42,
             max_tokens: 1024,
             checkpoint_every: default_checkpoint_every(),
+            kl_weight: 0.0,
         }
     }
 }
@@ -127,6 +135,9 @@ pub struct ControlStats {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub layer_losses: BTreeMap<usize, f64>,
     pub read_layer: usize,
+    /// The KL regulariser's value (before its weight), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
     pub seconds: f64,
 }
 
@@ -233,6 +244,18 @@ impl ControlOptimizer {
         let lora = config.lora_config(n_layers)?;
         if config.batch_size == 0 {
             return Err(Error::invalid("batch_size must be > 0"));
+        }
+        if !(config.kl_weight.is_finite() && config.kl_weight >= 0.0) {
+            return Err(Error::invalid(format!(
+                "kl_weight must be a number >= 0, got {}",
+                config.kl_weight
+            )));
+        }
+        if config.kl_weight > 0.0 && config.per_layer_loss {
+            return Err(Error::invalid(
+                "kl_weight with per_layer_loss is not supported: the per-layer variant steps \
+                 one optimizer per layer from that layer's loss alone",
+            ));
         }
         let LayerPlan {
             read: read_layer,
@@ -548,6 +571,7 @@ impl ControlOptimizer {
         let (lo, hi) = self.read_layers;
         let read_layer = lo + rng.below((hi - lo + 1) as u64) as usize;
         let batch = self.batch_at(self.step)?;
+        let mut kl = None;
         let (loss, layer_losses) = if self.config.per_layer_loss {
             self.per_layer_step(&batch)?
         } else {
@@ -557,7 +581,22 @@ impl ControlOptimizer {
                 &batch,
                 &self.loss_config(read_layer),
             )?;
-            let grads = out.loss.backward()?;
+            let total = if self.config.kl_weight > 0.0 {
+                let rows: Vec<Vec<u32>> =
+                    batch.examples.iter().map(|e| e.read.ids.clone()).collect();
+                let k = kl::kl_to_reference(
+                    &self.steered,
+                    &self.target.model,
+                    &rows,
+                    self.target.pad_id(),
+                    None,
+                )?;
+                kl = Some(k.to_scalar::<f32>()? as f64);
+                (&out.loss + (k * self.config.kl_weight)?)?
+            } else {
+                out.loss.clone()
+            };
+            let grads = total.backward()?;
             self.opts[0].1.step(&grads)?;
             (out.loss.to_scalar::<f32>()? as f64, BTreeMap::new())
         };
@@ -567,6 +606,7 @@ impl ControlOptimizer {
             loss,
             layer_losses,
             read_layer,
+            kl,
             seconds: t0.elapsed().as_secs_f64(),
         };
         self.record(&stats)?;

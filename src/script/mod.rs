@@ -29,6 +29,7 @@ pub mod control;
 pub mod decoder;
 pub mod error;
 pub mod globals;
+pub mod measures;
 pub mod model;
 pub mod modules;
 pub mod options;
@@ -56,6 +57,7 @@ pub fn register_all(engine: &mut Engine) {
     decoder::register_eval(engine);
     trainer::register(engine);
     control::register(engine);
+    measures::register(engine);
 }
 
 /// A serialisable value (step statistics...) as a script map.
