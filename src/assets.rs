@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub const STDLIB: &[(&str, &str)] = &[
     ("fmt.rhai", include_str!("../stdlib/fmt.rhai")),
     ("questions.rhai", include_str!("../stdlib/questions.rhai")),
+    ("steering.rhai", include_str!("../stdlib/steering.rhai")),
 ];
 
 /// The environment variable naming a stdlib folder read instead of the embedded one.

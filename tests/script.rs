@@ -409,6 +409,31 @@ fn the_real_stdlib_fmt_module() {
 }
 
 #[test]
+fn the_real_stdlib_steering_module() {
+    let out = eval(
+        r#"import "steering" as steering;
+        [steering::keywords("promote_veganism"), steering::keywords("controls/pirate.json"),
+         steering::keywords("unknown")]"#,
+    )
+    .into_array()
+    .unwrap();
+    let strings = |v: &rhai::Dynamic| -> Vec<String> {
+        v.clone()
+            .into_array()
+            .unwrap()
+            .into_iter()
+            .map(|x| x.into_string().unwrap())
+            .collect()
+    };
+    assert!(strings(&out[0]).contains(&"vegan".to_string()));
+    assert!(
+        strings(&out[1]).contains(&"matey".to_string()),
+        "a path names the control"
+    );
+    assert!(strings(&out[2]).is_empty());
+}
+
+#[test]
 fn syntax_errors_report_file_line_col() {
     let dir = tempfile::tempdir().unwrap();
     let script = write(dir.path(), "bad.rhai", "let x = 1;\nlet y = (x + ;\n");
