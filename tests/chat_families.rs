@@ -541,6 +541,13 @@ fn mistral_template() {
     assert_eq!(t.generation_prompt(), Some(""));
     assert_eq!(t.system_fold_separator(), Some("\n\n"));
     assert_eq!(decoder_role(&t), "assistant");
+    let err = render_plain_with_role_renamed(&t, &multi_turn(), false, "assistant", "reflect")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chat_template") && err.contains("do not name their role"),
+        "{err}"
+    );
     // plain: the system text opens the conversation (folded into the first user turn)
     assert_eq!(
         t.render_plain(&with_system, false).unwrap(),

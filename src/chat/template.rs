@@ -736,6 +736,9 @@ impl ChatTemplate {
     }
 }
 
+/// Turn spans and the generation prompt's span (a [`TurnSpans`] without the text).
+type SpansAndGeneration = (Vec<(usize, usize)>, Option<(usize, usize)>);
+
 /// Spans from the conversation's skeleton (see the module docs); `None` when the text is not
 /// the skeleton with the contents (or trimmed contents) in place of the sentinels.
 fn skeleton_spans(
@@ -744,7 +747,7 @@ fn skeleton_spans(
     messages: &[Message],
     add_generation_prompt: bool,
     render_fn: &dyn Fn(&[Message], bool) -> Result<String>,
-) -> Option<(Vec<(usize, usize)>, Option<(usize, usize)>)> {
+) -> Option<SpansAndGeneration> {
     let n = messages.len();
     if n == 0 {
         return None;

@@ -365,7 +365,9 @@ fn search_placeholder_count(
 /// content is exactly `n_patch` tokens: templates that do not trim content (ChatML) render
 /// `"? " * k` as `k + 1` tokens (`?`, `k - 1` times ` ?`, and ` `), templates that trim
 /// (Llama-3) as `k` tokens. This replaces the paper's `NUM_READ_TOKENS_TO_SHIFT` (2 and 1), and
-/// the placeholder positions replace `NUM_WRITE_TOKENS_TO_SHIFT`.
+/// the placeholder positions replace `NUM_WRITE_TOKENS_TO_SHIFT`. With a tokenizer in which
+/// `" ?"` is not one token, `k` is found by bisection on the placeholder count (it grows with
+/// `k`), so the count is met whenever some `k` meets it.
 ///
 /// Labels are the decoder turns after their header (see [`DecoderPrompt::label_positions`]):
 /// every decoder turn
