@@ -422,34 +422,34 @@ fn llama31_injected_system_block_removed() {
     );
 }
 
-/// Gemma-style: no system role, assistant shown as "model". The probes do not fit.
+/// Gemma-2's template: no system role, assistant shown as "model" (its derived shape is tested
+/// in `chat_families.rs`; here it is a `tokenizer_config.json` entry).
 const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+
+/// A template the probes cannot read: each content is written twice.
+const UNFITTING: &str = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ m.content }}</t>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
 
 #[test]
 fn unfitting_template_falls_back_to_plain_render() {
-    let t = ChatTemplate::new(GEMMA, Some("<bos>".into()), Some("<eos>".into())).unwrap();
+    let t = ChatTemplate::new(UNFITTING, Some("<bos>".into()), Some("<eos>".into())).unwrap();
     assert_eq!(t.role_header("user"), None);
-    assert_eq!(t.end_of_turn(), Some("<end_of_turn>\n"));
-    let msgs = vec![m("user", "Hi"), m("assistant", "Yo")];
+    assert_eq!(t.preamble(), None);
+    assert_eq!(t.end_of_turn(), Some("</t>"));
+    let msgs = vec![m("system", "S"), m("user", "Hi"), m("assistant", "Yo")];
     assert_eq!(
         t.render_plain(&msgs, true).unwrap(),
         t.render(&msgs, true).unwrap()
     );
+    // spans from prefix renderings; the preamble is the rendering of no messages
     let (text, spans, gen) = t.turn_spans(&msgs, true).unwrap();
-    // the template cannot render an empty conversation, so the first span includes the BOS
-    let first = "<bos><start_of_turn>user\nHi<end_of_turn>\n";
-    let second = "<start_of_turn>model\nYo<end_of_turn>\n";
-    assert_eq!(
-        spans,
-        vec![(0, first.len()), (first.len(), first.len() + second.len())]
-    );
-    assert_eq!(&text[spans[1].0..spans[1].1], second);
-    assert_eq!(&text[gen.unwrap().0..], "<start_of_turn>model\n");
-    let err = t
-        .render(&[m("system", "x")], false)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("System role not supported"), "{err}");
+    let turns = ["<system>SS</t>", "<user>HiHi</t>", "<assistant>YoYo</t>"];
+    assert_eq!(text, format!("<bos>{}<assistant>", turns.concat()));
+    let mut start = "<bos>".len();
+    for (turn, &(s, e)) in turns.iter().zip(&spans) {
+        assert_eq!((s, &text[s..e]), (start, *turn));
+        start = e;
+    }
+    assert_eq!(gen, Some((start, text.len())));
 }
 
 /// Qwen-style: only known roles are rendered, so a `reflect` turn would vanish.

@@ -5,9 +5,10 @@
 //! token ids of the BOS and of the role headers, how many tokens precede the first placeholder
 //! (`NUM_WRITE_TOKENS_TO_SHIFT`), how many placeholders `"? " * k` make one token each
 //! (`NUM_READ_TOKENS_TO_SHIFT`). Here the same quantities come from the template's turn spans
-//! ([`ChatTemplate::turn_spans`]) and the tokenizer's byte offsets, so ChatML (SmolLM2, Qwen)
-//! and Llama-3 templates work alike. For SmolLM2 the results equal the paper's code with the
-//! `smollm2` table entries of the reference (`shared/reference/README.md`).
+//! ([`ChatTemplate::turn_spans`]) and the tokenizer's byte offsets, so ChatML (SmolLM2, Qwen),
+//! Llama-3, Gemma, Mistral and Phi-3 templates work alike (`tests/chat_families.rs` checks each
+//! family's real template). For SmolLM2 the results equal the paper's code with the `smollm2`
+//! table entries of the reference (`shared/reference/README.md`).
 //!
 //! Two prompts make one LatentQA example:
 //!
@@ -16,8 +17,28 @@
 //!   reads;
 //! - the **decoder prompt** ([`decoder_prompt`]): a user turn of `"? " * k` placeholders (one
 //!   token per patched activation), the fixed reply [`BASE_REPLY`], then question/answer turns.
-//!   The decoder's assistant role is renamed [`DECODER_ROLE`] (`reflect`). The activations
-//!   replace the placeholders' residual stream at the write layer.
+//!   The decoder's assistant role is renamed [`DECODER_ROLE`] (`reflect`), when the template's
+//!   turn headers name their role (see [`decoder_role`]). The activations replace the
+//!   placeholders' residual stream at the write layer.
+//!
+//! # The verb masks, per template shape
+//!
+//! The masked ("verb") span of a read prompt is positions `[1, 1 + verb_len)`: position 0 is
+//! never patched, and everything after the verb is. A turn is `header + content + end`
+//! ([`ChatTemplate::turn_spans`]):
+//!
+//! - system mask: the verb is everything from position 1 up to the first user turn. With a BOS
+//!   (Llama-3, Gemma, Mistral) that is the whole system turn, header and end included; without
+//!   one (ChatML, Phi-3) position 0 is the system header's first token, so the verb is the rest
+//!   of the system turn. A template without a system turn (Gemma 3 and Mistral fold the system
+//!   text into the user turn, Gemma 2 rejects it and gets it folded) renders
+//!   `user header + system + "\n\n" + user content`; the system part ends where the user
+//!   content starts, so the verb is the user header, the system text and the separator, and the
+//!   patch starts at the user's own text;
+//! - control (user) mask: the verb has the length of the first user turn plus its reply (from
+//!   the first user turn's start to the second's); with a BOS it is exactly those two turns,
+//!   without one it is shifted by one token (ending with the second user turn's first token),
+//!   as in the paper's code.
 
 use super::{Labels, ReadDialog, VerbMask, BASE_REPLY, DECODER_ROLE};
 use crate::chat::{ChatTemplate, Message, TurnSpans};
@@ -63,8 +84,11 @@ pub struct DecoderPrompt {
     /// patched activation, in order.
     pub write_positions: Vec<usize>,
     /// Positions `t` whose token `ids[t]` is a label, predicted from position `t - 1`: the
-    /// content of the chosen decoder (`reflect`) turns plus the end-of-turn text the template
-    /// writes after it (ChatML: `<|im_end|>` and `\n`; Llama-3: `<|eot_id|>`).
+    /// text of the chosen decoder (`reflect`) turns after their header (the content, and
+    /// anything the template writes before it, such as the empty think block of Qwen3's final
+    /// assistant turn: it is what follows the generation prompt) plus the end-of-turn text the
+    /// template writes after it (ChatML: `<|im_end|>` and `\n`; Llama-3: `<|eot_id|>`;
+    /// Mistral: `</s>`).
     pub label_positions: Vec<usize>,
 }
 
@@ -244,7 +268,7 @@ fn content_bytes(
             template.name()
         ))
     })?;
-    let eot = template.end_of_turn().unwrap_or("");
+    let eot = template.turn_end(role).unwrap_or("");
     let seg = &r.text[s..e];
     if !seg.starts_with(&header) || !seg.ends_with(eot) || seg.len() < header.len() + eot.len() {
         return Err(Error::invalid(format!(
@@ -255,10 +279,21 @@ fn content_bytes(
     Ok((s + header.len(), e - eot.len(), e))
 }
 
-/// The role a decoder message is rendered with.
-fn rendered_role(role: &str) -> &str {
-    if role == "assistant" {
+/// The role the decoder's turns are rendered with: [`DECODER_ROLE`], or `assistant` when the
+/// template's turns do not name their role (Mistral's `[INST]`), so that no other role can be
+/// written (its template also rejects any role but user and assistant).
+pub fn decoder_role(template: &ChatTemplate) -> &'static str {
+    if template.role_header("assistant").is_some() && template.role_header(DECODER_ROLE).is_none() {
+        "assistant"
+    } else {
         DECODER_ROLE
+    }
+}
+
+/// The role a decoder message is rendered with.
+fn rendered_role<'a>(template: &ChatTemplate, role: &'a str) -> &'a str {
+    if role == "assistant" {
+        decoder_role(template)
     } else {
         role
     }
@@ -283,7 +318,7 @@ fn render_decoder(
         &msgs,
         add_generation_prompt,
         "assistant",
-        DECODER_ROLE,
+        decoder_role(template),
     )?;
     let (ids, offsets) = tokenizer.encode_with_offsets(&text)?;
     let r = Rendered {
@@ -297,6 +332,31 @@ fn render_decoder(
     Ok((r, placeholders))
 }
 
+/// The `k` in `[1, n_patch]` whose placeholder turn alone has exactly `n_patch` placeholder
+/// tokens, by bisection (the count grows with `k` and is at least `k`); `None` if there is
+/// none. Each probe is recorded in `tried`.
+fn search_placeholder_count(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    n_patch: usize,
+    tried: &mut Vec<(usize, usize)>,
+) -> Result<Option<usize>> {
+    let (mut lo, mut hi) = (1usize, n_patch);
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let count = render_decoder(template, tokenizer, mid, &[], false)?
+            .1
+            .len();
+        tried.push((mid, count));
+        match count.cmp(&n_patch) {
+            std::cmp::Ordering::Equal => return Ok(Some(mid)),
+            std::cmp::Ordering::Less => lo = mid + 1,
+            std::cmp::Ordering::Greater => hi = mid - 1,
+        }
+    }
+    Ok(None)
+}
+
 /// The decoder prompt for `n_patch` activations and a decoder dialog (the messages after the
 /// placeholder turn; role `assistant` for the decoder's turns, rendered as `reflect`).
 ///
@@ -305,9 +365,12 @@ fn render_decoder(
 /// content is exactly `n_patch` tokens: templates that do not trim content (ChatML) render
 /// `"? " * k` as `k + 1` tokens (`?`, `k - 1` times ` ?`, and ` `), templates that trim
 /// (Llama-3) as `k` tokens. This replaces the paper's `NUM_READ_TOKENS_TO_SHIFT` (2 and 1), and
-/// the placeholder positions replace `NUM_WRITE_TOKENS_TO_SHIFT`.
+/// the placeholder positions replace `NUM_WRITE_TOKENS_TO_SHIFT`. With a tokenizer in which
+/// `" ?"` is not one token, `k` is found by bisection on the placeholder count (it grows with
+/// `k`), so the count is met whenever some `k` meets it.
 ///
-/// Labels are the content of the decoder turns plus their end-of-turn text: every decoder turn
+/// Labels are the decoder turns after their header (see [`DecoderPrompt::label_positions`]):
+/// every decoder turn
 /// for [`Labels::AllAssistantTurns`] (training also learns the fixed reply), the last one only
 /// for [`Labels::LastAnswer`]. With `add_generation_prompt` the prompt ends with the decoder's
 /// generation prompt (a question whose answer is to be generated): the dialog should then end
@@ -330,18 +393,30 @@ pub fn decoder_prompt_from_dialog(
     let extra = probe.len() as isize - 1;
     let mut k = (n_patch as isize - extra).max(1) as usize;
     let mut tried = Vec::new();
-    let (r, placeholders) = loop {
+    let (k, r, placeholders) = loop {
         let (r, ph) = render_decoder(template, tokenizer, k, dialog, add_generation_prompt)?;
         if ph.len() == n_patch {
-            break (r, ph);
+            break (k, r, ph);
         }
         tried.push((k, ph.len()));
         let next = k as isize + n_patch as isize - ph.len() as isize;
         if tried.len() >= 4 || next < 1 || tried.iter().any(|&(t, _)| t as isize == next) {
-            return Err(Error::invalid(format!(
-                "no number of \"? \" placeholders gives exactly {n_patch} placeholder tokens with \
-                 this template and tokenizer (tried k, tokens: {tried:?})"
-            )));
+            // not one token per "? " (a tokenizer without a ` ?` token): search the k whose
+            // count, which grows with k, is n_patch
+            let no_k = |tried: &[(usize, usize)]| {
+                Error::invalid(format!(
+                    "no number of \"? \" placeholders gives exactly {n_patch} placeholder tokens \
+                     with this template and tokenizer (tried k, tokens: {tried:?})"
+                ))
+            };
+            let k = search_placeholder_count(template, tokenizer, n_patch, &mut tried)?
+                .ok_or_else(|| no_k(&tried))?;
+            let (r, ph) = render_decoder(template, tokenizer, k, dialog, add_generation_prompt)?;
+            if ph.len() != n_patch {
+                tried.push((k, ph.len()));
+                return Err(no_k(&tried));
+            }
+            break (k, r, ph);
         }
         k = next as usize;
     };
@@ -359,7 +434,7 @@ pub fn decoder_prompt_from_dialog(
     };
     let mut label_positions = Vec::new();
     for turn in chosen {
-        let role = rendered_role(&dialog[turn - 1].role);
+        let role = rendered_role(template, &dialog[turn - 1].role);
         let (a, _, e) = content_bytes(template, &r, turn, role)?;
         let range = tokens_tiling(&r.offsets, a, e, &format!("decoder turn {turn}"))?;
         label_positions.extend(range);
@@ -379,10 +454,14 @@ pub fn decoder_prompt_from_dialog(
 /// prompt is injected.
 ///
 /// When the template renders a probe turn of role `to` exactly like any other role
-/// ([`ChatTemplate::renders_role_generically`]), the messages are rendered with the new role
-/// directly; otherwise the headers are swapped in the text. When the template's shape could
-/// not be derived this falls back to [`ChatTemplate::render`] with the renamed roles (the
-/// generation prompt is then not renamed).
+/// ([`ChatTemplate::renders_role_generically`]: Llama-3, Gemma, Qwen2), the messages are
+/// rendered with the new role directly; otherwise (the template drops or special-cases unknown
+/// roles: Qwen2.5, Qwen3, Phi-3) the headers are swapped in the text, turn by turn, keeping
+/// what the template writes after a header (Qwen3's think block) and after the last turn
+/// (Phi-3's eos). An error when the template's headers do not name their role, so that `to`
+/// has none (Mistral; [`decoder_role`] keeps the assistant role there). When the template's
+/// shape could not be derived this falls back to [`ChatTemplate::render`] with the renamed
+/// roles (the generation prompt is then not renamed).
 pub fn render_plain_with_role_renamed(
     template: &ChatTemplate,
     messages: &[Message],
@@ -390,16 +469,22 @@ pub fn render_plain_with_role_renamed(
     from: &str,
     to: &str,
 ) -> Result<String> {
-    let (Some(h_from), Some(h_to)) = (template.role_header(from), template.role_header(to)) else {
+    if from == to {
+        return template.render_plain(messages, add_generation_prompt);
+    }
+    let Some(h_from) = template.role_header(from) else {
         return template.render(&rename(messages, from, to), add_generation_prompt);
     };
+    let Some(h_to) = template.role_header(to) else {
+        return Err(no_header(template, to));
+    };
     if template.renders_role_generically(to) {
-        let body = template.render_plain(&rename(messages, from, to), false)?;
-        if !add_generation_prompt {
-            return Ok(body);
-        }
-        let gen = renamed_generation_prompt(template, &h_from, &h_to, from)?;
-        return Ok(format!("{body}{gen}"));
+        return plain_with_renamed_generation(
+            template,
+            &rename(messages, from, to),
+            add_generation_prompt,
+            (&h_from, &h_to, from),
+        );
     }
     turn_spans_with_role_renamed(template, messages, add_generation_prompt, from, to).map(|t| t.0)
 }
@@ -413,21 +498,22 @@ pub fn turn_spans_with_role_renamed(
     from: &str,
     to: &str,
 ) -> Result<TurnSpans> {
-    let (Some(h_from), Some(h_to)) = (template.role_header(from), template.role_header(to)) else {
+    if from == to {
+        return template.turn_spans(messages, add_generation_prompt);
+    }
+    let Some(h_from) = template.role_header(from) else {
         let renamed = rename(messages, from, to);
         return template.turn_spans_with(&renamed, add_generation_prompt, &|m, g| {
             template.render(m, g)
         });
     };
+    let Some(h_to) = template.role_header(to) else {
+        return Err(no_header(template, to));
+    };
     if template.renders_role_generically(to) {
         let renamed = rename(messages, from, to);
         return template.turn_spans_with(&renamed, add_generation_prompt, &|m, g| {
-            let body = template.render_plain(m, false)?;
-            if !g {
-                return Ok(body);
-            }
-            let gen = renamed_generation_prompt(template, &h_from, &h_to, from)?;
-            Ok(format!("{body}{gen}"))
+            plain_with_renamed_generation(template, m, g, (&h_from, &h_to, from))
         });
     }
     // The template treats `to` specially (or ignores it): render with the original roles
@@ -455,6 +541,9 @@ pub fn turn_spans_with_role_renamed(
         }
         new_spans.push((start, out.len()));
     }
+    // what follows the last turn before the generation prompt (an epilogue)
+    let tail = spans.last().map_or(first, |s| s.1);
+    out.push_str(&text[tail..gen.map_or(text.len(), |g| g.0)]);
     let new_gen = match gen {
         None => None,
         Some((s, e)) => {
@@ -471,6 +560,37 @@ pub fn turn_spans_with_role_renamed(
         }
     };
     Ok((out, new_spans, new_gen))
+}
+
+/// The error for a role the template's shape gives no header.
+fn no_header(template: &ChatTemplate, role: &str) -> Error {
+    Error::invalid(format!(
+        "chat template `{}`: its turn headers do not name their role, so a `{role}` turn cannot \
+         be written",
+        template.name()
+    ))
+}
+
+/// [`ChatTemplate::render_plain`] of `messages` (roles already renamed) without a generation
+/// prompt; with one, the body less any epilogue, then the generation prompt with the header
+/// of `from` replaced by that of `to` (`headers` = (header of from, header of to, from)).
+fn plain_with_renamed_generation(
+    template: &ChatTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    headers: (&str, &str, &str),
+) -> Result<String> {
+    let body = template.render_plain(messages, false)?;
+    if !add_generation_prompt {
+        return Ok(body);
+    }
+    let (h_from, h_to, from) = headers;
+    let body = match template.epilogue() {
+        Some(e) => body.strip_suffix(e).unwrap_or(&body),
+        None => &body,
+    };
+    let gen = renamed_generation_prompt(template, h_from, h_to, from)?;
+    Ok(format!("{body}{gen}"))
 }
 
 /// The template's generation prompt with the header of `from` replaced by that of `to`.
