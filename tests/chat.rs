@@ -422,6 +422,42 @@ fn llama31_injected_system_block_removed() {
     );
 }
 
+/// A template whose system-turn decoration changes with the conversation (as Llama 3.2's
+/// holds today's date): the decoration removed is the one rendered for that conversation, not
+/// the one the probes saw.
+const VARYING_DECORATION: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set msgs = messages[1:] %}<|start_header_id|>system<|end_header_id|>\n\nTurns: {{ messages|length }}\n{{ messages[0]['content'] }}<|eot_id|>{% else %}{% set msgs = messages %}{% endif %}{% for m in msgs %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+
+#[test]
+fn system_decoration_removed_as_rendered() {
+    let t = ChatTemplate::new(VARYING_DECORATION, Some("<|begin_of_text|>".into()), None).unwrap();
+    let conv = vec![
+        m("system", "Be brief."),
+        m("user", "Hi"),
+        m("assistant", "Yo"),
+        m("user", "Bye"),
+    ];
+    assert!(t
+        .render(&conv, false)
+        .unwrap()
+        .contains("Turns: 4\nBe brief."));
+    let turns = |msgs: &[Message]| -> String {
+        msgs.iter()
+            .map(|x| llama_turn(&x.role, &x.content))
+            .collect()
+    };
+    assert_eq!(
+        t.render_plain(&conv, true).unwrap(),
+        format!(
+            "<|begin_of_text|>{}<|start_header_id|>assistant<|end_header_id|>\n\n",
+            turns(&conv)
+        )
+    );
+    assert_eq!(
+        t.render_plain(&conv[1..], false).unwrap(),
+        format!("<|begin_of_text|>{}", turns(&conv[1..]))
+    );
+}
+
 /// Gemma-2's template: no system role, assistant shown as "model" (its derived shape is tested
 /// in `chat_families.rs`; here it is a `tokenizer_config.json` entry).
 const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";

@@ -146,20 +146,24 @@ impl Probe {
             _ => &self.preamble_user,
         }
     }
-    /// The sentinel system turn that `render_plain` removes: preamble + header + decoration +
-    /// S + end (only for a system turn of its own).
-    fn sentinel_system_block(&self) -> Option<String> {
+    /// A system turn of its own: (preamble + system header, the turn's end).
+    fn system_turn(&self) -> Option<(String, &str)> {
         match &self.system {
-            SystemShape::Turn {
-                preamble,
-                decoration,
-                end,
-            } => Some(format!(
-                "{preamble}{}{decoration}{SENT_S}{end}",
-                self.header("system")?
-            )),
+            SystemShape::Turn { preamble, end, .. } => {
+                Some((format!("{preamble}{}", self.header("system")?), end))
+            }
             _ => None,
         }
+    }
+    /// `full`, a rendering whose first message is a system message with content `SENT_S`, split
+    /// around that system turn: the decoration (what the template writes between the header
+    /// and the content, as rendered now: Llama 3.2 writes today's date) and what follows the
+    /// turn.
+    fn split_sentinel_system<'a>(&self, full: &'a str) -> Option<(&'a str, &'a str)> {
+        let (head, end) = self.system_turn()?;
+        let r = full.strip_prefix(&head)?;
+        let i = r.find(SENT_S)?;
+        Some((&r[..i], r[i + SENT_S.len()..].strip_prefix(end)?))
     }
     /// The separator a system message is folded into the first user message with, if it is.
     fn fold_separator(&self) -> Option<&str> {
@@ -583,36 +587,36 @@ impl ChatTemplate {
                 return self.render_plain(&folded, add_generation_prompt);
             }
             let full = self.render(messages, add_generation_prompt)?;
-            let (
-                Some(header),
-                SystemShape::Turn {
-                    preamble,
-                    decoration,
-                    ..
-                },
-            ) = (p.header("system"), &p.system)
+            let (Some((head, _)), SystemShape::Turn { decoration, .. }) =
+                (p.system_turn(), &p.system)
             else {
                 return Ok(full);
             };
             if decoration.is_empty() {
                 return Ok(full);
             }
-            let head = format!("{preamble}{header}");
+            // the decoration as rendered now (it may hold today's date)
+            let mut probe = messages.to_vec();
+            probe[0].content = SENT_S.to_string();
+            let sentinel = self.render(&probe, add_generation_prompt)?;
+            let Some((decoration, _)) = p.split_sentinel_system(&sentinel) else {
+                return Ok(full);
+            };
             let decorated = format!("{head}{decoration}");
             return Ok(match full.strip_prefix(&decorated) {
                 Some(rest) => format!("{head}{rest}"),
                 None => full,
             });
         }
-        let Some(block) = p.sentinel_system_block() else {
+        if p.system_turn().is_none() {
             return self.render(messages, add_generation_prompt);
-        };
+        }
         let mut with_system = Vec::with_capacity(messages.len() + 1);
         with_system.push(Message::new("system", SENT_S));
         with_system.extend_from_slice(messages);
         let full = self.render(&with_system, add_generation_prompt)?;
-        match full.strip_prefix(&block) {
-            Some(rest) => Ok(format!("{}{rest}", p.preamble())),
+        match p.split_sentinel_system(&full) {
+            Some((_, rest)) => Ok(format!("{}{rest}", p.preamble())),
             None => self.render(messages, add_generation_prompt),
         }
     }
