@@ -179,6 +179,52 @@ pub fn check_forward(op: &str, f: &ForwardShape) -> Result<()> {
     Ok(())
 }
 
+/// Check a model config's sizes before anything is built from them: every size at least 1,
+/// the layer count no more than the weight files could hold, and the weights they imply
+/// countable (products that overflow are errors). `declared` is the number of tensors the
+/// weight files declare.
+pub fn check_config(cfg: &crate::config::LlamaConfig, declared: usize, path: &Path) -> Result<()> {
+    let bad = |m: String| Err(Error::bad_file(path, m));
+    for (name, v) in [
+        ("vocab_size", cfg.vocab_size),
+        ("hidden_size", cfg.hidden_size),
+        ("intermediate_size", cfg.intermediate_size),
+        ("num_hidden_layers", cfg.num_hidden_layers),
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_key_value_heads", cfg.num_key_value_heads),
+        ("head_dim", cfg.head_dim),
+    ] {
+        if v == 0 {
+            return bad(format!("{name} is 0"));
+        }
+    }
+    // every layer has several weights: more layers than tensors cannot be loaded
+    if cfg.num_hidden_layers > declared {
+        return bad(format!(
+            "num_hidden_layers is {}, but the weights hold only {declared} tensors",
+            cfg.num_hidden_layers
+        ));
+    }
+    let (d, ff, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let q = cfg.num_attention_heads.checked_mul(cfg.head_dim);
+    let kv = cfg.num_key_value_heads.checked_mul(cfg.head_dim);
+    let per_layer = q
+        .zip(kv)
+        .and_then(|(q, kv)| q.checked_add(kv)?.checked_mul(2)?.checked_mul(d))
+        .and_then(|attn| attn.checked_add(ff.checked_mul(d)?.checked_mul(3)?));
+    let total = per_layer
+        .and_then(|l| l.checked_mul(cfg.num_hidden_layers))
+        .and_then(|t| t.checked_add(v.checked_mul(d)?.checked_mul(2)?));
+    match total.and_then(|t| t.checked_mul(4)) {
+        Some(_) => Ok(()),
+        None => bad(format!(
+            "the sizes (vocab {v}, hidden {d}, intermediate {ff}, {} layers of {} x {} heads) \
+             describe more weights than memory can address",
+            cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+        )),
+    }
+}
+
 /// One weight tensor as a file's header declares it.
 #[derive(Debug, Clone)]
 pub struct DeclaredTensor {

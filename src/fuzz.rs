@@ -664,6 +664,13 @@ pub fn drive(
                 };
                 m.mutate(&seed_bytes, other, target.json)
             };
+            if let Some(dir) = &opts.failures {
+                // the case in flight: what to look at if the process dies with it (an abort
+                // is not a panic and cannot be caught)
+                let _ = std::fs::create_dir_all(dir);
+                let _ = std::fs::write(dir.join("in-flight"), &data);
+                let _ = std::fs::write(dir.join("in-flight.target"), target.name);
+            }
             let t0 = Instant::now();
             if worker.jobs.send((data.clone(), target)).is_err() {
                 worker = new_worker(&mut generation);

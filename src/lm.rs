@@ -105,6 +105,7 @@ impl LanguageModel {
             ModelSource::Gguf(path) => {
                 let mut w = GgufWeights::open(path)?;
                 let cfg = LlamaConfig::from_gguf(&w.content, path)?;
+                crate::budget::check_config(&cfg, w.content.tensor_infos.len(), path)?;
                 w.set_heads(
                     &cfg.architecture,
                     cfg.num_attention_heads,
@@ -129,6 +130,11 @@ impl LanguageModel {
                 ..
             } => {
                 let cfg = LlamaConfig::from_hf_json(config)?;
+                crate::budget::check_config(
+                    &cfg,
+                    crate::budget::declared_tensors(src)?.len(),
+                    config,
+                )?;
                 let (tok, chat_template) =
                     chat::load_files(tokenizer, tokenizer_config.as_deref())?;
                 let mut w = SafetensorsWeights::open(weights)?;

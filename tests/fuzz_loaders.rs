@@ -239,7 +239,9 @@ fn no_loader_panics_hangs_or_allocates_without_bound() {
     let largest = LARGEST.load(Ordering::Relaxed);
     let table = lqa::fuzz::format_reports(&reports);
     println!("{table}largest single allocation: {largest} bytes");
-    assert_eq!(reports.len(), lqa::fuzz::TARGETS.len(), "{table}");
+    if opts.only.is_empty() {
+        assert_eq!(reports.len(), lqa::fuzz::TARGETS.len(), "{table}");
+    }
     for (name, r) in &reports {
         assert!(r.panics.is_empty(), "{name} panicked:\n{table}");
         assert!(r.hangs.is_empty(), "{name} hung:\n{table}");

@@ -1,8 +1,8 @@
 //! A GGUF header check run before candle's reader: the header is walked with every length and
 //! count bounded by the bytes left in the file, nothing is allocated from a declared size, and
 //! every tensor must lie inside the file. What candle would trip on (an alignment of 0, a shape
-//! whose product overflows, a row that is not a whole number of quantized blocks, a tensor past
-//! the end of the file) is an error naming the file and the tensor.
+//! whose product overflows, an empty tensor, a row that is not a whole number of quantized
+//! blocks, a tensor past the end of the file) is an error naming the file and the tensor.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -277,6 +277,10 @@ pub fn validate_reader<R: Read + Seek>(
         }
         let elems = crate::budget::elem_count(&dims)
             .ok_or_else(|| format!("{what}: the shape {dims:?} overflows"))?;
+        // candle views the bytes of an empty tensor through a dangling, misaligned pointer
+        if elems == 0 {
+            return Err(format!("{what} has no elements (shape {dims:?})"));
+        }
         if elems % block != 0 {
             return Err(format!(
                 "{what}: {elems} elements are not whole {dtype:?} blocks of {block}"
