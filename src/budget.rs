@@ -320,7 +320,7 @@ pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
     };
     let mut total: u64 = 0;
     for t in &tensors {
-        let bytes = tensor_bytes(&t.dims, dtype).ok_or_else(|| {
+        let overflow = || {
             Error::bad_file(
                 path,
                 format!(
@@ -329,19 +329,30 @@ pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
                     shape_str(&t.dims)
                 ),
             )
-        })?;
-        if limit > 0 && bytes > limit {
+        };
+        let bytes = tensor_bytes(&t.dims, dtype).ok_or_else(overflow)?;
+        // a weight is read in its stored type (GGUF: dequantized to f32), then cast: the
+        // wider of the two is what one weight needs at once
+        let bits = t.elem_bits.max(8 * dtype.size_in_bytes()) as u64;
+        let at_once = elem_count(&t.dims)
+            .and_then(|n| (n as u64).checked_mul(bits))
+            .map(|b| b.div_ceil(8))
+            .ok_or_else(overflow)?;
+        if limit > 0 && at_once > limit {
             return Err(Error::bad_file(
                 path,
                 format!(
-                    "weight `{}` {} needs {} at {}, over the tensor limit of {} \
+                    "weight `{}` {} needs {} to load, over the tensor limit of {} \
                      (--max-tensor-bytes){}",
                     t.name,
                     shape_str(&t.dims),
-                    human(bytes),
-                    dtype.as_str(),
+                    human(at_once),
                     human(limit),
-                    hint(bytes)
+                    if bytes < at_once {
+                        String::new()
+                    } else {
+                        hint(bytes)
+                    }
                 ),
             ));
         }
