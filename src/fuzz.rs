@@ -39,6 +39,14 @@ pub struct Target {
 
 /// Every loader, with its fixture file.
 pub const TARGETS: &[Target] = &[
+    // the default model's own GGUF header (49152 tokens, merges, template, every key) with the
+    // model shrunk to one small layer; present when the default model is cached
+    Target {
+        name: "gguf_default",
+        file: "default.gguf",
+        copy: "default.gguf",
+        json: false,
+    },
     Target {
         name: "gguf",
         file: "model.gguf",
@@ -221,7 +229,7 @@ pub fn run_case(fixtures: &Path, scratch: &Path, target: &Target, data: &[u8]) -
     std::fs::write(&file, data).map_err(|e| Error::io(&file, e))?;
     let path_str = |p: &Path| p.to_string_lossy().into_owned();
     match target.name {
-        "gguf" => {
+        "gguf" | "gguf_default" => {
             let lm = LanguageModel::from_source(
                 "fuzz",
                 &ModelSource::Gguf(file.clone()),

@@ -107,6 +107,61 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
         ("tokenizer.chat_template", V::String(CHAT_TEMPLATE.into())),
     ];
     let weights = common::tiny_weights_with(seed, CHAT_VOCAB, CHAT_LAYERS, true);
+    let meta: Vec<(String, V)> = meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    write_gguf(path, &meta, &weights);
+}
+
+/// The default model's GGUF header (its 49152-token tokenizer, merges, chat template and every
+/// other key) with the model shrunk to one small layer and its tensors written small, when the
+/// default model is in the cache (`lqa pull smollm2-135m-instruct`).
+fn write_default_derived_gguf(path: &Path) -> bool {
+    use gguf_file::Value as V;
+    let Some(src) = lqa::sources::cached_pinned(
+        &lqa::sources::default_model_dir(),
+        &lqa::sources::SMOLLM2_135M_INSTRUCT,
+    ) else {
+        return false;
+    };
+    let mut f = std::fs::File::open(&src).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let arch = ct.metadata["general.architecture"]
+        .to_string()
+        .unwrap()
+        .clone();
+    let vocab = ct.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len();
+    let tied = !ct.tensor_infos.contains_key("output.weight");
+    let mut meta: Vec<(String, V)> = ct
+        .metadata
+        .into_iter()
+        .filter(|(k, _)| {
+            !k.ends_with(".rope.dimension_count")
+                && !k.ends_with(".attention.key_length")
+                && !k.ends_with(".attention.value_length")
+        })
+        .collect();
+    for (k, v) in [
+        ("block_count", 1),
+        ("embedding_length", common::D),
+        ("feed_forward_length", common::FF),
+        ("attention.head_count", common::HEADS),
+        ("attention.head_count_kv", common::KV_HEADS),
+    ] {
+        let key = format!("{arch}.{k}");
+        meta.retain(|(m, _)| *m != key);
+        meta.push((key, V::U32(v as u32)));
+    }
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let weights = common::tiny_weights_with(9, vocab, 1, tied);
+    write_gguf(path, &meta, &weights);
+    true
+}
+
+/// A GGUF file of these metadata and HF-named weights (matrices Q4_1, vectors F32).
+fn write_gguf(
+    path: &Path,
+    meta: &[(String, gguf_file::Value)],
+    weights: &std::collections::HashMap<String, candle_core::Tensor>,
+) {
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
     let tensors: Vec<(String, QTensor)> = names
@@ -122,7 +177,8 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
             (g, QTensor::quantize(t, dtype).unwrap())
         })
         .collect();
-    let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta_refs: Vec<(&str, &gguf_file::Value)> =
+        meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
@@ -132,6 +188,7 @@ fn write_tiny_gguf(path: &Path, seed: u64) {
 fn write_fixtures(dir: &Path) {
     let model = write_tiny_chat_model(&dir.join("model"), 5);
     write_tiny_gguf(&dir.join("model.gguf"), 5);
+    write_default_derived_gguf(&dir.join("default.gguf"));
     write_toy_latentqa_data(&dir.join("data"));
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::copy(
@@ -216,7 +273,14 @@ fn no_loader_panics_hangs_or_allocates_without_bound() {
         Some(d) => std::path::PathBuf::from(d),
         None => tmp.path().join("fixtures"),
     };
-    if !fixtures.join("run/config.json").exists() {
+    let default_cached = lqa::sources::cached_pinned(
+        &lqa::sources::default_model_dir(),
+        &lqa::sources::SMOLLM2_135M_INSTRUCT,
+    )
+    .is_some();
+    if !fixtures.join("run/config.json").exists()
+        || default_cached && !fixtures.join("default.gguf").exists()
+    {
         let _ = std::fs::remove_dir_all(&fixtures);
         write_fixtures(&fixtures);
     }
@@ -240,7 +304,13 @@ fn no_loader_panics_hangs_or_allocates_without_bound() {
     let table = lqa::fuzz::format_reports(&reports);
     println!("{table}largest single allocation: {largest} bytes");
     if opts.only.is_empty() {
-        assert_eq!(reports.len(), lqa::fuzz::TARGETS.len(), "{table}");
+        // every target runs (gguf_default only with the default model in the cache)
+        let present = lqa::fuzz::TARGETS
+            .iter()
+            .filter(|t| fixtures.join(t.file).exists())
+            .count();
+        assert_eq!(reports.len(), present, "{table}");
+        assert!(present >= lqa::fuzz::TARGETS.len() - 1, "{table}");
     }
     for (name, r) in &reports {
         assert!(r.panics.is_empty(), "{name} panicked:\n{table}");
