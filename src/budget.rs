@@ -348,10 +348,11 @@ pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
                     shape_str(&t.dims),
                     human(at_once),
                     human(limit),
-                    if bytes < at_once {
-                        String::new()
-                    } else {
+                    // a smaller dtype helps only if the weight is stored that small
+                    if t.elem_bits <= 16 && at_once / 2 <= limit {
                         hint(bytes)
+                    } else {
+                        String::new()
                     }
                 ),
             ));
