@@ -156,6 +156,18 @@ pub const TARGETS: &[Target] = &[
         json: false,
     },
     Target {
+        name: "control_state",
+        file: "control-run/checkpoint/state.json",
+        copy: "control-run",
+        json: true,
+    },
+    Target {
+        name: "control_optimizer",
+        file: "control-run/checkpoint/optimizer.safetensors",
+        copy: "control-run",
+        json: false,
+    },
+    Target {
         name: "checkpoint_adapter",
         file: "run/checkpoint/adapter/adapter_model.safetensors",
         copy: "run",
@@ -191,6 +203,29 @@ fn fixture_model(fixtures: &Path) -> Result<Arc<LanguageModel>> {
         .unwrap_or_else(|e| e.into_inner())
         .insert(fixtures.to_path_buf(), m.clone());
     Ok(m)
+}
+
+/// The fixture decoder (`fixtures/decoder` on the fixture model), loaded once.
+fn fixture_decoder(fixtures: &Path) -> Result<Arc<crate::latentqa::decoder::Decoder>> {
+    type Cache = Mutex<BTreeMap<PathBuf, Arc<crate::latentqa::decoder::Decoder>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(d) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(fixtures)
+    {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(crate::latentqa::decoder::Decoder::load(
+        fixture_model(fixtures)?,
+        Some(&fixtures.join("decoder")),
+    )?);
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(fixtures.to_path_buf(), d.clone());
+    Ok(d)
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
@@ -280,6 +315,21 @@ pub fn run_case(fixtures: &Path, scratch: &Path, target: &Target, data: &[u8]) -
             cfg.data_dir = fixtures.join("data");
             let target = fixture_model(fixtures)?;
             crate::lit::trainer::Trainer::open(target, cfg, true).map(drop)
+        }
+        "control_state" | "control_optimizer" => {
+            let cfg_path = fixtures.join("control-run/config.json");
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let cfg: crate::control::ControlConfig =
+                serde_json::from_str(&text).map_err(|e| Error::bad_file(&cfg_path, e))?;
+            let control = crate::control::data::Control::load(&fixtures.join("control.json"))?;
+            let decoder = fixture_decoder(fixtures)?;
+            crate::control::ControlOptimizer::resume(
+                &decoder,
+                control,
+                cfg,
+                &scratch.join("control-run"),
+            )
+            .map(drop)
         }
         other => Err(Error::invalid(format!("unknown fuzz target `{other}`"))),
     }

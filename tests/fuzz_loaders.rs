@@ -252,11 +252,37 @@ fn write_fixtures(dir: &Path) {
         serde_json::to_string(&cfg).unwrap(),
     )
     .unwrap();
-    let mut t = lqa::lit::trainer::Trainer::new(target, cfg.clone()).unwrap();
+    let mut t = lqa::lit::trainer::Trainer::new(target.clone(), cfg.clone()).unwrap();
     t.train(|_| Ok(true)).unwrap();
     t.save_adapter(&dir.join("decoder"), candle_core::DType::F32)
         .unwrap();
     std::fs::rename(dir.join("run-config.json"), dir.join("run/config.json")).unwrap();
+
+    // a control run of one step with that decoder: its checkpoint
+    let decoder =
+        lqa::latentqa::decoder::Decoder::load(target, Some(&dir.join("decoder"))).unwrap();
+    let control = lqa::control::data::Control::load(&dir.join("control.json")).unwrap();
+    let instructions =
+        lqa::control::data::load_instructions(&dir.join("instructions.json")).unwrap();
+    let ccfg = lqa::control::ControlConfig {
+        samples: 2,
+        batch_size: 2,
+        r: 2,
+        lora_alpha: 4.0,
+        layers_to_optimize: vec![0, 1],
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let mut c = lqa::control::ControlOptimizer::new(&decoder, control, &instructions, ccfg.clone())
+        .unwrap()
+        .with_out_dir(&dir.join("control-run"))
+        .unwrap();
+    c.run(|_| Ok(true)).unwrap();
+    std::fs::write(
+        dir.join("control-run/config.json"),
+        serde_json::to_string(&ccfg).unwrap(),
+    )
+    .unwrap();
 }
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -278,7 +304,7 @@ fn no_loader_panics_hangs_or_allocates_without_bound() {
         &lqa::sources::SMOLLM2_135M_INSTRUCT,
     )
     .is_some();
-    if !fixtures.join("run/config.json").exists()
+    if !fixtures.join("control-run/config.json").exists()
         || default_cached && !fixtures.join("default.gguf").exists()
     {
         let _ = std::fs::remove_dir_all(&fixtures);
