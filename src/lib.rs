@@ -10,10 +10,13 @@
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
 
 pub mod assets;
+pub mod budget;
 pub mod chat;
 pub mod config;
 pub mod control;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 pub mod hooks;
 pub mod interrupt;

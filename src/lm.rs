@@ -100,10 +100,12 @@ impl LanguageModel {
     }
 
     pub fn from_source(name: &str, src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        crate::budget::check_model_fits(src, opts.dtype)?;
         match src {
             ModelSource::Gguf(path) => {
                 let mut w = GgufWeights::open(path)?;
                 let cfg = ModelConfig::from_gguf(&w.content, path)?;
+                crate::budget::check_config(&cfg, w.content.tensor_infos.len(), path)?;
                 w.set_family(cfg.family, cfg.num_attention_heads, cfg.num_key_value_heads);
                 let (tokenizer, chat_template) = chat::load_gguf(&w.content, path)?;
                 let model = Model::load(cfg, &mut w, opts.dtype, &opts.device)?;
@@ -124,6 +126,11 @@ impl LanguageModel {
                 ..
             } => {
                 let cfg = ModelConfig::from_hf_json(config)?;
+                crate::budget::check_config(
+                    &cfg,
+                    crate::budget::declared_tensors(src)?.len(),
+                    config,
+                )?;
                 let (tok, chat_template) =
                     chat::load_files(tokenizer, tokenizer_config.as_deref())?;
                 let mut w = SafetensorsWeights::open(weights)?;

@@ -61,6 +61,10 @@ struct Limits {
     /// Nested script function calls
     #[arg(long, value_name = "N", default_value_t = RuntimeOptions::default().max_call_depth)]
     max_call_depth: usize,
+    /// Bytes in one tensor a script makes or an op returns, checked before allocating
+    /// (0 = no limit; default half of physical memory)
+    #[arg(long, value_name = "N", default_value_t = RuntimeOptions::default().max_tensor_bytes)]
+    max_tensor_bytes: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +90,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "--max-string",
     "--max-map",
     "--max-call-depth",
+    "--max-tensor-bytes",
 ];
 
 /// A first positional argument that names a subcommand but is an existing file is a script,
@@ -139,6 +144,7 @@ fn options(limits: &Limits) -> RuntimeOptions {
         max_string: limits.max_string,
         max_map: limits.max_map,
         max_call_depth: limits.max_call_depth,
+        max_tensor_bytes: limits.max_tensor_bytes,
         ..RuntimeOptions::default()
     }
 }

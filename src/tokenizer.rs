@@ -248,6 +248,31 @@ fn spm_merges(
     merges.into_iter().map(|m| (m.4, m.5)).collect()
 }
 
+/// A `tokenizer.json` through the `tokenizers` library, which panics on some malformed input
+/// (it `expect`s parts of the JSON to parse): the text must be valid JSON first, and a panic
+/// left inside the library still becomes an error naming the file.
+fn load_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match parsed {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(Error::bad_file(path, format!("cannot load tokenizer: {e}"))),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(Error::bad_file(
+                path,
+                format!("cannot load tokenizer: {msg}"),
+            ))
+        }
+    }
+}
+
 impl Tokenizer {
     /// Build the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata (see the module
     /// docs for what is supported). `path` is used only in error messages.
@@ -438,8 +463,7 @@ impl Tokenizer {
     /// When the config has no `add_bos_token`, [`Self::add_bos`] is whether the
     /// `tokenizer.json` post-processor inserts the BOS.
     pub fn from_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(tokenizer_json)
-            .map_err(|e| Error::bad_file(tokenizer_json, format!("cannot load tokenizer: {e}")))?;
+        let inner = load_tokenizer_json(tokenizer_json)?;
         let mut tok = Tokenizer {
             inner,
             bos: None,

@@ -78,13 +78,62 @@ pub fn atomic_dir(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
 }
 
 /// An [`atomic_dir`] swap interrupted between its two renames leaves `<path>.old` and no
-/// `path`: rename it back. Nothing to do otherwise.
+/// `path`: rename it back. A writer killed while filling leaves `<path>.tmp<PID>`: such
+/// folders of processes that are gone are removed (never read).
 pub fn recover_dir(path: &Path) -> Result<()> {
     let old = sibling(path, "old");
     if !path.exists() && old.exists() {
         std::fs::rename(&old, path).map_err(|e| Error::io(path, e))?;
     }
+    remove_stale_tmp(path);
     Ok(())
+}
+
+/// Remove `<path>.tmp<PID>` left by writers that no longer run (best effort).
+fn remove_stale_tmp(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.tmp", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Whether a process with this id exists (on other systems: assume it does).
+fn process_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
 }
 
 /// `<path>.<suffix>`: `checkpoint` -> `checkpoint.old`.

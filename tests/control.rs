@@ -497,3 +497,35 @@ fn checkpoint_swaps_leave_no_temporary_directories() {
         ]
     );
 }
+
+/// A learning rate that blows the LoRA weights up: the first non-finite loss or gradient stops
+/// the run before its update, with an error naming the step, and the checkpoint on disk is the
+/// last good step's (plain and per-layer).
+#[test]
+fn a_non_finite_loss_stops_control_with_the_checkpoint_intact() {
+    for per_layer_loss in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = decoder(tmp.path());
+        let out = tmp.path().join("run");
+        let cfg = ControlConfig {
+            checkpoint_every: 1,
+            per_layer_loss,
+            ..config(1e30)
+        };
+        let mut opt = ControlOptimizer::new(&d, control(), &instructions(), cfg.clone())
+            .unwrap()
+            .with_out_dir(&out)
+            .unwrap();
+        let err = opt.run(|_| Ok(true)).unwrap_err().to_string();
+        assert!(err.contains("training stopped before"), "{err}");
+        let done = opt.step_count();
+        assert!(done >= 1 && done < opt.total_steps(), "{done}: {err}");
+        assert!(err.contains(&format!("step {}", done + 1)), "{err}");
+        // the checkpoint resumes at the last good step, with finite weights
+        let resumed = ControlOptimizer::resume(&d, control(), cfg, &out).unwrap();
+        assert_eq!(resumed.step_count(), done);
+        for (name, v) in snapshot(&resumed) {
+            assert!(v.iter().all(|x| x.is_finite()), "{name}");
+        }
+    }
+}

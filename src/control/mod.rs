@@ -581,6 +581,8 @@ impl ControlOptimizer {
                 &batch,
                 &self.loss_config(read_layer),
             )?;
+            let loss = out.loss.to_scalar::<f32>()? as f64;
+            crate::train::run::check_finite_loss("control", self.step + 1, loss)?;
             let total = if self.config.kl_weight > 0.0 {
                 let rows: Vec<Vec<u32>> =
                     batch.examples.iter().map(|e| e.read.ids.clone()).collect();
@@ -591,14 +593,16 @@ impl ControlOptimizer {
                     self.target.pad_id(),
                     None,
                 )?;
-                kl = Some(k.to_scalar::<f32>()? as f64);
+                let kv = k.to_scalar::<f32>()? as f64;
+                crate::train::run::check_finite_loss("control (KL term)", self.step + 1, kv)?;
+                kl = Some(kv);
                 (&out.loss + (k * self.config.kl_weight)?)?
             } else {
                 out.loss.clone()
             };
             let grads = total.backward()?;
             self.opts[0].1.step(&grads)?;
-            (out.loss.to_scalar::<f32>()? as f64, BTreeMap::new())
+            (loss, BTreeMap::new())
         };
         self.step += 1;
         let stats = ControlStats {
@@ -641,6 +645,7 @@ impl ControlOptimizer {
         let outputs = std::mem::take(&mut *outputs.lock().expect("hook store"));
         let reads: Vec<_> = batch.examples.iter().map(|e| &e.read).collect();
         let cfg = self.loss_config(self.read_layers.0);
+        let step = self.step + 1;
         let mut losses = BTreeMap::new();
         for (layer, opt) in self.opts.iter_mut() {
             crate::interrupt::check()?;
@@ -649,9 +654,11 @@ impl ControlOptimizer {
             let patches = gather_patches(hidden, &input.pads, &reads, false)?;
             let tn = patched_token_nll(&self.decoder, batch, &patches, &cfg, None)?;
             let loss = tn.nll.mean_all()?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            crate::train::run::check_finite_loss(&format!("control (layer {l})"), step, value)?;
             let grads = loss.backward()?;
             opt.step(&grads)?;
-            losses.insert(l, loss.to_scalar::<f32>()? as f64);
+            losses.insert(l, value);
         }
         let mean = losses.values().sum::<f64>() / losses.len().max(1) as f64;
         Ok((mean, losses))

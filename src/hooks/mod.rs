@@ -282,6 +282,46 @@ impl Hooks {
     }
 }
 
+/// The index (one entry per dimension) and value of the first NaN or infinite element of `t`,
+/// if any.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<(Vec<usize>, f32)>> {
+    let flat: Vec<f32> = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
+    let Some(i) = flat.iter().position(|x| !x.is_finite()) else {
+        return Ok(None);
+    };
+    let mut index = vec![0; t.rank()];
+    let mut rest = i;
+    for (k, &n) in t.dims().iter().enumerate().rev() {
+        index[k] = rest % n;
+        rest /= n;
+    }
+    Ok(Some((index, flat[i])))
+}
+
+/// An error naming `what` (the hook, the steering vector...) and the first bad index if `t`
+/// holds a NaN or an infinity: such a value entering the model would silently turn every
+/// later activation into NaN.
+pub fn check_finite(what: &str, t: &Tensor) -> Result<()> {
+    if t.dtype().is_int() {
+        return Ok(());
+    }
+    match first_non_finite(t)? {
+        None => Ok(()),
+        Some((index, x)) => {
+            let parts: Vec<String> = index.iter().map(usize::to_string).collect();
+            Err(Error::invalid(format!(
+                "{what}: the value holds {x} at index [{}] (shape {:?}); a non-finite value \
+                 would turn every later activation into NaN",
+                parts.join(", "),
+                t.dims()
+            )))
+        }
+    }
+}
+
 /// Apply one patch to `[batch, seq, d]`. Differentiable in both `x` and the patch value: rows
 /// are rebuilt from slices with `cat`, never written in place.
 fn apply_patch(p: &Patch, x: &Tensor, ctx: &HookCtx) -> Result<Tensor> {

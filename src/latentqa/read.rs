@@ -114,6 +114,13 @@ impl Decoder {
             return Ok(Vec::new());
         }
         let n = reading.read.n_patch();
+        crate::hooks::check_finite(
+            &format!(
+                "the activations patched at the decoder's {}",
+                HookPoint::resid_post(self.meta.layers.write)
+            ),
+            &reading.vectors,
+        )?;
         let prompts = questions
             .iter()
             .map(|q| self.question_prompt(n, q))

@@ -412,6 +412,7 @@ impl Trainer {
             tokens += idx.iter().map(|&i| self.train[i].len).sum::<usize>();
             acc.add(&l.backward()?)?;
         }
+        crate::train::run::check_finite_loss("LIT", self.step + 1, loss_sum)?;
         let mut grads = acc.finish(1.0)?;
         let grad_norm = clip_grad_norm(&mut grads, &vars, self.config.clip)?;
         let lr = cosine_lr(

@@ -90,6 +90,7 @@ pub struct GgufWeights {
 impl GgufWeights {
     /// Open a GGUF file and read its header and metadata.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::sources::gguf_check::validate(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)

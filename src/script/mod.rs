@@ -85,6 +85,9 @@ pub struct RuntimeOptions {
     pub max_string: usize,
     pub max_array: usize,
     pub max_map: usize,
+    /// Bytes of the largest tensor one operation may make (0 = no limit); checked before
+    /// allocating (see [`crate::budget`]). Default: half of physical memory.
+    pub max_tensor_bytes: u64,
     /// The stdlib folder; `None` finds it with [`find_stdlib`].
     pub stdlib: Option<PathBuf>,
 }
@@ -99,6 +102,7 @@ impl Default for RuntimeOptions {
             max_string: 64 << 20,
             max_array: 10_000_000,
             max_map: 1_000_000,
+            max_tensor_bytes: crate::budget::default_max_tensor_bytes(),
             stdlib: None,
         }
     }
@@ -118,6 +122,8 @@ pub struct Runtime {
     resolver: Arc<ScriptResolver>,
     /// Whether the last [`Runtime::run_file`] / [`Runtime::eval`] error was a Ctrl-C.
     interrupted: bool,
+    /// The tensor limit set on the evaluating thread while code runs.
+    max_tensor_bytes: u64,
 }
 
 impl Runtime {
@@ -156,6 +162,7 @@ impl Runtime {
             imports: Vec::new(),
             imports_ast: AST::empty(),
             interrupted: false,
+            max_tensor_bytes: opts.max_tensor_bytes,
             hints: error::LimitHints {
                 max_ops: opts.max_ops,
                 max_call_depth: opts.max_call_depth,
@@ -249,6 +256,7 @@ impl Runtime {
     /// functions it defines for later evaluations.
     pub fn eval_raw(&mut self, code: &str, source: &str) -> ScriptResult<Dynamic> {
         crate::interrupt::clear();
+        let _limit = crate::budget::scoped(self.max_tensor_bytes);
         let mut ast = self.engine.compile_with_scope(&self.scope, code)?;
         ast.set_source(source);
         let mut full = if self.imports.is_empty() {

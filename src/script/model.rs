@@ -209,6 +209,7 @@ fn generate(
 ) -> ScriptResult<Dynamic> {
     let (prompts, batch) = prompts_from(ctx, prompt)?;
     let g = gen_options(ctx, &m.lm, opts)?;
+    check_room(ctx, m, "generate", &prompts, g.max_new_tokens, g.use_cache)?;
     let mut hs = match hooks {
         Some(h) => Some(build_hooks(ctx, m, h, &prompts)?),
         None => None,
@@ -219,6 +220,36 @@ fn generate(
     } else {
         out.into_iter().next().unwrap_or_default().into()
     })
+}
+
+/// Check, before running the model, that a forward over `prompts` (then `new_tokens` generated)
+/// stays under the tensor limit ([`crate::budget::check_forward`]).
+fn check_room(
+    ctx: &NativeCallContext,
+    m: &ScriptModel,
+    op: &str,
+    prompts: &[String],
+    new_tokens: usize,
+    use_cache: bool,
+) -> ScriptResult<()> {
+    let mut longest = 0;
+    for p in prompts {
+        longest = longest.max(m.lm.encode_prompt(p).at(ctx)?.len());
+    }
+    let c = &m.lm.model.cfg;
+    let shape = crate::budget::ForwardShape {
+        batch: prompts.len(),
+        prompt: longest,
+        new_tokens,
+        use_cache,
+        layers: c.num_hidden_layers,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        d_model: c.hidden_size,
+        d_ff: c.intermediate_size,
+    };
+    crate::budget::check_forward(op, &shape).at(ctx)
 }
 
 /// Resolve script hooks into model hooks; negative positions count from each prompt's end
@@ -299,6 +330,12 @@ fn make_hook(
             "positions must be an array of integers, an integer, or \"all\"",
         ));
     };
+    let verb = if mode == PatchMode::Replace {
+        "patch"
+    } else {
+        "add"
+    };
+    crate::hooks::check_finite(&format!("{verb} at {name}"), &value).at(ctx)?;
     Ok(ScriptHook {
         name: name.to_string(),
         mode,
@@ -505,6 +542,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn(
         "logits",
         |ctx: NativeCallContext, m: &mut ScriptModel, prompt: &str| -> ScriptResult<Dynamic> {
+            check_room(&ctx, m, "logits", &[prompt.to_string()], 0, false)?;
             Ok(to_dynamic(m.lm.logits(prompt).at(&ctx)?))
         },
     );
@@ -527,6 +565,7 @@ pub fn register(engine: &mut Engine) {
                 return Err(ctx_err(&ctx, "run_with_cache needs at least one hook name"));
             }
             let pts: Vec<HookPoint> = points.iter().map(|p| p.1).collect();
+            check_room(&ctx, m, "run_with_cache", &prompts, 0, false)?;
             let (cap, pads) = m.lm.run_with_cache(&prompts, &pts).at(&ctx)?;
             let mut out = Map::new();
             for (name, p) in points {

@@ -18,6 +18,7 @@
 //! the operating system's certificate store (so `SSL_CERT_FILE` and corporate proxies work).
 
 mod fsutil;
+pub mod gguf_check;
 mod hf;
 mod local;
 mod pypi;

@@ -116,7 +116,15 @@ impl AdamW {
     }
 
     /// One AdamW step with the gradients in `grads` (see the type's docs).
+    ///
+    /// A NaN or infinite gradient is an error naming the variable and its first bad index, and
+    /// nothing is updated (the run stops with its weights and checkpoint as they were).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        for (name, var) in &self.vars {
+            if let Some(grad) = grads.get(var) {
+                super::run::check_finite_grad(name, grad, self.step + 1)?;
+            }
+        }
         self.step += 1;
         let AdamWParams {
             lr,

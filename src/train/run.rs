@@ -205,6 +205,38 @@ pub fn check_resume_config<C: Serialize>(
     ))
 }
 
+/// Stop a run whose loss is not finite (`what`: "LIT", "control"), before the update of `step`
+/// (1-based) is applied: the weights in memory and the last checkpoint stay as they were.
+pub fn check_finite_loss(what: &str, step: usize, loss: f64) -> Result<()> {
+    if loss.is_finite() {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "{what} step {step}: the loss is {loss}; training stopped before this step's update \
+         (the last checkpoint is intact: lower the learning rate, or check the data)"
+    )))
+}
+
+/// Stop before an optimizer update whose gradient for `name` holds a NaN or an infinity.
+pub fn check_finite_grad(name: &str, grad: &candle_core::Tensor, step: usize) -> Result<()> {
+    // one reduction decides; only a bad gradient is searched for its first bad index
+    let sum = grad
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    if sum.is_finite() {
+        return Ok(());
+    }
+    let at = match crate::hooks::first_non_finite(grad)? {
+        Some((index, x)) => format!("{x} at index {index:?}"),
+        None => "values whose sum overflows".to_string(),
+    };
+    Err(Error::invalid(format!(
+        "step {step}: the gradient of `{name}` holds {at}; training stopped before this \
+         step's update (the last checkpoint is intact: lower the learning rate, or check the data)"
+    )))
+}
+
 /// Whether something scheduled every `n` steps (0: never) is due at `step`.
 pub fn every(n: usize, step: usize) -> bool {
     n > 0 && step.is_multiple_of(n)

@@ -4,7 +4,7 @@ use rhai::{Array, Dynamic, NativeCallContext};
 
 use super::value::ScriptTensor;
 use crate::script::arg_usize;
-use crate::script::error::{ctx_err, ScriptResult};
+use crate::script::error::{ctx_err, ScriptResult, ToScript};
 
 pub(super) fn type_name(ctx: &NativeCallContext, value: &Dynamic) -> String {
     ctx.engine().map_type_name(value.type_name()).to_string()
@@ -25,6 +25,22 @@ pub(super) fn shape_arg(ctx: &NativeCallContext, shape: &Array) -> ScriptResult<
             arg_usize(ctx, &format!("shape[{i}]"), n)
         })
         .collect()
+}
+
+/// Check, before allocating, that `op` may make a tensor of `dims` and `dtype` (the
+/// `--max-tensor-bytes` limit; see [`crate::budget`]).
+pub(super) fn room(
+    ctx: &NativeCallContext,
+    op: &str,
+    dims: &[usize],
+    dtype: candle_core::DType,
+) -> ScriptResult<()> {
+    crate::budget::check(op, dims, dtype).at(ctx)
+}
+
+/// [`room`] for an op working on all of `t` in f64 (reductions, conversions to numbers).
+pub(super) fn room_f64(ctx: &NativeCallContext, op: &str, t: &ScriptTensor) -> ScriptResult<()> {
+    room(ctx, op, t.dims(), candle_core::DType::F64)
 }
 
 /// A dimension of `t`.

@@ -1,10 +1,10 @@
 //! Making tensors: `tensor(nested_array)` (f32), `zeros(shape)`, `ones(shape)`,
 //! `randn(shape, seed)`.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rhai::{Array, Engine, NativeCallContext};
 
-use super::args::{shape_arg, type_name};
+use super::args::{room, shape_arg, type_name};
 use super::value::ScriptTensor;
 use crate::script::error::{ctx_err, ScriptResult, ToScript};
 
@@ -21,6 +21,8 @@ fn from_array(ctx: &NativeCallContext, array: &Array) -> ScriptResult<ScriptTens
             None => first = None,
         }
     }
+    // The shape is read from the first elements only: check it before reserving room for it.
+    room(ctx, "tensor", &shape, DType::F32)?;
     let mut values = Vec::with_capacity(shape.iter().product());
     flatten(ctx, array, &shape, &mut String::new(), &mut values)?;
     let t = Tensor::from_vec(values, shape, &Device::Cpu).at(ctx)?;
@@ -80,8 +82,14 @@ fn flatten(
     Ok(())
 }
 
-fn filled(ctx: &NativeCallContext, shape: &Array, value: f32) -> ScriptResult<ScriptTensor> {
+fn filled(
+    ctx: &NativeCallContext,
+    op: &str,
+    shape: &Array,
+    value: f32,
+) -> ScriptResult<ScriptTensor> {
     let shape = shape_arg(ctx, shape)?;
+    room(ctx, op, &shape, DType::F32)?;
     let t = Tensor::full(value, shape, &Device::Cpu).at(ctx)?;
     Ok(ScriptTensor(t))
 }
@@ -90,6 +98,7 @@ fn filled(ctx: &NativeCallContext, shape: &Array, value: f32) -> ScriptResult<Sc
 fn randn(ctx: &NativeCallContext, shape: &Array, seed: i64) -> ScriptResult<ScriptTensor> {
     use rand::{Rng, SeedableRng};
     let shape = shape_arg(ctx, shape)?;
+    room(ctx, "randn", &shape, DType::F32)?;
     let n: usize = shape.iter().product();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed as u64);
     let mut values = Vec::with_capacity(n + 1);
@@ -111,10 +120,10 @@ pub(super) fn register(engine: &mut Engine) {
         from_array(&ctx, &a)
     });
     engine.register_fn("zeros", |ctx: NativeCallContext, s: Array| {
-        filled(&ctx, &s, 0.0)
+        filled(&ctx, "zeros", &s, 0.0)
     });
     engine.register_fn("ones", |ctx: NativeCallContext, s: Array| {
-        filled(&ctx, &s, 1.0)
+        filled(&ctx, "ones", &s, 1.0)
     });
     engine.register_fn("randn", |ctx: NativeCallContext, s: Array, seed: i64| {
         randn(&ctx, &s, seed)

@@ -3,6 +3,7 @@
 use candle_core::DType;
 use rhai::{Array, Dynamic, Engine, NativeCallContext};
 
+use super::args::room;
 use super::value::ScriptTensor;
 use crate::script::error::{ctx_err, ScriptResult, ToScript};
 
@@ -39,11 +40,16 @@ fn parse_dtype(ctx: &NativeCallContext, name: &str) -> ScriptResult<DType> {
 pub(super) fn register(engine: &mut Engine) {
     engine.register_fn(
         "to_array",
-        |ctx: NativeCallContext, t: &mut ScriptTensor| t.to_nested().at(&ctx),
+        |ctx: NativeCallContext, t: &mut ScriptTensor| {
+            // one script value per element, each as big as an f64 twice over
+            room(&ctx, "to_array", &[t.0.elem_count(), 2], DType::F64)?;
+            t.to_nested().at(&ctx)
+        },
     );
     engine.register_fn(
         "to_f32",
         |ctx: NativeCallContext, t: &mut ScriptTensor| -> ScriptResult<ScriptTensor> {
+            room(&ctx, "to_f32", t.dims(), DType::F32)?;
             Ok(ScriptTensor(t.0.to_dtype(DType::F32).at(&ctx)?))
         },
     );
@@ -51,6 +57,7 @@ pub(super) fn register(engine: &mut Engine) {
         "to_dtype",
         |ctx: NativeCallContext, t: &mut ScriptTensor, name: &str| -> ScriptResult<ScriptTensor> {
             let dtype = parse_dtype(&ctx, name)?;
+            room(&ctx, "to_dtype", t.dims(), dtype)?;
             Ok(ScriptTensor(t.0.to_dtype(dtype).at(&ctx)?))
         },
     );

@@ -28,6 +28,9 @@ fn save_map(path: &str, tensors: HashMap<String, Tensor>) -> crate::Result<()> {
 
 fn load_map(path: &str) -> crate::Result<HashMap<String, Tensor>> {
     std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    for t in crate::budget::safetensors_header(Path::new(path))? {
+        crate::budget::check_declared("load_tensors", Path::new(path), &t)?;
+    }
     candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::bad_file(path, e))
 }
 

@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 use rhai::{Engine, NativeCallContext};
 
+use super::args::room;
 use super::value::{float, ScriptTensor};
 use crate::script::error::{ctx_err, ScriptResult, ToScript};
 
@@ -68,9 +69,15 @@ fn binary(
             ),
         )
     };
-    if broadcast_shape(a.dims(), b.dims()).is_none() {
+    let Some(shape) = broadcast_shape(a.dims(), b.dims()) else {
         return Err(fail("shapes do not broadcast".to_string()));
-    }
+    };
+    // the result (in the wider of the two dtypes, at least f32) must fit before it is made
+    let widest = [a.0.dtype(), b.0.dtype(), DType::F32]
+        .into_iter()
+        .max_by_key(|d| d.size_in_bytes())
+        .expect("three dtypes");
+    room(ctx, op.verb(), &shape, widest)?;
     let run = || -> candle_core::Result<Tensor> {
         let (mut x, mut y) = (a.0.clone(), b.0.clone());
         if x.dtype() != y.dtype() {
@@ -103,6 +110,12 @@ fn scalar(
     x: f64,
     tensor_left: bool,
 ) -> ScriptResult<ScriptTensor> {
+    let widest = if t.0.dtype().size_in_bytes() > 4 {
+        t.0.dtype()
+    } else {
+        DType::F32
+    };
+    room(ctx, op.verb(), t.dims(), widest)?;
     let run = || -> candle_core::Result<Tensor> {
         let t = float(&t.0)?;
         match (op, tensor_left) {
@@ -159,6 +172,7 @@ pub(super) fn register(engine: &mut Engine) {
     engine.register_fn(
         "-",
         |ctx: NativeCallContext, a: ScriptTensor| -> ScriptResult<ScriptTensor> {
+            room(&ctx, "negate", a.dims(), a.0.dtype())?;
             Ok(ScriptTensor(a.0.neg().at(&ctx)?))
         },
     );

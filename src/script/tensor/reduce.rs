@@ -5,7 +5,7 @@
 use candle_core::DType;
 use rhai::{Array, Dynamic, Engine, NativeCallContext};
 
-use super::args::{dim_arg, not_empty};
+use super::args::{dim_arg, not_empty, room_f64};
 use super::value::{float, scalar_f64, ScriptTensor};
 use crate::script::arg_usize;
 use crate::script::error::{ctx_err, ScriptResult, ToScript};
@@ -65,6 +65,7 @@ fn topk(ctx: &NativeCallContext, t: &ScriptTensor, k: i64) -> ScriptResult<Array
         ));
     }
     let k = arg_usize(ctx, "k", k)?;
+    room_f64(ctx, "topk", t)?;
     let values = t.values_f64().at(ctx)?;
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&i, &j| values[j].total_cmp(&values[i]).then(i.cmp(&j)));
@@ -77,12 +78,14 @@ fn topk(ctx: &NativeCallContext, t: &ScriptTensor, k: i64) -> ScriptResult<Array
 
 pub(super) fn register(engine: &mut Engine) {
     engine.register_fn("sum", |ctx: NativeCallContext, t: &mut ScriptTensor| {
+        room_f64(&ctx, "sum", t)?;
         sum_all(t).at(&ctx)
     });
     engine.register_fn(
         "mean",
         |ctx: NativeCallContext, t: &mut ScriptTensor| -> ScriptResult<f64> {
             not_empty(&ctx, t, "mean")?;
+            room_f64(&ctx, "mean", t)?;
             mean_all(t).at(&ctx)
         },
     );
@@ -90,10 +93,12 @@ pub(super) fn register(engine: &mut Engine) {
         "std",
         |ctx: NativeCallContext, t: &mut ScriptTensor| -> ScriptResult<f64> {
             not_empty(&ctx, t, "std")?;
+            room_f64(&ctx, "std", t)?;
             std_all(t).at(&ctx)
         },
     );
     engine.register_fn("norm", |ctx: NativeCallContext, t: &mut ScriptTensor| {
+        room_f64(&ctx, "norm", t)?;
         norm_all(t).at(&ctx)
     });
     engine.register_fn(
@@ -114,6 +119,7 @@ pub(super) fn register(engine: &mut Engine) {
         "argmax",
         |ctx: NativeCallContext, t: &mut ScriptTensor| -> ScriptResult<i64> {
             not_empty(&ctx, t, "argmax")?;
+            room_f64(&ctx, "argmax", t)?;
             let values = t.values_f64().at(&ctx)?;
             let best = (0..values.len())
                 .max_by(|&i, &j| values[i].total_cmp(&values[j]).then(j.cmp(&i)))
@@ -140,6 +146,7 @@ pub(super) fn register(engine: &mut Engine) {
         "dot",
         |ctx: NativeCallContext, a: &mut ScriptTensor, b: ScriptTensor| -> ScriptResult<f64> {
             same_count(&ctx, "dot", a, &b)?;
+            room_f64(&ctx, "dot", a)?;
             dot(a, &b).at(&ctx)
         },
     );
@@ -147,6 +154,7 @@ pub(super) fn register(engine: &mut Engine) {
         "cosine",
         |ctx: NativeCallContext, a: &mut ScriptTensor, b: ScriptTensor| -> ScriptResult<f64> {
             same_count(&ctx, "cosine", a, &b)?;
+            room_f64(&ctx, "cosine", a)?;
             let run =
                 || -> candle_core::Result<f64> { Ok(dot(a, &b)? / (norm_all(a)? * norm_all(&b)?)) };
             run().at(&ctx)

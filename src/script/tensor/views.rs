@@ -2,7 +2,7 @@
 
 use rhai::{Array, Engine, NativeCallContext};
 
-use super::args::{dim_arg, type_name};
+use super::args::{dim_arg, room, type_name};
 use super::value::{shape_str, ScriptTensor};
 use crate::script::arg_usize;
 use crate::script::error::{ctx_err, ScriptResult, ToScript};
@@ -67,7 +67,17 @@ fn reshape(ctx: &NativeCallContext, t: &ScriptTensor, shape: &Array) -> ScriptRe
             dims.push(arg_usize(ctx, &format!("shape[{i}]"), n)?);
         }
     }
-    let known: usize = dims.iter().product();
+    let overflow = |dims: &[usize]| {
+        ctx_err(
+            ctx,
+            format!(
+                "cannot reshape {} to {}: the shape's product overflows",
+                t.describe(),
+                shape_str(dims)
+            ),
+        )
+    };
+    let known = crate::budget::elem_count(&dims).ok_or_else(|| overflow(&dims))?;
     if let Some(h) = hole {
         if known == 0 || !count.is_multiple_of(known) {
             return Err(ctx_err(
@@ -81,7 +91,7 @@ fn reshape(ctx: &NativeCallContext, t: &ScriptTensor, shape: &Array) -> ScriptRe
         }
         dims[h] = count / known;
     }
-    let new_count: usize = dims.iter().product();
+    let new_count = crate::budget::elem_count(&dims).ok_or_else(|| overflow(&dims))?;
     if new_count != count {
         return Err(ctx_err(
             ctx,
@@ -92,6 +102,7 @@ fn reshape(ctx: &NativeCallContext, t: &ScriptTensor, shape: &Array) -> ScriptRe
             ),
         ));
     }
+    room(ctx, "reshape", &dims, t.0.dtype())?;
     Ok(ScriptTensor(t.0.reshape(dims).at(ctx)?))
 }
 
