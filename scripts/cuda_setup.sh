@@ -66,6 +66,44 @@ if [[ ! -x "$CUDA_ROOT_DIR/bin/nvcc" || ! -e "$DEST/.done" ]]; then
   log "installed: $("$CUDA_ROOT_DIR/bin/nvcc" --version | grep release)"
 fi
 
+# nvcc as candle-kernels' build calls it. candle-kernels also builds a static library of GGUF
+# quantized and MoE matmul kernels (llama.cpp's mmq/mmvq, 15 heavy files: hours of nvcc on two
+# cores). lqa never runs them (it dequantizes GGUF weights at load time), so by default this
+# wrapper compiles those files as stubs that abort if ever called, and passes every other call to
+# nvcc unchanged. LQA_CUDA_FULL_KERNELS=1 builds them for real.
+mkdir -p "$DEST/bin"
+cat > "$DEST/bin/nvcc-lqa" <<'WRAP'
+#!/usr/bin/env bash
+set -euo pipefail
+real="$(dirname "$0")/../site/nvidia/cu13/bin/nvcc"
+src="${*: -1}"
+case "$src" in
+  *mmq_gguf/*.cu|*moe/*.cu|*mmvq_gguf.cu) ;;
+  *) exec "$real" "$@" ;;
+esac
+out=""; prev=""
+for a in "$@"; do [[ "$prev" == "-o" ]] && out="$a"; prev="$a"; done
+stub="$(mktemp --suffix=.cu)"
+trap 'rm -f "$stub"' EXIT
+echo '#include <cstdio>' > "$stub"
+echo '#include <cstdlib>' >> "$stub"
+# every entry point candle declares (ffi.rs), defined once, in the stub of mmvq_gguf.cu
+if [[ "$src" == *mmvq_gguf.cu ]]; then
+  ffi="$(dirname "$src")/ffi.rs"
+  [[ -f "$ffi" ]] || ffi="src/ffi.rs"
+  for f in $(grep -oE 'pub fn [A-Za-z0-9_]+' "$ffi" | sed 's/pub fn //' | sort -u); do
+    echo "extern \"C\" int $f() { fprintf(stderr, \"candle-kernels: $f was built as a stub (scripts/cuda_setup.sh; LQA_CUDA_FULL_KERNELS=1 builds it)\\n\"); abort(); }" >> "$stub"
+  done
+fi
+exec "$real" -c -o "$out" -Xcompiler -fPIC "$stub"
+WRAP
+chmod +x "$DEST/bin/nvcc-lqa"
+if [[ "${LQA_CUDA_FULL_KERNELS:-0}" == 1 ]]; then
+  NVCC_LINE='unset NVCC'
+else
+  NVCC_LINE="export NVCC=\"$DEST/bin/nvcc-lqa\""
+fi
+
 cat <<EOF
 export CUDA_ROOT="$CUDA_ROOT_DIR"
 export CUDA_PATH="$CUDA_ROOT_DIR"
@@ -74,6 +112,7 @@ export PATH="$CUDA_ROOT_DIR/bin:$CUDA_ROOT_DIR/nvvm/bin:\$PATH"
 export LIBRARY_PATH="$CUDA_ROOT_DIR/lib:$CUDA_ROOT_DIR/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP=90
 export CARGO_TARGET_DIR="$ROOT/target-cuda"
+$NVCC_LINE
 EOF
 if [[ $ENV_ONLY == 0 ]]; then
   cat >&2 <<EOF
