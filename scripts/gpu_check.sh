@@ -23,6 +23,11 @@
 # LQA_HOME=/tmp/lqa-gpu/home, then scripts/gpu_torch_timing.py on the model it exports; output
 # in $OUT (lqa.json, torch.json, lqa.log, torch.log, summary.txt) when the tool sets OUT.
 # Exit status: 0 parity holds, 1 parity failed, 2 could not run, 3 pieces missing.
+#
+# A dry run without a GPU (after scripts/gpu_pack.sh, both payloads in place, the stub libcuda
+# of scripts/cuda_setup.sh standing in for the driver's, a Python with torch/transformers/peft):
+#   LQA_GPU_DRY=1 LD_LIBRARY_PATH=DIR_WITH_libcuda.so.1 PYTHON=... bash scripts/gpu_check.sh
+# runs lqa with --device cpu --generic and PyTorch on the CPU, one run each.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -65,8 +70,9 @@ export LQA_HOME=$W/home HF_HUB_OFFLINE=1
 
 # 3. the CUDA libraries the binary links (cuBLAS, cuRAND, NVRTC, cudart from CUDA 13; the
 #    driver's libcuda): the system toolkit's, PyTorch's wheels', the driver's folder
+PY="${PYTHON:-python3}"
 pylibs() {
-  python3 - <<'PY' 2>/dev/null || true
+  "$PY" - <<'PY' 2>/dev/null || true
 import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
 try:
@@ -89,17 +95,23 @@ for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 \
 done
 LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
-if ldd "$W/bin/gpu_check" | grep -q "not found"; then
-  say "libraries not found:"; ldd "$W/bin/gpu_check" | grep "not found"
+deps="$(ldd "$W/bin/gpu_check" 2>&1 || true)"
+if [[ "$deps" == *"not found"* ]]; then
+  say "libraries not found:"; grep "not found" <<< "$deps" || true
   say "searched: $LD_LIBRARY_PATH"; exit 2
 fi
-ldd "$W/bin/gpu_check" | grep -E "cuda|cublas|curand|nvrtc" | sed 's/^/    /' || true
+grep -E "cuda|cublas|curand|nvrtc" <<< "$deps" | sed 's/^/    /' || true
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/[gpu_check] GPU: /' || true
 
 # 4. lqa: parity against the CPU, timings, and the export for PyTorch
 say "lqa (parity on cuda against the CPU, then timings)"
 set +e
-timeout 330 "$W/bin/gpu_check" --device cuda --out "$OUTDIR/lqa.json" --export "$W/export" 2>&1 | tee "$OUTDIR/lqa.log"
+if [[ "${LQA_GPU_DRY:-0}" == 1 ]]; then
+  LQA_ARGS=(--device cpu --generic --runs 1); PT_ARGS=(--device cpu --runs 1 --warmup 0)
+else
+  LQA_ARGS=(--device cuda); PT_ARGS=()
+fi
+timeout 330 "$W/bin/gpu_check" "${LQA_ARGS[@]}" --out "$OUTDIR/lqa.json" --export "$W/export" 2>&1 | tee "$OUTDIR/lqa.log"
 lqa_rc=${PIPESTATUS[0]}
 set -e
 say "lqa exit status $lqa_rc"
@@ -109,7 +121,8 @@ torch_rc=2
 if [[ -f "$W/export/ids.json" && "${LQA_GPU_SKIP_TORCH:-0}" != 1 ]]; then
   say "PyTorch"
   set +e
-  PYTHONUNBUFFERED=1 timeout 240 python3 scripts/gpu_torch_timing.py --dir "$W/export" --out "$OUTDIR/torch.json" 2>&1 |
+  PYTHONUNBUFFERED=1 timeout 240 "$PY" scripts/gpu_torch_timing.py --dir "$W/export" "${PT_ARGS[@]}" \
+    --out "$OUTDIR/torch.json" 2>&1 |
     grep -v -E "^\s*$" | tee "$OUTDIR/torch.log"
   torch_rc=${PIPESTATUS[0]}
   set -e

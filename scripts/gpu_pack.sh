@@ -29,7 +29,8 @@ LQA_HOME_DIR="${LQA_HOME:-$HOME/.cache/lqa}"
 GGUF="$LQA_HOME_DIR/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [[ ! -f "$GGUF" || ! -f "$GGUF.sha256" ]]; then
   echo "fetching the default model ..." >&2
-  cargo run --release --quiet -- pull smollm2-135m-instruct >&2
+  # the CPU build (the CUDA one needs the driver's libcuda to start)
+  env -u CARGO_TARGET_DIR -u NVCC cargo run --release --quiet -- pull smollm2-135m-instruct >&2
 fi
 [[ -f "$GGUF" && -f "$GGUF.sha256" ]] || { echo "error: no $GGUF" >&2; exit 1; }
 
