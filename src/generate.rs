@@ -7,7 +7,7 @@ use crate::hooks::Hooks;
 use crate::model::{Input, KvCache, Logits, Model};
 use crate::rng::{Rng, SeedableRng, StdRng};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 #[derive(Clone, Debug)]
 pub struct GenOptions {
@@ -139,18 +139,27 @@ pub fn generate(
         }
         .logits
         .ok_or_else(|| Error::invalid("no logits"))?;
-        let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        // Greedy on a GPU: the argmax there, so that only the token ids come back, not
+        // [batch, vocab] logits each step.
+        let on_device = opts.temperature <= 0.0 && !logits.device().is_cpu();
+        let (rows, argmax): (Vec<Vec<f32>>, Vec<u32>) = if on_device {
+            (vec![], logits.argmax(D::Minus1)?.to_vec1()?)
+        } else {
+            (logits.to_dtype(DType::F32)?.to_vec2()?, vec![])
+        };
         let mut next = Vec::with_capacity(b);
-        for (r, row) in rows.iter().enumerate() {
+        for r in 0..b {
             let tok = if done[r] {
                 pad_id
+            } else if on_device {
+                argmax[r]
             } else {
                 let rng = if own.is_empty() {
                     &mut shared
                 } else {
                     &mut own[r]
                 };
-                pick(row, opts, rng)
+                pick(&rows[r], opts, rng)
             };
             if !done[r] {
                 out[r].push(tok);

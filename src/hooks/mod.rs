@@ -326,7 +326,8 @@ pub fn check_finite(what: &str, t: &Tensor) -> Result<()> {
 /// are rebuilt from slices with `cat`, never written in place.
 fn apply_patch(p: &Patch, x: &Tensor, ctx: &HookCtx) -> Result<Tensor> {
     let (b, s, d) = x.dims3()?;
-    let value = p.value.to_dtype(x.dtype())?;
+    // a value made elsewhere (a script's vector on the CPU) joins the model's device
+    let value = p.value.to_device(x.device())?.to_dtype(x.dtype())?;
     let vdims = value.dims().to_vec();
     let per_pos = match vdims.as_slice() {
         [vd] if *vd == d => false,

@@ -7,7 +7,7 @@
 //! third of a training step's work. f32 block projections on x86 CPUs are packed once for
 //! gemm's microkernels (`super::packed`), in inference and training alike.
 
-use super::ops::f32_slice;
+use super::ops::{cpu_kernels, f32_slice};
 use super::packed::{self, PackedWeight, Shared};
 use crate::rng::{fnv1a, splitmix, spread, FNV_OFFSET};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
@@ -70,6 +70,18 @@ impl Dropout {
         use rayon::prelude::*;
         let n = shape.elem_count();
         let base = splitmix(self.seed ^ splitmix(uid));
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there (its generator seeded the same way), rather than
+            // drawn here and copied over for every layer of every step: deterministic in (seed,
+            // uid) on that device, but not the CPU's masks.
+            let dev = x.device();
+            dev.set_seed(base)?;
+            let u = Tensor::rand(0f32, 1f32, shape, dev)?;
+            return u
+                .ge(p as f32)?
+                .to_dtype(x.dtype())?
+                .affine(1.0 / (1.0 - p), 0.0);
+        }
         let keep = 1.0 / (1.0 - p) as f32;
         let thresh = (p * 65536.0).round() as u64;
         let mut v = vec![0f32; n];
@@ -173,6 +185,34 @@ impl CustomOp1 for FrozenMatmul {
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 
+    /// On CUDA: candle's own matmul of the storages (cuBLAS), so that training on a GPU also
+    /// skips the frozen weights' gradients.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (m, k) = layout.shape().dims2()?;
+        // W^T [k, n] as a view
+        let wt = if self.transposed {
+            self.w.clone()
+        } else {
+            self.w.t()?
+        };
+        let (k2, n) = wt.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: x is [{m}, {k}] but W^T is [{k2}, {n}]");
+        }
+        let (ws, wl) = wt.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            candle_core::bail!("frozen-matmul: W must be on the GPU with x");
+        };
+        let out = storage.matmul(ws, (1, m, n, k), layout, wl)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let w = if self.transposed {
             self.w.t()?
@@ -186,7 +226,7 @@ impl CustomOp1 for FrozenMatmul {
 /// Store an HF-layout weight `[out, in]` for fast matmuls (see [`Stored`]).
 fn store(weight: &Tensor) -> Result<Stored> {
     match packed::kernel() {
-        Some(kernel) if weight.dtype() == DType::F32 && weight.device().is_cpu() => {
+        Some(kernel) if weight.dtype() == DType::F32 && cpu_kernels(weight.device()) => {
             let (n, k) = weight.dims2()?;
             let w = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
             Ok(Stored::Packed(PackedWeight::pack(&w, n, k, kernel)))
@@ -343,7 +383,21 @@ impl Linear {
                 if (x2.track_op() || matches!(self.w, Stored::Hf(_)))
                     && x2.dtype() == DType::F32
                     && w.dtype() == DType::F32
-                    && w.device().is_cpu() =>
+                    && cpu_kernels(w.device())
+                    && cpu_kernels(x2.device()) =>
+            {
+                x2.contiguous()?.apply_op1(FrozenMatmul {
+                    w: w.contiguous()?,
+                    transposed: matches!(self.w, Stored::Transposed(_)),
+                })?
+            }
+            // training on a GPU: the same frozen-weight backward
+            Stored::Hf(w) | Stored::Transposed(w)
+                if cfg!(feature = "cuda")
+                    && x2.track_op()
+                    && x2.device().is_cuda()
+                    && w.device().same_device(x2.device())
+                    && w.dtype() == x2.dtype() =>
             {
                 x2.contiguous()?.apply_op1(FrozenMatmul {
                     w: w.contiguous()?,

@@ -702,7 +702,8 @@ impl Model {
         };
         let rope = self.rope_tables(&input.pads, offset, s)?;
         // The fused attention derives its mask from the positions; other paths need tensors.
-        let fused = !input.differentiable && self.dtype == DType::F32 && self.device.is_cpu();
+        let fused =
+            !input.differentiable && self.dtype == DType::F32 && ops::cpu_kernels(&self.device);
         let (mask, mask_sliding) = if fused {
             (None, None)
         } else {

@@ -5,8 +5,26 @@
 
 use super::kernels;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static GENERIC_OPS: AtomicBool = AtomicBool::new(false);
+
+/// Whether lqa's own CPU kernels (fused ops, packed and frozen matmuls) may run on tensors of
+/// `device`: only on the CPU, and not while [`force_generic_ops`] is on. Everywhere else
+/// (CUDA, Metal) the model runs candle's ops, which have kernels on every device.
+pub fn cpu_kernels(device: &Device) -> bool {
+    device.is_cpu() && !GENERIC_OPS.load(Ordering::Relaxed)
+}
+
+/// Run the CPU as a GPU runs: candle's generic ops instead of lqa's CPU kernels, for models
+/// loaded and forwards run from now on (process-wide; for tests and the GPU check, which
+/// compare the two paths on a machine without a GPU).
+#[doc(hidden)]
+pub fn force_generic_ops(on: bool) {
+    GENERIC_OPS.store(on, Ordering::Relaxed);
+}
 
 /// The f32 slice of a contiguous CPU tensor's storage.
 pub(crate) fn f32_slice<'a>(
@@ -25,7 +43,7 @@ pub(crate) fn f32_slice<'a>(
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
-    if !differentiable && x.dtype() == DType::F32 && x.device().is_cpu() {
+    if !differentiable && x.dtype() == DType::F32 && cpu_kernels(x.device()) {
         return x
             .contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &RmsNorm(eps as f32));
@@ -94,7 +112,7 @@ pub fn split_heads(
 ) -> Result<Tensor> {
     let (b, s, hh) = x.dims3()?;
     let hd = hh / heads;
-    if !differentiable && x.dtype() == DType::F32 && x.device().is_cpu() {
+    if !differentiable && x.dtype() == DType::F32 && cpu_kernels(x.device()) {
         let x = x.contiguous()?;
         return match rope_cs {
             Some((cos, sin)) => x.apply_op3_no_bwd(
@@ -227,7 +245,7 @@ pub fn attention_probs(
     offset: usize,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let fused = !differentiable && scores.dtype() == DType::F32 && scores.device().is_cpu();
+    let fused = !differentiable && scores.dtype() == DType::F32 && cpu_kernels(scores.device());
     let (scores, scale) = match how.softcap {
         Some(c) => ((((scores * (how.scale / c))?.tanh())? * c)?, 1.0),
         None => (scores.clone(), how.scale),
@@ -336,7 +354,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     let fused = g.dtype() == DType::F32
         && u.dtype() == DType::F32
         && g.dims() == u.dims()
-        && g.device().is_cpu();
+        && cpu_kernels(g.device());
     if !fused {
         return g.silu()? * u;
     }
