@@ -123,7 +123,7 @@ if [[ -f "$W/export/ids.json" && "${LQA_GPU_SKIP_TORCH:-0}" != 1 ]]; then
   set +e
   PYTHONUNBUFFERED=1 timeout 240 "$PY" scripts/gpu_torch_timing.py --dir "$W/export" "${PT_ARGS[@]}" \
     --out "$OUTDIR/torch.json" 2>&1 |
-    grep -v -E "^\s*$" | tee "$OUTDIR/torch.log"
+    grep --line-buffered -v -E "^\s*$" | tee "$OUTDIR/torch.log"
   torch_rc=${PIPESTATUS[0]}
   set -e
   say "PyTorch exit status $torch_rc"
