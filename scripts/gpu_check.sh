@@ -107,7 +107,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 say "lqa (parity on cuda against the CPU, then timings)"
 set +e
 if [[ "${LQA_GPU_DRY:-0}" == 1 ]]; then
-  LQA_ARGS=(--device cpu --generic --skip-timing); PT_ARGS=(--device cpu --runs 1 --warmup 0)
+  LQA_ARGS=(--device cpu --generic --skip-timing); PT_ARGS=(--device cpu --runs 1 --warmup 0 --benches train,read,control)
 else
   LQA_ARGS=(--device cuda); PT_ARGS=()
 fi
