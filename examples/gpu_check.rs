@@ -687,7 +687,7 @@ fn run(args: Args) -> Result<()> {
                 });
                 let out = generate(
                     &decoder,
-                    &[prompt.clone()],
+                    std::slice::from_ref(&prompt),
                     dev.pad_id(),
                     &ropts,
                     Some(&mut hooks),
