@@ -550,6 +550,16 @@ fn run(args: Args) -> Result<()> {
     );
     let parity_s = t_start.elapsed().as_secs_f64();
 
+    // ---------------------------------------------------------------- export
+    // (before the timings, so that PyTorch runs even if one of them fails)
+    if let Some(dir) = &args.export {
+        export(&cpu, &prompts, &batch, &lqa_top5, dir)?;
+        println!(
+            "\nexported the model and ids for PyTorch to {}",
+            dir.display()
+        );
+    }
+
     // ---------------------------------------------------------------- timing
     let mut timings = Vec::new();
     if !args.skip_timing {
@@ -677,7 +687,7 @@ fn run(args: Args) -> Result<()> {
                 });
                 let out = generate(
                     &decoder,
-                    &[prompt.clone()],
+                    std::slice::from_ref(&prompt),
                     dev.pad_id(),
                     &ropts,
                     Some(&mut hooks),
@@ -693,15 +703,6 @@ fn run(args: Args) -> Result<()> {
             read_tokens as f64 / read_s
         );
         timings.push(json!({"bench": "read_generate", "median_s": read_s, "all_s": read_all, "new_tokens": read_tokens, "tokens_per_s": read_tokens as f64 / read_s}));
-    }
-
-    // ---------------------------------------------------------------- export
-    if let Some(dir) = &args.export {
-        export(&cpu, &prompts, &batch, &lqa_top5, dir)?;
-        println!(
-            "\nexported the model and ids for PyTorch to {}",
-            dir.display()
-        );
     }
 
     let total = t_start.elapsed().as_secs_f64();

@@ -27,7 +27,7 @@
 # A dry run without a GPU (after scripts/gpu_pack.sh, both payloads in place, the stub libcuda
 # of scripts/cuda_setup.sh standing in for the driver's, a Python with torch/transformers/peft):
 #   LQA_GPU_DRY=1 LD_LIBRARY_PATH=DIR_WITH_libcuda.so.1 PYTHON=... bash scripts/gpu_check.sh
-# runs lqa with --device cpu --generic and PyTorch on the CPU, one run each.
+# runs lqa with --device cpu --generic (parity only) and PyTorch on the CPU, one run each.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -107,7 +107,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 say "lqa (parity on cuda against the CPU, then timings)"
 set +e
 if [[ "${LQA_GPU_DRY:-0}" == 1 ]]; then
-  LQA_ARGS=(--device cpu --generic --runs 1); PT_ARGS=(--device cpu --runs 1 --warmup 0)
+  LQA_ARGS=(--device cpu --generic --skip-timing); PT_ARGS=(--device cpu --runs 1 --warmup 0 --benches train,read,control)
 else
   LQA_ARGS=(--device cuda); PT_ARGS=()
 fi
@@ -123,7 +123,7 @@ if [[ -f "$W/export/ids.json" && "${LQA_GPU_SKIP_TORCH:-0}" != 1 ]]; then
   set +e
   PYTHONUNBUFFERED=1 timeout 240 "$PY" scripts/gpu_torch_timing.py --dir "$W/export" "${PT_ARGS[@]}" \
     --out "$OUTDIR/torch.json" 2>&1 |
-    grep -v -E "^\s*$" | tee "$OUTDIR/torch.log"
+    grep --line-buffered -v -E "^\s*$" | tee "$OUTDIR/torch.log"
   torch_rc=${PIPESTATUS[0]}
   set -e
   say "PyTorch exit status $torch_rc"

@@ -188,6 +188,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--benches", default="decode,train,read,control",
+                    help="comma-separated groups to run (a dry run on a CPU skips decode)")
     args = ap.parse_args()
     global DEV
     DEV = args.device
@@ -219,6 +221,21 @@ def main():
     res["top5"], res["top5_equal_lqa"] = top5, match
     print(f"[torch] top-5 equal to lqa's on the device, per prompt: {match}", flush=True)
 
+    groups = set(args.benches.split(","))
+    if "decode" in groups:
+        bench_decode_rows(model, ids, args, T)
+    if "train" in groups or "read" in groups:
+        bench_train_read(model, ids, args, T, pad, rl, groups)
+    if "control" in groups:
+        bench_control(model, ids, args, T, pad, rl)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    for r in T:
+        print(f"[torch] {r['bench']}: {r['median_s']:.4f}s")
+
+
+def bench_decode_rows(model, ids, args, T):
     T += bench_prefill_decode(model, ids["prefill_ids"], "f32", args.warmup, args.runs)
     print(f"[torch] {T[-2]['bench']} {T[-2]['median_s']:.4f}s; {T[-1]['bench']} {T[-1]['median_s']:.4f}s", flush=True)
     m16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -226,6 +243,8 @@ def main():
     print(f"[torch] {T[-2]['bench']} {T[-2]['median_s']:.4f}s; {T[-1]['bench']} {T[-1]['median_s']:.4f}s", flush=True)
     del m16
 
+
+def bench_train_read(model, ids, args, T, pad, rl, groups):
     # LIT step
     decoder = peft_model(copy.deepcopy(model), LORA_TRAIN_MODULES, 0.05)
     decoder.train()
@@ -242,8 +261,9 @@ def main():
         losses.append(loss.detach())
 
     med, all_s = measure(lit_step, args.warmup, args.runs)
-    T.append({"bench": "train_step", "median_s": med, "all_s": all_s,
-              "losses": [float(x) for x in losses]})
+    if "train" in groups:
+        T.append({"bench": "train_step", "median_s": med, "all_s": all_s,
+                  "losses": [float(x) for x in losses]})
     print(f"[torch] train_step {med:.4f}s (losses {[round(float(x), 4) for x in losses]})", flush=True)
 
     # reading: target forward + 32 greedy tokens of the decoder with the patch
@@ -270,8 +290,9 @@ def main():
               "tokens_per_s": 32 / med})
     print(f"[torch] read_generate {med:.4f}s", flush=True)
     handle.remove()
-    del decoder, opt
 
+
+def bench_control(model, ids, args, T, pad, rl):
     # control steps
     for bs in (1, 4):
         target = peft_model(copy.deepcopy(model), LORA_STEER_MODULES, 0.1, layers=list(range(16)))
@@ -295,12 +316,6 @@ def main():
         print(f"[torch] control_step_b{bs} {med:.4f}s", flush=True)
         h.remove()
         del target, dec, opt
-
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    for r in T:
-        print(f"[torch] {r['bench']}: {r['median_s']:.4f}s")
 
 
 if __name__ == "__main__":
