@@ -143,3 +143,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The tiny random Llama of [`write_tiny_model`] in f64 (for gradient checks).
+pub fn load_tiny_f64(dir: &Path, seed: u64) -> lqa::model::Model {
+    write_tiny_model(dir, seed);
+    let cfg = lqa::config::ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let mut src =
+        lqa::model::weights::SafetensorsWeights::open(&[dir.join("model.safetensors")]).unwrap();
+    lqa::model::Model::load(cfg, &mut src, DType::F64, &Device::Cpu).unwrap()
+}
+
+/// Deterministic values in [-1, 1).
+pub fn lcg(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}
