@@ -66,7 +66,13 @@ fn bench() -> anyhow::Result<()> {
             samples: samples.len(),
             ..Default::default()
         };
-        let mut opt = ControlOptimizer::with_samples(&decoder, control.clone(), &samples, config)?;
+        let mut opt = ControlOptimizer::with_samples(
+            &decoder,
+            control.clone(),
+            &samples,
+            config,
+            Vec::new(),
+        )?;
         let rss_loaded = common::rss_mib("VmRSS:");
         common::reset_peak();
         opt.step()?;

@@ -509,7 +509,13 @@ fn run(args: Args) -> Result<()> {
             samples: samples.len(),
             ..Default::default()
         };
-        let mut opt = ControlOptimizer::with_samples(&decoder, control.clone(), &samples, config)?;
+        let mut opt = ControlOptimizer::with_samples(
+            &decoder,
+            control.clone(),
+            &samples,
+            config,
+            Vec::new(),
+        )?;
         opt.step()?;
         Ok(opt.step()?.loss)
     };
@@ -646,6 +652,7 @@ fn run(args: Args) -> Result<()> {
                 control.clone(),
                 &samples,
                 config,
+                Vec::new(),
             )?;
             let (s, all) = ctx.on(Side::Device, || {
                 time(1, runs, || {

@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor, Var};
 use common::chat_model::write_tiny_chat_model;
 use common::{lcg, load_tiny_f64};
 use lqa::control::data::{load_instructions, Control, Instruction};
+use lqa::control::fluency::EarlyStop;
 use lqa::control::kl::kl_to_reference;
 use lqa::control::measures::answer_perplexity;
 use lqa::control::{ControlConfig, ControlOptimizer};
@@ -683,4 +684,117 @@ fn perplexity_is_lower_for_the_models_own_greedy_answer() {
         answer_perplexity(lm, std::slice::from_ref(&ctx), std::slice::from_ref(&odd)).unwrap();
     assert!(p_own.is_finite() && p_own >= 1.0, "{p_own}");
     assert!(p_own < p_odd, "own greedy {p_own} vs odd text {p_odd}");
+}
+
+fn early_config(es: EarlyStop) -> ControlConfig {
+    ControlConfig {
+        early_stop: Some(es),
+        ..config(3e-3)
+    }
+}
+
+#[test]
+fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = decoder(tmp.path());
+    let chosen = lqa::control::data::samples(&instructions(), 2, 8, 42);
+    // 1. a check that always passes: the run goes to its end, checks every 2 steps, and trains
+    //    exactly as a run without the check
+    let pass = EarlyStop {
+        every: 2,
+        prompts: 2,
+        max_new_tokens: 6,
+        max_repeat_share: 1.0,
+        repeat_margin: 0.0,
+        min_distinct_share: 0.0,
+    };
+    let held_out = vec!["tell me a story".to_string(), "what is snow?".to_string()];
+    let mut a = ControlOptimizer::with_samples(
+        &d,
+        control(),
+        &chosen,
+        early_config(pass.clone()),
+        held_out,
+    )
+    .unwrap();
+    a.run(|_| Ok(true)).unwrap();
+    let mut b =
+        ControlOptimizer::with_samples(&d, control(), &chosen, config(3e-3), Vec::new()).unwrap();
+    b.run(|_| Ok(true)).unwrap();
+    assert_eq!(snapshot(&a), snapshot(&b));
+    let checked: Vec<usize> = a
+        .history()
+        .iter()
+        .filter(|s| s.fluency.is_some())
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(checked, [2, 4]);
+    assert!(a.stopped().is_none());
+
+    // 2. a check that fails: the same prompt twice gets the same greedy answer twice (distinct
+    //    share 0.5 < 1), so the first check stops the run and the fresh LoRA is kept
+    let fail = EarlyStop {
+        min_distinct_share: 1.0,
+        ..pass
+    };
+    let out = tmp.path().join("run");
+    let mut c = ControlOptimizer::with_samples(
+        &d,
+        control(),
+        &chosen,
+        early_config(fail.clone()),
+        vec!["say hi".into(); 2],
+    )
+    .unwrap()
+    .with_out_dir(&out)
+    .unwrap();
+    c.run(|_| Ok(true)).unwrap();
+    let s = c.stopped().expect("the check stopped the run").clone();
+    assert_eq!((s.at_step, s.kept_step), (2, 0));
+    assert_eq!(s.fluency.distinct_share, 0.5);
+    assert_eq!(c.step_count(), 2);
+    let kept = snapshot(&c);
+    let b_vars: Vec<_> = kept.iter().filter(|(n, _)| n.contains("lora_B")).collect();
+    assert!(!b_vars.is_empty());
+    for (n, v) in b_vars {
+        assert!(v.iter().all(|x| *x == 0.0), "{n} is not the fresh LoRA's");
+    }
+    assert_eq!(c.history().last().unwrap().stopped.as_ref(), Some(&s));
+
+    // 3. resumed from its checkpoint: still stopped, the same adapter, no further step
+    let mut r = ControlOptimizer::resume(&d, control(), early_config(fail), &out).unwrap();
+    assert!(r.is_done());
+    assert_eq!(r.stopped(), Some(&s));
+    assert_eq!(snapshot(&r), kept);
+    r.run(|_| Ok(true)).unwrap();
+    assert_eq!(r.step_count(), 2);
+
+    // 4. bad settings and no held-out instructions are errors
+    let err = ControlOptimizer::with_samples(
+        &d,
+        control(),
+        &chosen,
+        early_config(EarlyStop {
+            every: 0,
+            ..Default::default()
+        }),
+        vec!["say hi".into()],
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("every"), "{err}");
+    let all = lqa::control::data::samples(&instructions(), 2, 16, 42);
+    let err = ControlOptimizer::new(
+        &d,
+        control(),
+        &instructions(),
+        ControlConfig {
+            samples: 16,
+            ..early_config(EarlyStop::default())
+        },
+    )
+    .err()
+    .unwrap();
+    assert_eq!(all.len(), 16);
+    assert!(err.to_string().contains("held-out"), "{err}");
 }

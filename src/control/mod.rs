@@ -8,6 +8,7 @@
 //!   checkpoints that resume exactly, metrics, the loss curve, the steered adapter.
 
 pub mod data;
+pub mod fluency;
 pub mod kl;
 pub mod measures;
 
@@ -23,7 +24,7 @@ use crate::lora::{module_group_names, Adapter, LoraConfig};
 use crate::model::{Input, Logits, Model};
 use crate::rng::SplitMix64;
 use crate::train::optim::{AdamW, AdamWParams};
-use crate::train::plot::{smooth, Series};
+use crate::train::plot::{smooth, write_loss_curve, Series, PALETTE};
 use crate::train::run::{
     check_resume_config, every, run_steps, RunDir, StepRecord, Steps, STATE_FILE,
 };
@@ -31,6 +32,7 @@ use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use data::{Control, ControlSample, Instruction};
+use fluency::{EarlyStop, Fluency};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,10 @@ pub struct ControlConfig {
     /// near the unsteered model's. 0 turns it off (the paper).
     #[serde(default)]
     pub kl_weight: f64,
+    /// Early stopping on a held-out fluency check ([`fluency::EarlyStop`]); `None`: off (the
+    /// paper).
+    #[serde(default)]
+    pub early_stop: Option<EarlyStop>,
 }
 
 fn default_checkpoint_every() -> usize {
@@ -96,6 +102,7 @@ impl Default for ControlConfig {
             max_tokens: 1024,
             checkpoint_every: default_checkpoint_every(),
             kl_weight: 0.0,
+            early_stop: None,
         }
     }
 }
@@ -138,7 +145,27 @@ pub struct ControlStats {
     /// The KL regulariser's value (before its weight), when on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
+    /// The fluency check's score, on the steps that ran it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fluency: Option<Fluency>,
+    /// Set on the step whose fluency check failed: the run stops there and keeps the adapter
+    /// of the last step that passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<EarlyStopped>,
+    /// Seconds of the step, the fluency check included.
     pub seconds: f64,
+}
+
+/// Why and where a run stopped early.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopped {
+    /// The step whose check failed.
+    pub at_step: usize,
+    /// The step whose adapter the run keeps (the last that passed; 0: the unsteered model).
+    pub kept_step: usize,
+    pub fluency: Fluency,
+    /// The unsteered model's score on the same prompts.
+    pub unsteered: Fluency,
 }
 
 /// `state.json` of a control checkpoint: what a resumed run must rebuild exactly.
@@ -155,7 +182,19 @@ struct ControlState {
     config: ControlConfig,
     /// The samples as chosen (before the token limit), in order.
     samples: Vec<ControlSample>,
+    /// The held-out instructions of the fluency check.
+    #[serde(default)]
+    held_out: Vec<String>,
+    /// The step of the adapter kept in `fluent.safetensors` (the last that passed the check).
+    #[serde(default)]
+    fluent_step: Option<usize>,
+    /// Set when the run stopped early (it is then done).
+    #[serde(default)]
+    stopped: Option<EarlyStopped>,
 }
+
+/// The file of a checkpoint holding the LoRA of the last step that passed the fluency check.
+const FLUENT_FILE: &str = "fluent.safetensors";
 
 /// The checkpoint directory of a run writing to `out`.
 /// An optimizer's state file in a checkpoint: one for the whole adapter, or one per layer.
@@ -193,6 +232,23 @@ pub struct ControlOptimizer {
     history: Vec<ControlStats>,
     /// Where metrics, the plot and checkpoints go, when set.
     out: Option<RunDir>,
+    /// The held-out instructions of the fluency check (empty when it is off).
+    held_out: Vec<String>,
+    /// The unsteered model's fluency on `held_out` (measured at the first check).
+    unsteered: Option<Fluency>,
+    /// The step and LoRA variables of the last step that passed the check.
+    fluent: Option<(usize, Vec<(String, Tensor)>)>,
+    /// Set when the run stopped early.
+    stopped: Option<EarlyStopped>,
+}
+
+/// Copies of the LoRA's variables, by name.
+fn snapshot(adapter: &Adapter) -> Result<Vec<(String, Tensor)>> {
+    adapter
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().copy()?)))
+        .collect()
 }
 
 /// `blocks.{i}.` of a PEFT variable name, if it is in a block.
@@ -218,17 +274,44 @@ impl ControlOptimizer {
                 instructions.len()
             )));
         }
-        Self::with_samples(decoder, control, &chosen, config)
+        let held_out = match &config.early_stop {
+            Some(es) => {
+                let read: std::collections::HashSet<&str> = chosen
+                    .iter()
+                    .filter_map(|s| s.read.messages.first())
+                    .map(|m| m.content.as_str())
+                    .collect();
+                let held_out: Vec<String> = instructions
+                    .iter()
+                    .map(|i| i.instruction.clone())
+                    .filter(|i| !read.contains(i.as_str()))
+                    .take(es.prompts)
+                    .collect();
+                if held_out.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "early_stop needs held-out instructions, but the {} samples read all {} \
+                         instructions of the set: take fewer samples or a larger set",
+                        config.samples,
+                        instructions.len()
+                    )));
+                }
+                held_out
+            }
+            None => Vec::new(),
+        };
+        Self::build(decoder, control, chosen, config, None, held_out)
     }
 
-    /// [`ControlOptimizer::new`] with the samples given (in order).
+    /// [`ControlOptimizer::new`] with the samples given (in order); `held_out`: the
+    /// instructions of the fluency check (needed when `early_stop` is on).
     pub fn with_samples(
         decoder: &Decoder,
         control: Control,
         chosen: &[ControlSample],
         config: ControlConfig,
+        held_out: Vec<String>,
     ) -> Result<Self> {
-        Self::build(decoder, control, chosen.to_vec(), config, None)
+        Self::build(decoder, control, chosen.to_vec(), config, None, held_out)
     }
 
     /// Set up a run on `chosen`, with a fresh LoRA or the one saved in `adapter_dir`.
@@ -238,6 +321,7 @@ impl ControlOptimizer {
         chosen: Vec<ControlSample>,
         config: ControlConfig,
         adapter_dir: Option<&Path>,
+        held_out: Vec<String>,
     ) -> Result<Self> {
         let target = decoder.target.clone();
         let n_layers = target.model.n_layers();
@@ -256,6 +340,14 @@ impl ControlOptimizer {
                 "kl_weight with per_layer_loss is not supported: the per-layer variant steps \
                  one optimizer per layer from that layer's loss alone",
             ));
+        }
+        if let Some(es) = &config.early_stop {
+            es.validate()?;
+            if held_out.is_empty() {
+                return Err(Error::invalid(
+                    "early_stop is on but no held-out instructions were given",
+                ));
+            }
         }
         let LayerPlan {
             read: read_layer,
@@ -332,6 +424,11 @@ impl ControlOptimizer {
                 config.max_tokens
             )));
         }
+        let fluent = match (&config.early_stop, adapter_dir) {
+            // a fresh LoRA (B = 0) is the unsteered model: it passes by definition
+            (Some(_), None) => Some((0, snapshot(&adapter)?)),
+            _ => None,
+        };
         Ok(ControlOptimizer {
             decoder: Adapter::merged(&decoder.model)?, // a no-op for a loaded decoder
             config,
@@ -347,6 +444,10 @@ impl ControlOptimizer {
             step: 0,
             history: Vec::new(),
             out: None,
+            held_out,
+            unsteered: None,
+            fluent,
+            stopped: None,
         })
     }
 
@@ -428,6 +529,7 @@ impl ControlOptimizer {
             state.samples,
             config,
             Some(&ck.join("adapter")),
+            state.held_out,
         )?;
         if (opt.read_layers.0, opt.write_layer) != (state.read_layer, state.write_layer) {
             return Err(Error::bad_file(
@@ -442,6 +544,26 @@ impl ControlOptimizer {
             o.load(&ck.join(optimizer_file(*layer)))?;
         }
         opt.step = state.step;
+        opt.stopped = state.stopped;
+        if let Some(step) = state.fluent_step {
+            let f = ck.join(FLUENT_FILE);
+            let saved = candle_core::safetensors::load(&f, opt.steered.device())
+                .map_err(|e| Error::bad_file(&f, e.to_string()))?;
+            let mut vars = Vec::new();
+            for (name, v) in opt.adapter.named_vars() {
+                let t = saved.get(&name).ok_or_else(|| {
+                    Error::bad_file(&f, format!("no tensor `{name}` of the LoRA"))
+                })?;
+                if t.dims() != v.dims() {
+                    return Err(Error::bad_file(
+                        &f,
+                        format!("`{name}` is {:?}, the LoRA's is {:?}", t.dims(), v.dims()),
+                    ));
+                }
+                vars.push((name, t.to_dtype(v.dtype())?));
+            }
+            opt.fluent = Some((step, vars));
+        }
         opt.history = run.resume_metrics(state.step)?;
         opt.out = Some(run);
         tracing::info!(
@@ -478,6 +600,10 @@ impl ControlOptimizer {
             for (layer, opt) in &self.opts {
                 opt.save(&tmp.join(optimizer_file(*layer)))?;
             }
+            if let Some((_, vars)) = &self.fluent {
+                let map: std::collections::HashMap<String, Tensor> = vars.iter().cloned().collect();
+                candle_core::safetensors::save(&map, tmp.join(FLUENT_FILE))?;
+            }
             let state = ControlState {
                 step: self.step,
                 base_model: self.target.name.clone(),
@@ -488,6 +614,9 @@ impl ControlOptimizer {
                 write_layer: self.write_layer,
                 config: self.config.clone(),
                 samples: self.chosen.clone(),
+                held_out: self.held_out.clone(),
+                fluent_step: self.fluent.as_ref().map(|(s, _)| *s),
+                stopped: self.stopped.clone(),
             };
             atomic_write_json(&tmp.join(STATE_FILE), &state)
         })
@@ -500,8 +629,13 @@ impl ControlOptimizer {
     pub fn step_count(&self) -> usize {
         self.step
     }
+    /// The pass is over, or the fluency check stopped the run.
     pub fn is_done(&self) -> bool {
-        self.step >= self.total_steps()
+        self.stopped.is_some() || self.step >= self.total_steps()
+    }
+    /// Why and where the run stopped early, if it did.
+    pub fn stopped(&self) -> Option<&EarlyStopped> {
+        self.stopped.as_ref()
     }
     pub fn n_samples(&self) -> usize {
         self.samples.len()
@@ -605,12 +739,21 @@ impl ControlOptimizer {
             (loss, BTreeMap::new())
         };
         self.step += 1;
+        let (fluency, stopped) = match self.config.early_stop.clone() {
+            Some(es) if every(es.every, self.step) || self.step >= self.total_steps() => {
+                let (f, stopped) = self.fluency_check(&es)?;
+                (Some(f), stopped)
+            }
+            _ => (None, None),
+        };
         let stats = ControlStats {
             step: self.step,
             loss,
             layer_losses,
             read_layer,
             kl,
+            fluency,
+            stopped,
             seconds: t0.elapsed().as_secs_f64(),
         };
         self.record(&stats)?;
@@ -664,6 +807,65 @@ impl ControlOptimizer {
         Ok((mean, losses))
     }
 
+    /// The fluency check after a step: the steered model's greedy answers to the held-out
+    /// instructions. Passing keeps a copy of the LoRA; failing restores the last copy that
+    /// passed and stops the run.
+    fn fluency_check(&mut self, es: &EarlyStop) -> Result<(Fluency, Option<EarlyStopped>)> {
+        let unsteered = match &self.unsteered {
+            Some(f) => f.clone(),
+            None => {
+                let (f, _) = Fluency::measure(
+                    &self.target,
+                    &self.target.model,
+                    &self.held_out,
+                    es.max_new_tokens,
+                )?;
+                self.unsteered = Some(f.clone());
+                f
+            }
+        };
+        let (f, answers) = Fluency::measure(
+            &self.target,
+            &self.steered,
+            &self.held_out,
+            es.max_new_tokens,
+        )?;
+        if es.passes(&f, &unsteered) {
+            self.fluent = Some((self.step, snapshot(&self.adapter)?));
+            return Ok((f, None));
+        }
+        let (kept_step, vars) = self
+            .fluent
+            .clone()
+            .ok_or_else(|| Error::invalid("the fluency check has no adapter to go back to"))?;
+        let current = self.adapter.named_vars();
+        for (name, t) in &vars {
+            let (_, v) = current
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::invalid(format!("the LoRA has no variable `{name}`")))?;
+            v.set(t)?;
+        }
+        tracing::info!(
+            "control: the fluency check failed at step {} (repeated 4-grams {:.3}, limit {:.3}; \
+             distinct answers {:.2}, min {:.2}), e.g. {:?}; keeping the adapter of step {kept_step}",
+            self.step,
+            f.repeat_share,
+            es.repeat_limit(&unsteered),
+            f.distinct_share,
+            es.min_distinct_share,
+            answers.first().map(String::as_str).unwrap_or_default()
+        );
+        let stopped = EarlyStopped {
+            at_step: self.step,
+            kept_step,
+            fluency: f.clone(),
+            unsteered,
+        };
+        self.stopped = Some(stopped.clone());
+        Ok((f, Some(stopped)))
+    }
+
     fn record(&mut self, stats: &ControlStats) -> Result<()> {
         if let Some(run) = &self.out {
             run.append_metrics(stats)?;
@@ -672,7 +874,8 @@ impl ControlOptimizer {
         Ok(())
     }
 
-    /// Write the loss curve (SVG) into `dir`.
+    /// Write the loss curve (`loss.svg`) into `dir`, and with early stopping on, the fluency
+    /// checks' scores (`fluency.svg`).
     pub fn plot(&self, dir: &Path) -> Result<PathBuf> {
         let pts: Vec<(f64, f64)> = self
             .history
@@ -683,11 +886,36 @@ impl ControlOptimizer {
             Series::new("control loss", pts.clone(), "#9ecae1"),
             Series::new("smoothed", smooth(&pts, 10), "#3182bd"),
         ];
-        RunDir::new(dir).plot(
+        let loss = RunDir::new(dir).plot(
             &series,
             "control: decoder loss on the control's answers",
             "loss (nats / answer token)",
-        )
+        )?;
+        let checks: Vec<(f64, &Fluency)> = self
+            .history
+            .iter()
+            .filter_map(|s| Some((s.step as f64, s.fluency.as_ref()?)))
+            .collect();
+        if !checks.is_empty() {
+            let line = |name: &str, f: fn(&Fluency) -> f64, color| {
+                Series::new(
+                    name,
+                    checks.iter().map(|(x, c)| (*x, f(c))).collect(),
+                    color,
+                )
+            };
+            write_loss_curve(
+                &dir.join("fluency.svg"),
+                &[
+                    line("repeated 4-grams", |c| c.repeat_share, PALETTE[2]),
+                    line("distinct answers", |c| c.distinct_share, PALETTE[0]),
+                ],
+                "control: fluency on held-out instructions (early stopping)",
+                "step",
+                "share",
+            )?;
+        }
+        Ok(loss)
     }
 
     /// Run to the end of the pass; `on_step` may return `false` to stop early. With an output

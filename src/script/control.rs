@@ -7,7 +7,8 @@
 //! (`true`: continue the run checkpointed in `out_dir`, or start a new one when there is no
 //! checkpoint), and the fields of [`ControlConfig`] (`samples`, `batch_size`, `lr`,
 //! `lora_modules`, `r`, `lora_alpha`, `lora_dropout`, `layers_to_optimize`, `read_layer`,
-//! `write_layer`, `per_layer_loss`, `seed`, `max_tokens`, `checkpoint_every`).
+//! `write_layer`, `per_layer_loss`, `seed`, `max_tokens`, `checkpoint_every`, `kl_weight`,
+//! `early_stop`: a map of [`crate::control::fluency::EarlyStop`]'s fields, or `()` for off).
 
 use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
@@ -197,6 +198,9 @@ pub fn register(engine: &mut Engine) {
             );
             m.insert("control".into(), opt.control.prompt.clone().into());
             m.insert("qa_pairs".into(), (opt.control.qa.len() as i64).into());
+            if let Some(stopped) = opt.stopped() {
+                m.insert("stopped".into(), super::to_map(stopped).into());
+            }
             if let Some(d) = &c.out_dir {
                 m.insert("out_dir".into(), d.display().to_string().into());
             }
