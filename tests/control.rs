@@ -707,6 +707,7 @@ fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
         max_repeat_share: 1.0,
         repeat_margin: 0.0,
         min_distinct_share: 0.0,
+        max_perplexity_ratio: 1e9,
     };
     let held_out = vec!["tell me a story".to_string(), "what is snow?".to_string()];
     let mut a = ControlOptimizer::with_samples(

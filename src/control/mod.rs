@@ -847,9 +847,12 @@ impl ControlOptimizer {
             v.set(t)?;
         }
         tracing::info!(
-            "control: the fluency check failed at step {} (repeated 4-grams {:.3}, limit {:.3}; \
-             distinct answers {:.2}, min {:.2}), e.g. {:?}; keeping the adapter of step {kept_step}",
+            "control: the fluency check failed at step {} (perplexity {:.2}, limit {:.2}; \
+             repeated 4-grams {:.3}, limit {:.3}; distinct answers {:.2}, min {:.2}), e.g. {:?}; \
+             keeping the adapter of step {kept_step}",
             self.step,
+            f.perplexity,
+            es.max_perplexity_ratio * unsteered.perplexity,
             f.repeat_share,
             es.repeat_limit(&unsteered),
             f.distinct_share,
