@@ -1,0 +1,352 @@
+//! Quantized frozen weights: a linear layer's `W` `[out, in]` kept in a GGUF block type
+//! (Q4_0 ... Q8_0, Q2_K ... Q6_K) as a candle `QTensor`, never as an f32 copy.
+//!
+//! Forward `x @ W^T` is candle's quantized CPU matmul: like llama.cpp it quantizes each row of
+//! the activations to the weight type's dot-product type (8 bits: Q8_0 blocks of 32 for
+//! Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K blocks of 256 for the K types) and takes integer
+//! dot products. Backward gives only the input's gradient `dy @ W` (QLoRA: the frozen base
+//! gets none), dequantizing `W` a bounded block of rows at a time.
+
+use super::ops::f32_slice;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// How a model's linear weights are kept in memory (the `weights` load option).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// Everything dequantized to f32 (or the `dtype` option): today's default.
+    #[default]
+    F32,
+    /// bf16 weights: the same as the `dtype: "bf16"` option.
+    Bf16,
+    /// Each GGUF tensor of a block projection or the lm_head in its stored block type.
+    Native,
+    /// Quantize every linear weight to Q8_0 on load.
+    Q8_0,
+    /// Quantize every linear weight to Q4_K on load.
+    Q4K,
+}
+
+impl WeightFormat {
+    pub const NAMES: &'static str = "f32, bf16, native, q8_0 or q4_k";
+
+    /// Parse the option's value as users write it (`"native"`, `"q8_0"`, `"q4_k"`...).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => WeightFormat::F32,
+            "bf16" | "bfloat16" => WeightFormat::Bf16,
+            "native" => WeightFormat::Native,
+            "q8_0" | "q8" => WeightFormat::Q8_0,
+            "q4_k" | "q4k" => WeightFormat::Q4K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Native => "native",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4K => "q4_k",
+        }
+    }
+
+    /// The block type every linear weight is quantized to on load, if any.
+    pub fn quantize_to(self) -> Option<GgmlDType> {
+        match self {
+            WeightFormat::Q8_0 => Some(GgmlDType::Q8_0),
+            WeightFormat::Q4K => Some(GgmlDType::Q4K),
+            _ => None,
+        }
+    }
+
+    /// Are linear weights kept quantized (run by [`QuantWeight`])?
+    pub fn is_quantized(self) -> bool {
+        matches!(
+            self,
+            WeightFormat::Native | WeightFormat::Q8_0 | WeightFormat::Q4K
+        )
+    }
+}
+
+/// The block types a quantized weight may have (those common GGUF files use).
+pub fn supported(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(
+        t,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    )
+}
+
+/// The GGUF spelling of a block type (`Q4_K`), for messages and `info()`.
+pub fn type_name(t: GgmlDType) -> &'static str {
+    use GgmlDType::*;
+    match t {
+        F32 => "F32",
+        F16 => "F16",
+        BF16 => "BF16",
+        Q4_0 => "Q4_0",
+        Q4_1 => "Q4_1",
+        Q5_0 => "Q5_0",
+        Q5_1 => "Q5_1",
+        Q8_0 => "Q8_0",
+        Q8_1 => "Q8_1",
+        Q2K => "Q2_K",
+        Q3K => "Q3_K",
+        Q4K => "Q4_K",
+        Q5K => "Q5_K",
+        Q6K => "Q6_K",
+        Q8K => "Q8_K",
+    }
+}
+
+/// Rows of a weight dequantized at a time in the backward pass (a bounded f32 scratch:
+/// 256 rows of a 14336-wide weight is 14 MiB).
+const GRAD_ROWS: usize = 256;
+
+/// A frozen weight `[out, in]` (`[n, k]`) in a block type, on the CPU. Cloning shares it.
+#[derive(Clone)]
+pub struct QuantWeight {
+    q: Arc<QTensor>,
+    n: usize,
+    k: usize,
+}
+
+impl std::fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "QuantWeight[{}; {}, {}]",
+            type_name(self.dtype()),
+            self.n,
+            self.k
+        )
+    }
+}
+
+impl QuantWeight {
+    /// Keep a quantized tensor `[out, in]` (`name` is for errors).
+    pub fn new(q: QTensor, name: &str) -> Result<Self> {
+        let (n, k) = q.shape().dims2().map_err(|_| {
+            candle_core::Error::Msg(format!("tensor `{name}`: {:?} is not a matrix", q.shape()))
+        })?;
+        if !supported(q.dtype()) {
+            candle_core::bail!(
+                "tensor `{name}` is {}, which lqa cannot keep quantized (supported: Q4_0, Q4_1, \
+                 Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
+                type_name(q.dtype())
+            );
+        }
+        if !q.device().is_cpu() {
+            candle_core::bail!("tensor `{name}`: quantized weights live on the CPU");
+        }
+        Ok(QuantWeight {
+            q: Arc::new(q),
+            n,
+            k,
+        })
+    }
+
+    /// Quantize an f32 (or bf16/f16) weight `[out, in]` to `ty`; a row length that is not a
+    /// multiple of the type's block size is an error naming the tensor.
+    pub fn quantize(w: &Tensor, ty: GgmlDType, name: &str) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let bs = ty.block_size();
+        if k % bs != 0 {
+            candle_core::bail!(
+                "tensor `{name}` [{n}, {k}] cannot be quantized to {}: its rows ({k}) are not a \
+                 multiple of the block size {bs}",
+                type_name(ty)
+            );
+        }
+        let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        Self::new(QTensor::quantize(&w, ty)?, name)
+    }
+
+    /// Output features (rows of `W`).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Input features (columns of `W`).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn dtype(&self) -> GgmlDType {
+        self.q.dtype()
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+    pub fn qtensor(&self) -> &Arc<QTensor> {
+        &self.q
+    }
+
+    /// Bytes of one row (a whole number of blocks).
+    fn row_bytes(&self) -> usize {
+        self.k / self.dtype().block_size() * self.dtype().type_size()
+    }
+
+    /// A weight of `rows` rows from raw block bytes. The bytes are copied into block-aligned
+    /// storage by candle.
+    fn from_bytes(bytes: &[u8], ty: GgmlDType, rows: usize, k: usize) -> Result<QTensor> {
+        QTensor::new(
+            QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, ty)?,
+            (rows, k),
+        )
+    }
+
+    /// Rows `[at, at + rows)` (a fused projection's part): exact, whole rows of blocks.
+    pub fn rows(&self, at: usize, rows: usize) -> Result<Self> {
+        if at + rows > self.n {
+            candle_core::bail!("rows {at}..{} of a {self:?}", at + rows);
+        }
+        let rb = self.row_bytes();
+        let data = self.q.data()?;
+        let q = Self::from_bytes(&data[at * rb..(at + rows) * rb], self.dtype(), rows, self.k)?;
+        Ok(QuantWeight {
+            q: Arc::new(q),
+            n: rows,
+            k: self.k,
+        })
+    }
+
+    /// The weight with its rows reordered: row `i` of the result is row `from[i]` of this one
+    /// (exact: rows are moved as whole blocks).
+    pub fn permute_rows(&self, from: &[usize]) -> Result<Self> {
+        if from.len() != self.n || from.iter().any(|&r| r >= self.n) {
+            candle_core::bail!("a bad row permutation of a {self:?}");
+        }
+        let rb = self.row_bytes();
+        let data = self.q.data()?;
+        // u64 words so that the buffer is aligned for every block type
+        let mut words = vec![0u64; (self.n * rb).div_ceil(8)];
+        // SAFETY: `words` holds at least n * rb bytes, initialised, and u8 has no alignment.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, self.n * rb) };
+        for (i, &r) in from.iter().enumerate() {
+            out[i * rb..(i + 1) * rb].copy_from_slice(&data[r * rb..(r + 1) * rb]);
+        }
+        let q = Self::from_bytes(out, self.dtype(), self.n, self.k)?;
+        Ok(QuantWeight {
+            q: Arc::new(q),
+            n: self.n,
+            k: self.k,
+        })
+    }
+
+    /// The whole weight dequantized, `[n, k]` f32 (a copy; for callers that need it).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        self.q.dequantize(&Device::Cpu)
+    }
+
+    /// Rows `[r0, r1)` dequantized, row-major `[r1 - r0, k]`.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let rb = self.row_bytes();
+        let data = self.q.data()?;
+        let blocks = self
+            .dtype()
+            .from_data(Cow::Borrowed(&data[r0 * rb..r1 * rb]));
+        match blocks.dequantize((r1 - r0) * self.k)? {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("dequantize gave no f32"),
+        }
+    }
+
+    /// `x @ W^T` for `x` `[m, k]` f32 on the CPU; differentiable in `x` only.
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() {
+            candle_core::bail!(
+                "quantized weights take f32 activations on the CPU, got {:?} on {:?}",
+                x.dtype(),
+                x.device()
+            );
+        }
+        x.contiguous()?.apply_op1(QuantMatmul(self.clone()))
+    }
+}
+
+/// `x @ W^T` with a quantized frozen `W`; backward gives the gradient of `x` only.
+struct QuantMatmul(QuantWeight);
+
+impl CustomOp1 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        "quant-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.0.k {
+            candle_core::bail!("quant-matmul: x is [{m}, {k}] but W is {:?}", self.0);
+        }
+        // candle's quantized matmul: activations quantized per row to the vec-dot type
+        CustomOp1::cpu_fwd(self.0.q.as_ref(), storage, layout)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            grad_res
+                .contiguous()?
+                .apply_op1_no_bwd(&QuantMatmulGrad(self.0.clone()))?,
+        ))
+    }
+}
+
+/// `dy @ W` with a quantized `W`: the input gradient of [`QuantMatmul`], in f32, `W`
+/// dequantized [`GRAD_ROWS`] rows at a time and accumulated.
+struct QuantMatmulGrad(QuantWeight);
+
+impl CustomOp1 for QuantMatmulGrad {
+    fn name(&self) -> &'static str {
+        "quant-matmul-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = layout.shape().dims2()?;
+        let w = &self.0;
+        if n != w.n {
+            candle_core::bail!("quant-matmul-grad: dy is [{m}, {n}] but W is {w:?}");
+        }
+        let k = w.k;
+        // [m, n]
+        let dy = f32_slice(storage, layout, "quant-matmul-grad")?;
+        // [m, k]
+        let mut dx = vec![0f32; m * k];
+        let mut r0 = 0;
+        while r0 < n {
+            let r1 = (r0 + GRAD_ROWS).min(n);
+            // [r1 - r0, k]
+            let wc = w.dequantize_rows(r0, r1)?;
+            // SAFETY: dy is [m, n] row-major (columns r0..r1 read), wc is [r1 - r0, k]
+            // row-major, dx is [m, k] row-major; dx = 1 * dx + 1 * dy[:, r0..r1] @ wc.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    k,
+                    r1 - r0,
+                    dx.as_mut_ptr(),
+                    1,
+                    k as isize,
+                    r0 > 0,
+                    dy.as_ptr().add(r0),
+                    1,
+                    n as isize,
+                    wc.as_ptr(),
+                    1,
+                    k as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(crate::threads::num_threads()),
+                );
+            }
+            r0 = r1;
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((m, k))))
+    }
+}
