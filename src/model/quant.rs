@@ -103,6 +103,18 @@ pub fn type_name(t: GgmlDType) -> &'static str {
     }
 }
 
+/// Activation rows from which the forward keeps activations in f32: `W` is dequantized a
+/// block of [`FWD_ROWS`] rows at a time (in parallel) into an f32 matmul, the same arithmetic
+/// as the f32 path up to summation order. Below it (decode: one row per sequence) candle's
+/// integer kernel runs, activations rounded to 8 bits, reading `W` once and nothing more. With
+/// two rows or more a dequantized block is reused across the rows and the matmul is
+/// compute-bound, which is where llama.cpp too hands batches to f32 BLAS.
+pub const EXACT_MIN_ROWS: usize = 2;
+
+/// Rows of a weight dequantized per task in the f32-activation forward (64 rows of a
+/// 14336-wide weight is 3.5 MiB per thread).
+const FWD_ROWS: usize = 64;
+
 /// Rows of a weight dequantized at a time in the backward pass (a bounded f32 scratch:
 /// 256 rows of a 14336-wide weight is 14 MiB).
 const GRAD_ROWS: usize = 256;
@@ -256,6 +268,80 @@ impl QuantWeight {
         }
     }
 
+    /// `x @ W^T` for a few rows `x` `[m, k]` by candle's integer kernel, activations in two
+    /// 8-bit terms: `x^ = q8(x)` and `r^ = q8(x - x^)` (the vec-dot type's blocks), run as
+    /// `2m` rows of one matmul (the kernel reads each weight block once for the row tile) and
+    /// summed. The activation rounding error drops from `max|x| / 254` per block to
+    /// `max|x - x^| / 254 <= max|x| / 254^2`. Returns `[m, n]`.
+    pub fn matmul_t_split(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        use candle_core::quantized::k_quants::*;
+        use GgmlDType as D;
+        let data = self.q.data()?;
+        let (n, k) = (self.n, self.k);
+        match self.dtype() {
+            D::Q4_0 => split_matmul::<BlockQ4_0>(&data, x, m, k, n),
+            D::Q4_1 => split_matmul::<BlockQ4_1>(&data, x, m, k, n),
+            D::Q5_0 => split_matmul::<BlockQ5_0>(&data, x, m, k, n),
+            D::Q5_1 => split_matmul::<BlockQ5_1>(&data, x, m, k, n),
+            D::Q8_0 => split_matmul::<BlockQ8_0>(&data, x, m, k, n),
+            D::Q2K => split_matmul::<BlockQ2K>(&data, x, m, k, n),
+            D::Q3K => split_matmul::<BlockQ3K>(&data, x, m, k, n),
+            D::Q4K => split_matmul::<BlockQ4K>(&data, x, m, k, n),
+            D::Q5K => split_matmul::<BlockQ5K>(&data, x, m, k, n),
+            D::Q6K => split_matmul::<BlockQ6K>(&data, x, m, k, n),
+            other => candle_core::bail!("quant-matmul: {} is not kept quantized", type_name(other)),
+        }
+    }
+
+    /// `x @ W^T` for `x` `[m, k]` (row-major) with f32 activations: blocks of [`FWD_ROWS`]
+    /// rows of `W` dequantized in parallel, each into its own f32 matmul. Returns `[m, n]`.
+    pub fn matmul_t_f32(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k {
+            candle_core::bail!("quant-matmul: x has {} values, not [{m}, {k}]", x.len());
+        }
+        // [m, n]
+        let mut y = vec![0f32; m * n];
+        let out = super::packed::Shared(y.as_mut_ptr());
+        let tasks = n.div_ceil(FWD_ROWS);
+        crate::threads::install(|| {
+            (0..tasks).into_par_iter().try_for_each(|t| -> Result<()> {
+                let (r0, r1) = (t * FWD_ROWS, ((t + 1) * FWD_ROWS).min(n));
+                // [r1 - r0, k]
+                let wc = self.dequantize_rows(r0, r1)?;
+                // SAFETY: x is [m, k] row-major, wc^T [k, r1 - r0] is read through wc's
+                // [r1 - r0, k] row-major layout, y is [m, n] row-major and this task writes
+                // only its columns r0..r1.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        r1 - r0,
+                        k,
+                        out.at(r0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        wc.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                Ok(())
+            })
+        })?;
+        Ok(y)
+    }
+
     /// `x @ W^T` for `x` `[m, k]` f32 on the CPU; differentiable in `x` only.
     pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         if x.dtype() != DType::F32 || !x.device().is_cpu() {
@@ -282,8 +368,13 @@ impl CustomOp1 for QuantMatmul {
         if k != self.0.k {
             candle_core::bail!("quant-matmul: x is [{m}, {k}] but W is {:?}", self.0);
         }
-        // candle's quantized matmul: activations quantized per row to the vec-dot type
-        CustomOp1::cpu_fwd(self.0.q.as_ref(), storage, layout)
+        let x = f32_slice(storage, layout, "quant-matmul")?;
+        let y = if m < EXACT_MIN_ROWS {
+            self.0.matmul_t_split(x, m)?
+        } else {
+            self.0.matmul_t_f32(x, m)?
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, self.0.n))))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -349,4 +440,55 @@ impl CustomOp1 for QuantMatmulGrad {
         }
         Ok((CpuStorage::F32(dx), Shape::from((m, k))))
     }
+}
+
+/// [`QuantWeight::matmul_t_split`] for the block type `T` of `w` (the weight's raw blocks).
+fn split_matmul<T: candle_core::quantized::k_quants::GgmlType>(
+    w: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Vec<f32>> {
+    use candle_core::quantized::k_quants::GgmlType;
+    let size = std::mem::size_of::<T>();
+    if w.len() != n * (k / T::BLCK_SIZE) * size
+        || w.as_ptr() as usize % std::mem::align_of::<T>() != 0
+    {
+        candle_core::bail!(
+            "quant-matmul: the weight's blocks are not [{n}, {k}] of {:?}",
+            T::DTYPE
+        );
+    }
+    // SAFETY: `w` is the QTensor's storage, a `Vec<T>` of n * k / BLCK_SIZE blocks (length and
+    // alignment checked above); the block types are plain integers and halfs.
+    let w: &[T] = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const T, w.len() / size) };
+    type V<T> = <T as GgmlType>::VecDotType;
+    let kb = k / V::<T>::BLCK_SIZE;
+    // [2m, k]: the rows of x, then their residuals after the kernel's own 8-bit rounding
+    let mut lhs = vec![0f32; 2 * m * k];
+    lhs[..m * k].copy_from_slice(x);
+    let mut blocks = vec![V::<T>::zeros(); kb];
+    let mut deq = vec![0f32; k];
+    for i in 0..m {
+        let xi = &x[i * k..(i + 1) * k];
+        V::<T>::from_float(xi, &mut blocks);
+        V::<T>::to_float(&blocks, &mut deq);
+        for ((r, a), b) in lhs[(m + i) * k..(m + i + 1) * k]
+            .iter_mut()
+            .zip(xi)
+            .zip(&deq)
+        {
+            *r = a - b;
+        }
+    }
+    // [2m, n]
+    let mut dst = vec![0f32; 2 * m * n];
+    candle_core::quantized::k_quants::matmul((2 * m, k, n), &lhs, w, &mut dst)?;
+    let (hi, lo) = dst.split_at_mut(m * n);
+    for (a, b) in hi.iter_mut().zip(lo.iter()) {
+        *a += b;
+    }
+    dst.truncate(m * n);
+    Ok(dst)
 }
