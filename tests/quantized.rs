@@ -2,14 +2,16 @@
 //! dequantize-then-multiply for every block type, gradients through a quantized base with a
 //! LoRA, and the default model's parity with its f32 path.
 //!
-//! Tolerances come from the kernel's arithmetic: candle's quantized matmul (like llama.cpp)
-//! quantizes each activation row to 8 bits (Q8_0/Q8_1 blocks of 32, or Q8_K blocks of 256)
-//! before integer dot products with the weight's blocks. The weight itself is used exactly as
-//! `dequantize` gives it, so `y_q - y_f32 = sum_i w_i (x^_i - x_i)` plus the f16 rounding of the
-//! activation block scale (and Q8_1's block sum). With `a_b = max |x|` over the activation
-//! block, `|x^_i - x_i| <= a_b / 254 + a_b 2^-11`, hence per output
-//! `|err_j| <= sum_b a_b (sum_{i in b} |w_ji| (1/254 + 2^-10) + 32 2^-11 max_{i in b} |w_ji|)`
-//! (the last term bounds Q8_1's f16 block sum against the block minimum), plus f32 rounding.
+//! Tolerances come from the kernel's arithmetic (`lqa::model::quant`). From two activation
+//! rows on, `W` is dequantized block by block into an f32 matmul: the same products as the f32
+//! path, summed in another order, so `|err| <= k eps sum_i |w_i x_i|`. A single row (decode)
+//! runs candle's integer kernel on two 8-bit terms, `x^ = q8(x)` and `r^ = q8(x - x^)`, in the
+//! weight type's dot-product blocks (Q8_0/Q8_1 of 32, Q8_K of 256). The weight is used exactly
+//! as `dequantize` gives it, so the error is `sum_i w_i (x^_i + r^_i - x_i)` plus rounding: with
+//! `a_b = max |x|` over an activation block, `|x - x^| <= a_b (1/254 + 2^-11)` (half a step,
+//! and the f16 block scale), hence `|r^ - r| <= a_b (1/254 + 2^-11)^2`. Q8_1 (Q4_1, Q5_1) also
+//! carries the block sum `s` in f16, which meets the weight block's minimum `m` (`|m| <=
+//! max |w|`): `32 a_b 2^-11 max_b |w|` more per block.
 
 mod real;
 
@@ -18,7 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use lqa::generate::{generate, GenOptions};
 use lqa::lm::{LanguageModel, LoadOptions};
 use lqa::model::linear::{Linear, LoraWeights};
-use lqa::model::quant::{QuantWeight, WeightFormat};
+use lqa::model::quant::{QuantWeight, WeightFormat, EXACT_MIN_ROWS};
 use lqa::model::{Input, Logits};
 use std::sync::{Arc, OnceLock};
 
@@ -47,22 +49,32 @@ const TYPES: [GgmlDType; 10] = [
     GgmlDType::Q6K,
 ];
 
-/// The bound of the header for one output: `x` `[k]`, `w` a row `[k]`. Activation blocks are
-/// taken as 256 wide (an upper bound for the 32-wide ones too: a larger block's max is larger,
-/// and candle's repacked x86 kernels quantize to Q8_K).
-fn bound(x: &[f32], w: &[f32]) -> f32 {
+/// The bound of the header for one output of an `m`-row product: `x` `[k]`, `w` a row `[k]`.
+/// Activation blocks are taken as 256 wide (an upper bound for 32-wide ones too: a larger
+/// block's max is larger).
+fn bound(x: &[f32], w: &[f32], ty: GgmlDType, m: usize) -> f32 {
+    let k = x.len() as f32;
+    let mag: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
+    // f32 sums in a different order (twice over for the two terms)
+    let rounding = 2.0 * k * f32::EPSILON * mag + 1e-6;
+    if m >= EXACT_MIN_ROWS {
+        return rounding;
+    }
+    let step = 1.0 / 254.0 + 1.0 / 2048.0;
+    let q8_1 = matches!(ty, GgmlDType::Q4_1 | GgmlDType::Q5_1);
     let mut b = 0f32;
     for (xb, wb) in x.chunks(256).zip(w.chunks(256)) {
         let a = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         for w32 in wb.chunks(32) {
             let sum: f32 = w32.iter().map(|v| v.abs()).sum();
-            let max = w32.iter().fold(0f32, |m, v| m.max(v.abs()));
-            b += a * (sum * (1.0 / 254.0 + 1.0 / 1024.0) + 32.0 / 2048.0 * max);
+            b += a * step * step * sum;
+            if q8_1 {
+                let max = w32.iter().fold(0f32, |m, v| m.max(v.abs()));
+                b += a * 32.0 / 2048.0 * max;
+            }
         }
     }
-    // f32 rounding of the scaled integer sums
-    let mag: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
-    b + 1e-5 * mag + 1e-6
+    b + rounding
 }
 
 /// (a) `Linear` over a quantized weight against `x @ dequant(W)^T` in f32, for every type, at
@@ -71,7 +83,7 @@ fn bound(x: &[f32], w: &[f32]) -> f32 {
 fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
     let k = 512;
     for (ti, &ty) in TYPES.iter().enumerate() {
-        let mut worst = 0f32;
+        let mut worst = [0f32; 2];
         for &n in &[1usize, 3, 6, 13, 33] {
             let w = Tensor::from_vec(lcg(n * k, 7 + ti as u64), (n, k), &Device::Cpu).unwrap();
             let w = (w * 0.5).unwrap();
@@ -99,19 +111,23 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
                 for i in 0..m {
                     for j in 0..n {
                         let e = (got[i * n + j] - want[i * n + j]).abs();
-                        let b = bound(&xv[i * k..(i + 1) * k], &wdv[j * k..(j + 1) * k]);
+                        let b = bound(&xv[i * k..(i + 1) * k], &wdv[j * k..(j + 1) * k], ty, m);
                         assert!(
                             e <= b,
                             "{ty:?} m={m} n={n} [{i},{j}]: {} vs {} (error {e}, bound {b})",
                             got[i * n + j],
                             want[i * n + j]
                         );
-                        worst = worst.max(e / b);
+                        let path = usize::from(m >= EXACT_MIN_ROWS);
+                        worst[path] = worst[path].max(e / b);
                     }
                 }
             }
         }
-        println!("{ty:?}: largest error / bound = {worst:.3}");
+        println!(
+            "{ty:?}: largest error / bound: one row (two 8-bit terms) {:.3}, f32 path {:.3}",
+            worst[0], worst[1]
+        );
     }
 }
 
@@ -288,11 +304,13 @@ fn top(v: &[f32], n: usize) -> Vec<usize> {
     idx
 }
 
-/// The stated logit tolerance of the native path against f32: every one of the model's 211
-/// matmuls sees its input rounded to 8 bits (relative error up to ~2^-8 of each block's max,
-/// ~2^-10 RMS); through 30 residual blocks these add up to a few hundredths of the logits' scale
-/// (their std is ~3). 0.5 absolute leaves room over what was measured (see the printout).
-const NATIVE_LOGIT_TOL: f32 = 0.5;
+/// The stated logit tolerance of the native path against f32. The prompt's rows run the f32
+/// path (same products, another summation order: ~1e-6 relative per matmul), and the last
+/// position's lm_head (one row, the Q8_0 table) the two-term 8-bit kernel: per logit at most
+/// `sum_b a_b (1/254 + 2^-11)^2 sum_b |w|` (header), with this model's final normed state
+/// (`a_b` up to ~30) and table rows (`sum |w|` ~30 over 576) about 0.015 worst case, the
+/// rounding errors being independent, ~1e-3 in practice (measured: see the printout).
+const NATIVE_LOGIT_TOL: f32 = 0.015;
 
 /// (c) The default model with its Q4_1 blocks and Q8_0 embedding/lm_head as stored: the same
 /// top-5 as the f32 path on the reference prompts, logits within [`NATIVE_LOGIT_TOL`].
@@ -364,7 +382,16 @@ fn native_greedy_continuation_matches_the_f32_path() {
     }
 }
 
-/// (d) `q8_0` quantize-on-load of the f32 model: the same top-1 on the reference prompts.
+/// The stated logit tolerance of `q8_0` quantize-on-load against f32: requantizing the
+/// file's Q4_1 values to Q8_0 moves each weight by up to `max|w| / 254` of its block (the
+/// activations are near exact, see the header), ~0.2 % per matmul, which through 30 blocks
+/// moves the logits by ~0.5-0.9 (measured, see the printout).
+const Q8_0_LOGIT_TOL: f32 = 1.2;
+
+/// (d) `q8_0` quantize-on-load of the f32 model: the same top-1 on the reference prompts whose
+/// f32 top1-top2 margin is over the tolerance (`raw_text` 2.48, `chat` 2.12). The `code` prompt's margin is 0.038, far
+/// below what any 8-bit requantization of the weights moves the logits by: there the test
+/// asks the top-1 to be one of f32's top 2, and prints which.
 #[test]
 fn q8_0_on_load_keeps_the_top1() {
     let f = real::model();
@@ -382,8 +409,18 @@ fn q8_0_on_load_keeps_the_top1() {
             .iter()
             .zip(&lq)
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        println!("{name}: q8_0 max |logit diff| = {d:.4}");
-        assert_eq!(top(&lq, 1), top(&lf, 1), "{name}");
+        let (tf, tq) = (top(&lf, 2), top(&lq, 1));
+        let margin = lf[tf[0]] - lf[tf[1]];
+        println!(
+            "{name}: q8_0 max |logit diff| = {d:.4}; top1 f32 {} (margin {margin:.4}) q8_0 {}",
+            tf[0], tq[0]
+        );
+        assert!(d <= Q8_0_LOGIT_TOL, "{name}: {d}");
+        if margin > Q8_0_LOGIT_TOL {
+            assert_eq!(tq[0], tf[0], "{name}");
+        } else {
+            assert!(tf.contains(&tq[0]), "{name}: {tq:?} not in {tf:?}");
+        }
     }
 }
 
@@ -447,70 +484,4 @@ fn native_weights_dequantize_to_the_f32_paths() {
             .unwrap();
         assert!(d == 0.0, "{name}: {d}");
     }
-}
-
-#[test]
-fn diag_layers() {
-    use lqa::hooks::{HookPoint, Hooks};
-    let f = real::model();
-    let q = &native().model;
-    let case = &real::reference()["next_token_logits"][0];
-    let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
-    let run = |m: &lqa::model::Model| {
-        let mut hooks = Hooks::new();
-        for l in 0..30 {
-            hooks = hooks.capture(HookPoint::resid_post(l));
-        }
-        let input = Input::left_padded(std::slice::from_ref(&ids), 2, &Device::Cpu)
-            .unwrap()
-            .with_logits(Logits::None);
-        m.forward(&input, None, Some(&mut hooks)).unwrap();
-        hooks.captured
-    };
-    let (cf, cq) = (run(f), run(q));
-    for l in 0..30 {
-        let a = &cf[&HookPoint::resid_post(l)];
-        let b = &cq[&HookPoint::resid_post(l)];
-        let d = (a - b)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let n = a
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let mx = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        println!("layer {l}: rel diff {:.4e}, |a|max {mx}", d / n);
-    }
-    let lf = last_logits(f, &ids);
-    let t = top(&lf, 8);
-    println!(
-        "f32 top8 {:?} logits {:?}",
-        t,
-        t.iter().map(|&i| lf[i]).collect::<Vec<_>>()
-    );
-    let lq = last_logits(q, &ids);
-    let t = top(&lq, 8);
-    println!(
-        "nat top8 {:?} logits {:?}",
-        t,
-        t.iter().map(|&i| lq[i]).collect::<Vec<_>>()
-    );
 }

@@ -167,7 +167,7 @@ impl QuantWeight {
     pub fn quantize(w: &Tensor, ty: GgmlDType, name: &str) -> Result<Self> {
         let (n, k) = w.dims2()?;
         let bs = ty.block_size();
-        if k % bs != 0 {
+        if !k.is_multiple_of(bs) {
             candle_core::bail!(
                 "tensor `{name}` [{n}, {k}] cannot be quantized to {}: its rows ({k}) are not a \
                  multiple of the block size {bs}",
@@ -453,7 +453,7 @@ fn split_matmul<T: candle_core::quantized::k_quants::GgmlType>(
     use candle_core::quantized::k_quants::GgmlType;
     let size = std::mem::size_of::<T>();
     if w.len() != n * (k / T::BLCK_SIZE) * size
-        || w.as_ptr() as usize % std::mem::align_of::<T>() != 0
+        || !(w.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         candle_core::bail!(
             "quant-matmul: the weight's blocks are not [{n}, {k}] of {:?}",
