@@ -434,10 +434,8 @@ fn q4_k_on_an_odd_row_length_names_the_tensor() {
         .expect("576-wide rows cannot be Q4_K")
         .to_string();
     println!("{err}");
-    assert!(
-        err.contains("model.layers.0.self_attn.q_proj.weight"),
-        "{err}"
-    );
+    // the embedding table is the first weight loaded (and quantized, like the lm_head it is)
+    assert!(err.contains("model.embed_tokens.weight"), "{err}");
     assert!(err.contains("256") && err.contains("Q4_K"), "{err}");
     // and the kernel-level message
     let w = Tensor::zeros((4, 100), DType::F32, &Device::Cpu).unwrap();
@@ -471,9 +469,15 @@ fn bad_weight_options_are_errors() {
 fn native_weights_dequantize_to_the_f32_paths() {
     let f = real::model();
     let q = &native().model;
-    for name in f.linear_names() {
-        let a = f.linear(&name).unwrap().weight().unwrap();
-        let b = q.linear(&name).unwrap().weight().unwrap();
+    let mut names: Vec<String> = f
+        .linear_names()
+        .into_iter()
+        .map(|n| format!("{n}.weight"))
+        .collect();
+    names.push("model.embed_tokens.weight".into());
+    for name in names {
+        let a = f.weight(&name).unwrap();
+        let b = q.weight(&name).unwrap();
         let d = (a - b)
             .unwrap()
             .abs()
@@ -484,4 +488,50 @@ fn native_weights_dequantize_to_the_f32_paths() {
             .unwrap();
         assert!(d == 0.0, "{name}: {d}");
     }
+}
+
+/// A GGUF tensor in a type lqa does not keep quantized (Q8_1: a dot-product type, no file
+/// should hold it) is an error naming the tensor and the type under `native` (under `f32` too:
+/// candle cannot read Q8_1 from a file at all).
+#[test]
+fn native_names_an_unsupported_tensor_type() {
+    use candle_core::quantized::gguf_file;
+    let src = real::gguf_path();
+    let mut r = std::io::BufReader::new(std::fs::File::open(&src).unwrap());
+    let content = gguf_file::Content::read(&mut r).unwrap();
+    let bad = "blk.3.ffn_up.weight";
+    let mut tensors = Vec::new();
+    for name in content.tensor_infos.keys() {
+        let mut q = content.tensor(&mut r, name, &Device::Cpu).unwrap();
+        if name == bad {
+            q = QTensor::quantize(&q.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_1).unwrap();
+        }
+        tensors.push((name.clone(), q));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("odd.gguf");
+    let md: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &md, &ts).unwrap();
+    drop(f);
+    let name = path.to_str().unwrap();
+    let native = LoadOptions::default()
+        .with_weights("native", false)
+        .unwrap();
+    let err = LanguageModel::load(name, &native)
+        .err()
+        .expect("Q8_1")
+        .to_string();
+    println!("{err}");
+    assert!(err.contains(bad) && err.contains("Q8_1"), "{err}");
+    let err = LanguageModel::load(name, &LoadOptions::default())
+        .err()
+        .expect("Q8_1 under f32")
+        .to_string();
+    assert!(err.contains(bad), "{err}");
 }

@@ -155,12 +155,20 @@ struct Block {
     post_mlp_norm: Option<Tensor>,
 }
 
+/// The embedding table `[vocab, d]`: a float tensor, or blocks of a GGUF type whose rows are
+/// dequantized as they are looked up (no f32 copy of the table).
+#[derive(Clone)]
+enum EmbedTable {
+    Dense(Tensor),
+    Quant(quant::QuantWeight),
+}
+
 /// The hookable transformer: one model for every family, the family's differences being
 /// options of [`ModelConfig`].
 #[derive(Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    embed: EmbedTable,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -321,13 +329,30 @@ impl Model {
             cfg.head_dim,
         );
         let ff = cfg.intermediate_size;
-        let embed = require(
-            src,
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, d],
-            dtype,
-            device,
-        )?;
+        let vd = [cfg.vocab_size, d];
+        let embed = if weights.is_quantized() {
+            // kept in its block type (or quantized to the asked one); rows are dequantized as
+            // they are looked up
+            match require_linear(
+                src,
+                "model.embed_tokens.weight",
+                &vd,
+                weights,
+                dtype,
+                device,
+            )? {
+                LinearWeight::Quant(q) => EmbedTable::Quant(q),
+                LinearWeight::Dense(t) => EmbedTable::Dense(t),
+            }
+        } else {
+            EmbedTable::Dense(require(
+                src,
+                "model.embed_tokens.weight",
+                &vd,
+                dtype,
+                device,
+            )?)
+        };
         // Gemma's (1 + w) norms: fold the 1 in, unless the file already did (GGUF).
         let fold = cfg.norm_unit_offset && !src.norms_include_unit_offset();
         let norm = |src: &mut dyn WeightSource, name: &str, n: usize| -> Result<Tensor> {
@@ -474,22 +499,19 @@ impl Model {
             });
         }
         let final_norm = norm(src, "model.norm.weight", d)?;
-        let lm_head = if weights.is_quantized() {
-            // the lm_head in a block type: its own tensor, or the tied embedding table's
-            let vd = [cfg.vocab_size, d];
-            let w = match optional_linear(src, "lm_head.weight", &vd, fmt, dtype, device)? {
-                Some(w) => w,
-                None => require_linear(src, "model.embed_tokens.weight", &vd, fmt, dtype, device)?,
-            };
-            match w {
-                LinearWeight::Quant(q) => Linear::new_quant(q, None),
-                LinearWeight::Dense(w) => Linear::new(w, None),
-            }
+        let own_head = if weights.is_quantized() {
+            optional_linear(src, "lm_head.weight", &vd, fmt, dtype, device)?
         } else {
-            match optional(src, "lm_head.weight", &[cfg.vocab_size, d], dtype, device)? {
-                Some(w) => Linear::new(w, None),
-                None => Linear::new(embed.clone(), None),
-            }
+            optional(src, "lm_head.weight", &vd, dtype, device)?.map(LinearWeight::Dense)
+        };
+        // its own tensor, or the embedding table (shared, in whatever form it is kept)
+        let lm_head = match own_head {
+            Some(LinearWeight::Quant(q)) => Linear::new_quant(q, None),
+            Some(LinearWeight::Dense(w)) => Linear::new(w, None),
+            None => match &embed {
+                EmbedTable::Quant(q) => Linear::new_quant(q.clone(), None),
+                EmbedTable::Dense(t) => Linear::new(t.clone(), None),
+            },
         }
         .with_uid(&LinearId::LmHead.hf_name());
         // llama.cpp's Llama-3.1 frequency divisors live in a tensor.
@@ -540,8 +562,11 @@ impl Model {
             if let Some(l) = self.linear_at(id) {
                 let (k, b) = l.storage_kind();
                 let shared = id == LinearId::LmHead
-                    && l.quant().is_none()
-                    && l.weight().is_ok_and(|w| w.id() == self.embed.id());
+                    && match (&self.embed, l.quant()) {
+                        (EmbedTable::Quant(e), Some(q)) => e.same(q),
+                        (EmbedTable::Dense(e), None) => l.weight().is_ok_and(|w| w.id() == e.id()),
+                        _ => false,
+                    };
                 if !shared {
                     add(k, b);
                 }
@@ -551,7 +576,10 @@ impl Model {
                 }
             }
         }
-        let (k, b) = dense(&self.embed);
+        let (k, b) = match &self.embed {
+            EmbedTable::Dense(t) => dense(t),
+            EmbedTable::Quant(q) => (quant::type_name(q.dtype()).to_string(), q.bytes()),
+        };
         add(k, b);
         let mut norms = vec![&self.final_norm];
         for bl in &self.blocks {
@@ -637,7 +665,12 @@ impl Model {
     /// Named weights in HF layout (`model.layers.0.self_attn.q_proj.weight`...), for checksums.
     pub fn weight(&self, name: &str) -> Option<Tensor> {
         match name {
-            "model.embed_tokens.weight" => return Some(self.embed.clone()),
+            "model.embed_tokens.weight" => {
+                return match &self.embed {
+                    EmbedTable::Dense(t) => Some(t.clone()),
+                    EmbedTable::Quant(q) => q.dequantize().ok(),
+                }
+            }
             "model.norm.weight" => return Some(self.final_norm.clone()),
             _ => {}
         }
@@ -736,10 +769,12 @@ impl Model {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let x = self
-            .embed
-            .index_select(&flat, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let x = match &self.embed {
+            EmbedTable::Dense(t) => t.index_select(&flat, 0)?,
+            // [b * s, d] f32, rows dequantized as gathered (an id out of range is an error)
+            EmbedTable::Quant(q) => q.qtensor().embedding(&flat)?,
+        }
+        .reshape((b, s, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {
             // transformers rounds the scale to the model's dtype first
             Some(c) => {

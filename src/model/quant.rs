@@ -193,6 +193,10 @@ impl QuantWeight {
     pub fn bytes(&self) -> usize {
         self.q.storage_size_in_bytes()
     }
+    /// Do the two share their blocks (a tied embedding and lm_head)?
+    pub fn same(&self, other: &QuantWeight) -> bool {
+        Arc::ptr_eq(&self.q, &other.q)
+    }
     pub fn qtensor(&self) -> &Arc<QTensor> {
         &self.q
     }
