@@ -147,7 +147,7 @@ impl LanguageModel {
     }
 
     pub fn from_source(name: &str, src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        crate::budget::check_model_fits(src, opts.dtype)?;
+        crate::budget::check_model_fits(src, opts.dtype, opts.weights)?;
         match src {
             ModelSource::Gguf(path) => {
                 let mut w = GgufWeights::open(path)?;
