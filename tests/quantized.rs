@@ -680,3 +680,30 @@ fn lora_training_step_on_native_weights_matches_f32() {
     }
     println!("largest gradient difference / scale over all LoRA tensors: {worst:.2e}");
 }
+
+/// Row blocks of a quantized weight (a fused projection's parts) and llama.cpp's q/k row
+/// permutation undone on whole rows of blocks are exact: they equal the same operations on the
+/// dequantized weight.
+#[test]
+fn quant_rows_and_permutation_are_exact() {
+    let (heads, hd, k) = (3, 8, 64);
+    let n = heads * hd;
+    let w = Tensor::from_vec(lcg(n * k, 21), (n, k), &Device::Cpu).unwrap();
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let q = QuantWeight::quantize(&w, ty, "w").unwrap();
+        let d = q.dequantize().unwrap();
+        let part = q.rows(5, 11).unwrap().dequantize().unwrap();
+        let want = d.narrow(0, 5, 11).unwrap();
+        let diff = (part - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{ty:?} rows");
+        let from = lqa::model::weights::unpermute_index(n, heads);
+        let p = q.permute_rows(&from).unwrap().dequantize().unwrap();
+        let want = lqa::model::weights::unpermute_rows(&d, heads).unwrap();
+        let diff = (p - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{ty:?} permutation");
+    }
+    assert!(QuantWeight::quantize(&w, GgmlDType::Q8_0, "w")
+        .unwrap()
+        .rows(20, 5)
+        .is_err());
+}

@@ -1,11 +1,12 @@
 //! Quantized frozen weights: a linear layer's `W` `[out, in]` kept in a GGUF block type
 //! (Q4_0 ... Q8_0, Q2_K ... Q6_K) as a candle `QTensor`, never as an f32 copy.
 //!
-//! Forward `x @ W^T` is candle's quantized CPU matmul: like llama.cpp it quantizes each row of
-//! the activations to the weight type's dot-product type (8 bits: Q8_0 blocks of 32 for
-//! Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K blocks of 256 for the K types) and takes integer
-//! dot products. Backward gives only the input's gradient `dy @ W` (QLoRA: the frozen base
-//! gets none), dequantizing `W` a bounded block of rows at a time.
+//! Forward `x @ W^T` with f32 activations, two ways by the number of rows (see
+//! [`EXACT_MIN_ROWS`]): from two rows on, `W` is dequantized a block of rows at a time into an f32
+//! matmul (the f32 path's products); one row (decoding) runs candle's integer kernel, which
+//! quantizes activations to 8 bits like llama.cpp, on the row split into two 8-bit terms so that
+//! the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
+//! the frozen base gets none), dequantizing `W` a bounded block of rows at a time.
 
 use super::ops::f32_slice;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
