@@ -4,8 +4,8 @@
 //!
 //! Tolerances come from the kernel's arithmetic (`lqa::model::quant`). From two activation
 //! rows on, `W` is dequantized block by block into an f32 matmul: the same products as the f32
-//! path, summed in another order, so `|err| <= k eps sum_i |w_i x_i|`. A single row (decode)
-//! runs candle's integer kernel on two 8-bit terms, `x^ = q8(x)` and `r^ = q8(x - x^)`, in the
+//! path, summed in another order, so `|err| <= k eps sum_i |w_i x_i|`. A single row (decode) of
+//! Q4_0, Q8_0 or a K type runs candle's integer kernel on two 8-bit terms, `x^ = q8(x)` and `r^ = q8(x - x^)`, in the
 //! weight type's dot-product blocks (Q8_0/Q8_1 of 32, Q8_K of 256). The weight is used exactly
 //! as `dequantize` gives it, so the error is `sum_i w_i (x^_i + r^_i - x_i)` plus rounding: with
 //! `a_b = max |x|` over an activation block, `|x - x^| <= a_b (1/254 + 2^-11)` (half a step,
@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use lqa::generate::{generate, GenOptions};
 use lqa::lm::{LanguageModel, LoadOptions};
 use lqa::model::linear::{Linear, LoraWeights};
-use lqa::model::quant::{QuantWeight, WeightFormat, EXACT_MIN_ROWS};
+use lqa::model::quant::{QuantWeight, WeightFormat};
 use lqa::model::{Input, Logits};
 use std::sync::{Arc, OnceLock};
 
@@ -52,12 +52,12 @@ const TYPES: [GgmlDType; 10] = [
 /// The bound of the header for one output of an `m`-row product: `x` `[k]`, `w` a row `[k]`.
 /// Activation blocks are taken as 256 wide (an upper bound for 32-wide ones too: a larger
 /// block's max is larger).
-fn bound(x: &[f32], w: &[f32], ty: GgmlDType, m: usize) -> f32 {
+fn bound(x: &[f32], w: &[f32], ty: GgmlDType, split: bool) -> f32 {
     let k = x.len() as f32;
     let mag: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
     // f32 sums in a different order (twice over for the two terms)
     let rounding = 2.0 * k * f32::EPSILON * mag + 1e-6;
-    if m >= EXACT_MIN_ROWS {
+    if !split {
         return rounding;
     }
     let step = 1.0 / 254.0 + 1.0 / 2048.0;
@@ -77,30 +77,25 @@ fn bound(x: &[f32], w: &[f32], ty: GgmlDType, m: usize) -> f32 {
     b + rounding
 }
 
-/// (a) `Linear` over a quantized weight against `x @ dequant(W)^T` in f32, for every type, at
-/// several row counts m and output sizes n that leave 1-3 columns after the kernel's quads.
+/// (a) Both forward paths (the two-term 8-bit kernel and the f32 one) and `Linear` (which
+/// picks one by rows and type) against `x @ dequant(W)^T` in f32, for every type, at several
+/// row counts m and output sizes n that leave 1-3 columns after the kernel's quads.
 #[test]
 fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
     let k = 512;
     for (ti, &ty) in TYPES.iter().enumerate() {
-        let mut worst = [0f32; 2];
+        // largest error / bound: two-term kernel, f32 path, Linear
+        let mut worst = [0f32; 3];
         for &n in &[1usize, 3, 6, 13, 33] {
             let w = Tensor::from_vec(lcg(n * k, 7 + ti as u64), (n, k), &Device::Cpu).unwrap();
             let w = (w * 0.5).unwrap();
             let q = QuantWeight::new(QTensor::quantize(&w, ty).unwrap(), "w").unwrap();
             let wd = q.dequantize().unwrap(); // [n, k]
             let wdv: Vec<f32> = wd.flatten_all().unwrap().to_vec1().unwrap();
-            let lin = Linear::new_quant(q, None);
+            let lin = Linear::new_quant(q.clone(), None);
             for &m in &[1usize, 2, 3, 5, 17] {
                 let xv = lcg(m * k, 100 + m as u64);
                 let x = Tensor::from_vec(xv.clone(), (m, k), &Device::Cpu).unwrap();
-                let got: Vec<f32> = lin
-                    .forward(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
                 let want: Vec<f32> = x
                     .matmul(&wd.t().unwrap())
                     .unwrap()
@@ -108,25 +103,40 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                for i in 0..m {
-                    for j in 0..n {
-                        let e = (got[i * n + j] - want[i * n + j]).abs();
-                        let b = bound(&xv[i * k..(i + 1) * k], &wdv[j * k..(j + 1) * k], ty, m);
-                        assert!(
-                            e <= b,
-                            "{ty:?} m={m} n={n} [{i},{j}]: {} vs {} (error {e}, bound {b})",
-                            got[i * n + j],
-                            want[i * n + j]
-                        );
-                        let path = usize::from(m >= EXACT_MIN_ROWS);
-                        worst[path] = worst[path].max(e / b);
+                let lin_y: Vec<f32> = lin
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let paths = [
+                    ("two-term", q.matmul_t_split(&xv, m).unwrap(), true),
+                    ("f32", q.matmul_t_f32(&xv, m).unwrap(), false),
+                    ("Linear", lin_y, true),
+                ];
+                for (p, (what, got, split)) in paths.iter().enumerate() {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let e = (got[i * n + j] - want[i * n + j]).abs();
+                            let xi = &xv[i * k..(i + 1) * k];
+                            let b = bound(xi, &wdv[j * k..(j + 1) * k], ty, *split);
+                            assert!(
+                                e <= b,
+                                "{ty:?} {what} m={m} n={n} [{i},{j}]: {} vs {} (error {e}, \
+                                 bound {b})",
+                                got[i * n + j],
+                                want[i * n + j]
+                            );
+                            worst[p] = worst[p].max(e / b);
+                        }
                     }
                 }
             }
         }
         println!(
-            "{ty:?}: largest error / bound: one row (two 8-bit terms) {:.3}, f32 path {:.3}",
-            worst[0], worst[1]
+            "{ty:?}: largest error / bound: two-term 8-bit {:.3}, f32 path {:.3}, Linear {:.3}",
+            worst[0], worst[1], worst[2]
         );
     }
 }
@@ -706,4 +716,30 @@ fn quant_rows_and_permutation_are_exact() {
         .unwrap()
         .rows(20, 5)
         .is_err());
+}
+
+/// Not a check: the two forward paths' times per row count, to place `quant::EXACT_MIN_ROWS` and `quant::simd_dot`
+/// (`cargo test --test quantized quant_path_timing -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn quant_path_timing() {
+    for (ty, n, k) in [(GgmlDType::Q4_1, 1536, 576), (GgmlDType::Q8_0, 49152, 576)] {
+        let w = Tensor::from_vec(lcg(n * k, 1), (n, k), &Device::Cpu).unwrap();
+        let q = QuantWeight::quantize(&w, ty, "w").unwrap();
+        for m in [1usize, 2, 4, 8, 16] {
+            let x = lcg(m * k, 2);
+            let time = |f: &dyn Fn() -> Vec<f32>| {
+                f();
+                let t = std::time::Instant::now();
+                let reps = 20;
+                for _ in 0..reps {
+                    std::hint::black_box(f());
+                }
+                t.elapsed().as_secs_f64() / reps as f64 * 1e3
+            };
+            let split = time(&|| q.matmul_t_split(&x, m).unwrap());
+            let f32p = time(&|| q.matmul_t_f32(&x, m).unwrap());
+            println!("{ty:?} [{n}, {k}] m={m}: two-term int8 {split:.3} ms, f32 {f32p:.3} ms");
+        }
+    }
 }

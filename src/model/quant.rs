@@ -3,9 +3,9 @@
 //!
 //! Forward `x @ W^T` with f32 activations, two ways by the number of rows (see
 //! [`EXACT_MIN_ROWS`]): from two rows on, `W` is dequantized a block of rows at a time into an f32
-//! matmul (the f32 path's products); one row (decoding) runs candle's integer kernel, which
-//! quantizes activations to 8 bits like llama.cpp, on the row split into two 8-bit terms so that
-//! the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
+//! matmul (the f32 path's products); one row (decoding) runs candle's integer kernel where it is
+//! vectorised (Q4_0, Q8_0, the K types), which quantizes activations to 8 bits like llama.cpp,
+//! on the row split into two 8-bit terms so that the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
 //! the frozen base gets none), dequantizing `W` a bounded block of rows at a time.
 
 use super::ops::f32_slice;
@@ -107,10 +107,20 @@ pub fn type_name(t: GgmlDType) -> &'static str {
 /// Activation rows from which the forward keeps activations in f32: `W` is dequantized a
 /// block of [`FWD_ROWS`] rows at a time (in parallel) into an f32 matmul, the same arithmetic
 /// as the f32 path up to summation order. Below it (decode: one row per sequence) candle's
-/// integer kernel runs, activations rounded to 8 bits, reading `W` once and nothing more. With
-/// two rows or more a dequantized block is reused across the rows and the matmul is
-/// compute-bound, which is where llama.cpp too hands batches to f32 BLAS.
+/// integer kernel runs where it is vectorised ([`simd_dot`]), on two 8-bit terms of the row,
+/// reading `W` once and nothing more. With two rows or more a dequantized block is reused
+/// across the rows and the matmul is compute-bound, which is where llama.cpp too hands batches
+/// to f32 BLAS.
 pub const EXACT_MIN_ROWS: usize = 2;
+
+/// Does candle vectorise this type's integer dot product (x86 AVX2, aarch64 NEON)? Q4_1, Q5_0
+/// and Q5_1 run a scalar loop there, slower than dequantizing into an f32 matrix-vector product
+/// (measured on a [1536, 576] Q4_1 weight, one row: 6.2 ms against 0.8 ms, 2 cores), so one row
+/// of those takes the f32 path too.
+pub fn simd_dot(t: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(t, Q4_0 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K)
+}
 
 /// Rows of a weight dequantized per task in the f32-activation forward (64 rows of a
 /// 14336-wide weight is 3.5 MiB per thread).
@@ -374,7 +384,7 @@ impl CustomOp1 for QuantMatmul {
             candle_core::bail!("quant-matmul: x is [{m}, {k}] but W is {:?}", self.0);
         }
         let x = f32_slice(storage, layout, "quant-matmul")?;
-        let y = if m < EXACT_MIN_ROWS {
+        let y = if m < EXACT_MIN_ROWS && simd_dot(self.0.dtype()) {
             self.0.matmul_t_split(x, m)?
         } else {
             self.0.matmul_t_f32(x, m)?
