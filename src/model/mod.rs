@@ -27,6 +27,7 @@ pub mod linear;
 pub mod names;
 pub mod ops;
 pub mod packed;
+pub mod qgemv;
 pub mod quant;
 pub mod weights;
 

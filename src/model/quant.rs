@@ -3,9 +3,10 @@
 //!
 //! Forward `x @ W^T` with f32 activations, two ways by the number of rows (see
 //! [`EXACT_MIN_ROWS`]): from two rows on, `W` is dequantized a block of rows at a time into an f32
-//! matmul (the f32 path's products); one row (decoding) runs candle's integer kernel where it is
-//! vectorised (Q4_0, Q8_0, the K types), which quantizes activations to 8 bits like llama.cpp,
-//! on the row split into two 8-bit terms so that the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
+//! matmul (the f32 path's products); one row (decoding) reads `W` once in its blocks: lqa's
+//! f32-activation kernel (`super::qgemv`) for Q4_0/Q4_1/Q8_0 on AVX2, else candle's integer
+//! kernel where it is vectorised (the K types), which quantizes activations to 8 bits like
+//! llama.cpp, on the row split into two 8-bit terms so that the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
 //! the frozen base gets none), dequantizing `W` a bounded block of rows at a time.
 
 use super::ops::f32_slice;
@@ -104,11 +105,12 @@ pub fn type_name(t: GgmlDType) -> &'static str {
     }
 }
 
-/// Activation rows from which the forward keeps activations in f32: `W` is dequantized a
-/// block of [`FWD_ROWS`] rows at a time (in parallel) into an f32 matmul, the same arithmetic
-/// as the f32 path up to summation order. Below it (decode: one row per sequence) candle's
-/// integer kernel runs where it is vectorised ([`simd_dot`]), on two 8-bit terms of the row,
-/// reading `W` once and nothing more. With two rows or more a dequantized block is reused
+/// Activation rows from which `W` is dequantized a block of [`FWD_ROWS`] rows at a time (in
+/// parallel) into an f32 matmul, the same arithmetic as the f32 path up to summation order.
+/// Below it (decode: one row per sequence) `W` is read once, in its blocks: by lqa's
+/// f32-activation matrix-vector kernel (`super::qgemv`: Q4_0, Q4_1, Q8_0 on AVX2), else by
+/// candle's integer kernel where it is vectorised ([`simd_dot`]), on two 8-bit terms of the
+/// row. With two rows or more a dequantized block is reused
 /// across the rows and the matmul is compute-bound, which is where llama.cpp too hands batches
 /// to f32 BLAS.
 pub const EXACT_MIN_ROWS: usize = 2;
@@ -283,6 +285,22 @@ impl QuantWeight {
         }
     }
 
+    /// `x @ W^T` for a few rows `x` `[m, k]`, each row a matrix-vector product straight from
+    /// the blocks with f32 activations (`super::qgemv`; Q4_0, Q4_1, Q8_0 on AVX2). Returns
+    /// `[m, n]`.
+    pub fn matmul_t_gemv(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k {
+            candle_core::bail!("quant-matmul: x has {} values, not [{m}, {k}]", x.len());
+        }
+        let data = self.q.data()?;
+        let mut y = vec![0f32; m * n];
+        for (xi, yi) in x.chunks(k).zip(y.chunks_mut(n)) {
+            super::qgemv::gemv(self.dtype(), &data, xi, yi, k)?;
+        }
+        Ok(y)
+    }
+
     /// `x @ W^T` for a few rows `x` `[m, k]` by candle's integer kernel, activations in two
     /// 8-bit terms: `x^ = q8(x)` and `r^ = q8(x - x^)` (the vec-dot type's blocks), run as
     /// `2m` rows of one matmul (the kernel reads each weight block once for the row tile) and
@@ -384,7 +402,10 @@ impl CustomOp1 for QuantMatmul {
             candle_core::bail!("quant-matmul: x is [{m}, {k}] but W is {:?}", self.0);
         }
         let x = f32_slice(storage, layout, "quant-matmul")?;
-        let y = if m < EXACT_MIN_ROWS && simd_dot(self.0.dtype()) {
+        let ty = self.0.dtype();
+        let y = if m < EXACT_MIN_ROWS && super::qgemv::supported(ty) {
+            self.0.matmul_t_gemv(x, m)?
+        } else if m < EXACT_MIN_ROWS && simd_dot(ty) {
             self.0.matmul_t_split(x, m)?
         } else {
             self.0.matmul_t_f32(x, m)?
