@@ -78,6 +78,25 @@ pub fn gemv(t: GgmlDType, w: &[u8], x: &[f32], y: &mut [f32], k: usize) -> candl
     Ok(())
 }
 
+/// Dequantize whole blocks `w` of type `t` into `out` (one f32 per element), exactly as
+/// candle's `dequantize` does, with AVX2. The caller checks [`supported`].
+pub fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) -> candle_core::Result<()> {
+    let bsize = t.type_size();
+    if !supported(t) || !w.len().is_multiple_of(bsize) || out.len() != w.len() / bsize * QK {
+        candle_core::bail!(
+            "qgemv dequantize: {t:?}, {} bytes into {}",
+            w.len(),
+            out.len()
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `supported` checked AVX2 and FMA; `out` has 32 values per block of `w`.
+    unsafe {
+        avx2::dequantize(t, w, out);
+    }
+    Ok(())
+}
+
 /// The little-endian f16 at byte `at`.
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
@@ -85,7 +104,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, QK};
+    use super::{f16_at, GgmlDType, QK};
     use std::arch::x86_64::*;
 
     /// Sum of the 8 lanes.
@@ -95,6 +114,54 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
+    }
+
+    /// Blocks of Q4_0, Q4_1 or Q8_0 to f32, as candle's `to_float` (the same roundings).
+    ///
+    /// # Safety
+    /// AVX2 is available; `out` has 32 values per block of `w`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) {
+        let bsize = t.type_size();
+        let mask = _mm_set1_epi8(0x0F);
+        for (blk, o) in w.chunks_exact(bsize).zip(out.chunks_exact_mut(QK)) {
+            let d = _mm256_set1_ps(f16_at(blk, 0));
+            let o = o.as_mut_ptr();
+            match t {
+                GgmlDType::Q8_0 => {
+                    let q0 = _mm_loadu_si128(blk.as_ptr().add(2) as *const __m128i);
+                    let q1 = _mm_loadu_si128(blk.as_ptr().add(18) as *const __m128i);
+                    let w =
+                        |q: __m128i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+                    _mm256_storeu_ps(o, w(q0));
+                    _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(q0, 8)));
+                    _mm256_storeu_ps(o.add(16), w(q1));
+                    _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(q1, 8)));
+                }
+                _ => {
+                    let min = t == GgmlDType::Q4_1;
+                    let (qoff, off) = if min { (4, 0) } else { (2, 8) };
+                    let m = _mm256_set1_ps(if min { f16_at(blk, 2) } else { 0.0 });
+                    let eight = _mm256_set1_epi32(off);
+                    let qs = _mm_loadu_si128(blk.as_ptr().add(qoff) as *const __m128i);
+                    let lo = _mm_and_si128(qs, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                    let w = |q: __m128i| {
+                        let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
+                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
+                        if min {
+                            _mm256_add_ps(v, m)
+                        } else {
+                            v
+                        }
+                    };
+                    _mm256_storeu_ps(o, w(lo));
+                    _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(lo, 8)));
+                    _mm256_storeu_ps(o.add(16), w(hi));
+                    _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(hi, 8)));
+                }
+            }
+        }
     }
 
     /// One row of Q4_0 (`min == false`: value `(q - 8) d`) or Q4_1 (`min`: `q d + m`) blocks

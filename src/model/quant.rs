@@ -276,6 +276,11 @@ impl QuantWeight {
     pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Result<Vec<f32>> {
         let rb = self.row_bytes();
         let data = self.q.data()?;
+        if super::qgemv::supported(self.dtype()) {
+            let mut out = vec![0f32; (r1 - r0) * self.k];
+            super::qgemv::dequantize(self.dtype(), &data[r0 * rb..r1 * rb], &mut out)?;
+            return Ok(out);
+        }
         let blocks = self
             .dtype()
             .from_data(Cow::Borrowed(&data[r0 * rb..r1 * rb]));
