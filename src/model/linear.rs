@@ -37,7 +37,7 @@ enum Stored {
     Transposed(Tensor),
     /// f32 block projections on x86 CPUs: packed once for gemm's microkernels.
     Packed(PackedWeight),
-    /// `[out, in]` in a GGUF block type (`super::quant`): run by candle's quantized matmul,
+    /// `[out, in]` in a GGUF block type, run by `super::quant`'s kernels (f32 activations),
     /// never held as f32.
     Quant(QuantWeight),
 }

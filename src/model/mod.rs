@@ -363,7 +363,6 @@ impl Model {
         let lin = |w: LinearWeight, b: Option<Tensor>, name: &str| -> Result<Linear> {
             Ok(w.into_linear(b)?.with_uid(name))
         };
-        let fmt = weights;
         // A projection stored alone, or rows `[at, at + out)` of a fused one (Phi-3's
         // `qkv_proj` and `gate_up_proj`).
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
@@ -376,8 +375,14 @@ impl Model {
             let (q, k, v) = if src.has(&format!("{}.weight", name(Proj::Q))) {
                 let one = |src: &mut dyn WeightSource, pr: Proj, out: usize| -> Result<Linear> {
                     let n = name(pr);
-                    let w =
-                        require_linear(src, &format!("{n}.weight"), &[out, d], fmt, dtype, device)?;
+                    let w = require_linear(
+                        src,
+                        &format!("{n}.weight"),
+                        &[out, d],
+                        weights,
+                        dtype,
+                        device,
+                    )?;
                     let b = if bias {
                         optional(src, &format!("{n}.bias"), &[out], dtype, device)?
                     } else {
@@ -397,7 +402,7 @@ impl Model {
                     src,
                     &format!("{fused}.weight"),
                     &[total, d],
-                    fmt,
+                    weights,
                     dtype,
                     device,
                 )?;
@@ -424,15 +429,21 @@ impl Model {
             };
             let plain = |src: &mut dyn WeightSource, pr: Proj, out: usize, inp: usize| {
                 let n = name(pr);
-                let w =
-                    require_linear(src, &format!("{n}.weight"), &[out, inp], fmt, dtype, device)?;
+                let w = require_linear(
+                    src,
+                    &format!("{n}.weight"),
+                    &[out, inp],
+                    weights,
+                    dtype,
+                    device,
+                )?;
                 lin(w, None, &n)
             };
             let (gate, up) = if src.has(&format!("{}.weight", name(Proj::Gate))) {
                 (plain(src, Proj::Gate, ff, d)?, plain(src, Proj::Up, ff, d)?)
             } else {
                 let fused = format!("{p}.mlp.gate_up_proj.weight");
-                let w = require_linear(src, &fused, &[2 * ff, d], fmt, dtype, device)?;
+                let w = require_linear(src, &fused, &[2 * ff, d], weights, dtype, device)?;
                 (
                     lin(w.rows(0, ff)?, None, &name(Proj::Gate))?,
                     lin(w.rows(ff, ff)?, None, &name(Proj::Up))?,
@@ -501,7 +512,7 @@ impl Model {
         }
         let final_norm = norm(src, "model.norm.weight", d)?;
         let own_head = if weights.is_quantized() {
-            optional_linear(src, "lm_head.weight", &vd, fmt, dtype, device)?
+            optional_linear(src, "lm_head.weight", &vd, weights, dtype, device)?
         } else {
             optional(src, "lm_head.weight", &vd, dtype, device)?.map(LinearWeight::Dense)
         };
