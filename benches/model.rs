@@ -3,6 +3,7 @@
 //! `../shared/reference/timing_results.json`. Median of 5 runs after 1 warm-up, as timing.py.
 //!
 //!     cargo bench --bench model            # LQA_BENCH_RUNS=N to change the number of runs
+//!     LQA_BENCH_WEIGHTS=native cargo bench --bench model   # the `weights` load option
 
 mod common;
 
@@ -33,9 +34,10 @@ fn bench() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let t0 = Instant::now();
+    let weights = std::env::var("LQA_BENCH_WEIGHTS").unwrap_or_else(|_| "f32".into());
     let lm = lqa::lm::LanguageModel::load(
         lqa::sources::DEFAULT_MODEL,
-        &lqa::lm::LoadOptions::default(),
+        &lqa::lm::LoadOptions::default().with_weights(&weights, false)?,
     )?;
     let load_s = t0.elapsed().as_secs_f64();
     let m = &lm.model;
@@ -106,7 +108,8 @@ fn bench() -> anyhow::Result<()> {
     let pt_dec = find("decode", "sdpa").unwrap_or_default();
     let pre_tps = 128.0 / median(pre);
     let dec_tps = n_new as f64 / median(dec);
-    println!("lqa model benchmark: SmolLM2-135M-Instruct f32, {} threads, load {load_s:.2}s, RSS after load {rss_loaded:.0} MiB", candle_core::utils::get_num_threads());
+    let weight_mib = m.weight_bytes().values().sum::<usize>() as f64 / (1 << 20) as f64;
+    println!("lqa model benchmark: SmolLM2-135M-Instruct, weights {weights} ({weight_mib:.0} MiB), {} threads, load {load_s:.2}s, RSS after load {rss_loaded:.0} MiB", candle_core::utils::get_num_threads());
     println!("| benchmark | lqa | PyTorch | ratio | lqa peak RSS MiB | PyTorch peak RSS MiB |");
     println!("|---|---|---|---|---|---|");
     let pt_pre_tps = pt_pre["tokens_per_s"].as_f64().unwrap_or(f64::NAN);

@@ -377,6 +377,7 @@ fn run(args: Args) -> Result<()> {
             &LoadOptions {
                 dtype,
                 device: dev.clone(),
+                ..Default::default()
             },
         )?)
     };

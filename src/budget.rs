@@ -16,6 +16,7 @@ use std::path::Path;
 
 use candle_core::DType;
 
+use crate::model::quant::WeightFormat;
 use crate::sources::ModelSource;
 use crate::{Error, Result};
 
@@ -232,6 +233,8 @@ pub struct DeclaredTensor {
     pub dims: Vec<usize>,
     /// Bits of one element as stored (GGUF: as dequantized, f32).
     pub elem_bits: usize,
+    /// Bytes of its data in the file, where it is in a block type (GGUF).
+    pub block_bytes: Option<u64>,
 }
 
 /// The weight tensors a model's files declare, from their headers only.
@@ -240,6 +243,7 @@ pub fn declared_tensors(src: &ModelSource) -> Result<Vec<DeclaredTensor>> {
         ModelSource::Gguf(path) => Ok(crate::sources::gguf_check::validate(path)?
             .into_iter()
             .map(|t| DeclaredTensor {
+                block_bytes: (t.dtype.block_size() > 1).then_some(t.bytes),
                 name: t.name,
                 dims: t.dims,
                 elem_bits: 32,
@@ -270,6 +274,7 @@ pub fn safetensors_header(path: &Path) -> Result<Vec<DeclaredTensor>> {
             name,
             dims: info.shape.clone(),
             elem_bits: info.dtype.bitsize(),
+            block_bytes: None,
         })
         .collect())
 }
@@ -306,13 +311,22 @@ pub fn check_declared(op: &str, path: &Path, t: &DeclaredTensor) -> Result<()> {
 
 /// Check, from the headers alone, that a model's weights fit before any is read: each tensor at
 /// `dtype` under this thread's tensor limit, the whole model under physical memory. The error
-/// suggests a smaller dtype when one would fit.
-pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
+/// suggests a smaller dtype when one would fit. Under a quantized `weights` format a matrix
+/// counts at its kept size (its stored bits under `native`, 8.5 or 4.5 bits a weight under
+/// `q8_0`/`q4_k`).
+pub fn check_model_fits(src: &ModelSource, dtype: DType, weights: WeightFormat) -> Result<()> {
     let tensors = declared_tensors(src)?;
     let path = src.path();
     let limit = max_tensor_bytes();
+    let blocks = tensors.iter().any(|t| t.block_bytes.is_some());
     let hint = |bytes_at_dtype: u64| -> String {
-        if dtype == DType::F32 && bytes_at_dtype / 2 <= physical_memory().unwrap_or(u64::MAX) {
+        if weights.is_quantized() {
+            String::new()
+        } else if blocks {
+            " (load_model(name, #{weights: \"native\"}) keeps the file's quantized blocks)"
+                .to_string()
+        } else if dtype == DType::F32 && bytes_at_dtype / 2 <= physical_memory().unwrap_or(u64::MAX)
+        {
             " (load_model(name, #{dtype: \"bf16\"}) halves it)".to_string()
         } else {
             String::new()
@@ -330,14 +344,31 @@ pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
                 ),
             )
         };
-        let bytes = tensor_bytes(&t.dims, dtype).ok_or_else(overflow)?;
-        // a weight is read in its stored type (GGUF: dequantized to f32), then cast: the
-        // wider of the two is what one weight needs at once
+        let matrix = t.dims.len() == 2;
+        let kept_bits = match weights {
+            WeightFormat::Q8_0 if matrix => Some(17.0 / 2.0),
+            WeightFormat::Q4K if matrix => Some(9.0 / 2.0),
+            _ => None,
+        };
+        let native = weights == WeightFormat::Native && matrix && t.block_bytes.is_some();
+        let bytes = match (kept_bits, t.block_bytes) {
+            (_, Some(b)) if native => b,
+            (Some(bits), _) => elem_count(&t.dims)
+                .map(|n| (n as f64 * bits / 8.0).ceil() as u64)
+                .ok_or_else(overflow)?,
+            _ => tensor_bytes(&t.dims, dtype).ok_or_else(overflow)?,
+        };
+        // a weight is read in its stored type (GGUF: dequantized to f32 unless kept as
+        // stored), then cast: the wider of the two is what one weight needs at once
         let bits = t.elem_bits.max(8 * dtype.size_in_bytes()) as u64;
-        let at_once = elem_count(&t.dims)
-            .and_then(|n| (n as u64).checked_mul(bits))
-            .map(|b| b.div_ceil(8))
-            .ok_or_else(overflow)?;
+        let at_once = if native {
+            bytes
+        } else {
+            elem_count(&t.dims)
+                .and_then(|n| (n as u64).checked_mul(bits))
+                .map(|b| b.div_ceil(8))
+                .ok_or_else(overflow)?
+        };
         if limit > 0 && at_once > limit {
             return Err(Error::bad_file(
                 path,
@@ -366,7 +397,11 @@ pub fn check_model_fits(src: &ModelSource, dtype: DType) -> Result<()> {
                 format!(
                     "the model's weights need {} at {}, more than this machine's memory ({}){}",
                     human(total),
-                    dtype.as_str(),
+                    if weights.is_quantized() {
+                        format!("weights {}", weights.name())
+                    } else {
+                        dtype.as_str().to_string()
+                    },
                     human(mem),
                     hint(total)
                 ),

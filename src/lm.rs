@@ -5,6 +5,7 @@ use crate::chat::{self, ChatTemplate, Message};
 use crate::config::ModelConfig;
 use crate::generate::{generate, GenOptions};
 use crate::hooks::{HookPoint, Hooks};
+use crate::model::quant::WeightFormat;
 use crate::model::weights::{GgufWeights, SafetensorsWeights};
 use crate::model::{Input, Logits, Model};
 use crate::sources::{self, ModelSource};
@@ -21,6 +22,8 @@ pub struct LoadOptions {
     /// Float dtype weights are dequantized/cast to (f32 default; bf16, f16).
     pub dtype: DType,
     pub device: Device,
+    /// How linear weights are kept: f32 (default), or quantized (`native`, `q8_0`, `q4_k`).
+    pub weights: WeightFormat,
 }
 
 impl Default for LoadOptions {
@@ -28,7 +31,46 @@ impl Default for LoadOptions {
         LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
+            weights: WeightFormat::F32,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Set the `weights` option by name; `"bf16"` is the dtype option (an explicit dtype
+    /// that says otherwise is an error).
+    pub fn with_weights(mut self, name: &str, dtype_given: bool) -> Result<Self> {
+        let w = WeightFormat::parse(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "unknown weights `{name}` (expected {})",
+                WeightFormat::NAMES
+            ))
+        })?;
+        match w {
+            WeightFormat::Bf16 if dtype_given && self.dtype != DType::BF16 => {
+                return Err(Error::invalid(format!(
+                    "weights: \"bf16\" with dtype {:?}: give one of them",
+                    self.dtype
+                )))
+            }
+            WeightFormat::Bf16 => self.dtype = DType::BF16,
+            WeightFormat::F32 if dtype_given && self.dtype != DType::F32 => {
+                return Err(Error::invalid(format!(
+                    "weights: \"f32\" with dtype {:?}: give one of them",
+                    self.dtype
+                )))
+            }
+            q if q.is_quantized() && dtype_given && self.dtype != DType::F32 => {
+                return Err(Error::invalid(format!(
+                    "weights: \"{}\" keeps activations in f32; dtype {:?} does not apply",
+                    q.name(),
+                    self.dtype
+                )))
+            }
+            _ => {}
+        }
+        self.weights = w;
+        Ok(self)
     }
 }
 
@@ -86,7 +128,12 @@ impl LanguageModel {
     pub fn load_shared(name: &str, opts: &LoadOptions) -> Result<Arc<Self>> {
         type Cache = Mutex<HashMap<String, Weak<LanguageModel>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
-        let key = format!("{name}|{:?}|{:?}", opts.dtype, opts.device.location());
+        let key = format!(
+            "{name}|{:?}|{:?}|{:?}",
+            opts.dtype,
+            opts.device.location(),
+            opts.weights
+        );
         let cache = CACHE.get_or_init(Default::default);
         let lock = || cache.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(lm) = lock().get(&key).and_then(Weak::upgrade) {
@@ -100,7 +147,7 @@ impl LanguageModel {
     }
 
     pub fn from_source(name: &str, src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        crate::budget::check_model_fits(src, opts.dtype)?;
+        crate::budget::check_model_fits(src, opts.dtype, opts.weights)?;
         match src {
             ModelSource::Gguf(path) => {
                 let mut w = GgufWeights::open(path)?;
@@ -108,7 +155,7 @@ impl LanguageModel {
                 crate::budget::check_config(&cfg, w.content.tensor_infos.len(), path)?;
                 w.set_family(cfg.family, cfg.num_attention_heads, cfg.num_key_value_heads);
                 let (tokenizer, chat_template) = chat::load_gguf(&w.content, path)?;
-                let model = Model::load(cfg, &mut w, opts.dtype, &opts.device)?;
+                let model = Model::load_with(cfg, &mut w, opts.dtype, opts.weights, &opts.device)?;
                 Ok(LanguageModel {
                     name: name.to_string(),
                     path: path.clone(),
@@ -134,7 +181,7 @@ impl LanguageModel {
                 let (tok, chat_template) =
                     chat::load_files(tokenizer, tokenizer_config.as_deref())?;
                 let mut w = SafetensorsWeights::open(weights)?;
-                let model = Model::load(cfg, &mut w, opts.dtype, &opts.device)?;
+                let model = Model::load_with(cfg, &mut w, opts.dtype, opts.weights, &opts.device)?;
                 Ok(LanguageModel {
                     name: name.to_string(),
                     path: root.clone(),

@@ -203,7 +203,9 @@ impl Adapter {
 
     /// A copy of `model` with every attached adapter folded into its weights
     /// (`W + scale * B A`) and no adapter left: the same function, run at the base model's
-    /// cost, with nothing to differentiate (a frozen decoder in control).
+    /// cost, with nothing to differentiate (a frozen decoder in control). A quantized weight
+    /// (`weights: "native"`, `"q8_0"`, ...) is quantized again to its type after the fold, which
+    /// adds that type's rounding to `W + scale * B A`.
     pub fn merged(model: &Model) -> Result<Model> {
         let mut m = model.clone();
         for id in m.linear_ids() {

@@ -9,6 +9,7 @@
 
 use super::ops::{cpu_kernels, f32_slice};
 use super::packed::{self, PackedWeight, Shared};
+use super::quant::{self, QuantWeight};
 use crate::rng::{fnv1a, splitmix, spread, FNV_OFFSET};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
@@ -36,6 +37,9 @@ enum Stored {
     Transposed(Tensor),
     /// f32 block projections on x86 CPUs: packed once for gemm's microkernels.
     Packed(PackedWeight),
+    /// `[out, in]` in a GGUF block type, run by `super::quant`'s kernels (f32 activations),
+    /// never held as f32.
+    Quant(QuantWeight),
 }
 
 #[derive(Clone, Debug)]
@@ -304,8 +308,18 @@ impl Linear {
         })
     }
 
+    /// A layer from a quantized weight `[out, in]`: frozen, LoRA adds on top.
+    pub fn new_quant(weight: QuantWeight, bias: Option<Tensor>) -> Self {
+        Linear {
+            w: Stored::Quant(weight),
+            bias,
+            lora: None,
+            uid: 0,
+        }
+    }
+
     /// The weight in HF layout `[out, in]` (a transposed view when stored transposed, a copy
-    /// when packed).
+    /// when packed, an f32 copy when quantized).
     pub fn weight(&self) -> Result<Tensor> {
         match &self.w {
             Stored::Hf(w) => Ok(w.clone()),
@@ -313,11 +327,33 @@ impl Linear {
             Stored::Packed(p) => {
                 Tensor::from_vec(p.unpack(), (p.n(), p.k()), &candle_core::Device::Cpu)
             }
+            Stored::Quant(q) => q.dequantize(),
+        }
+    }
+
+    /// The quantized weight, when the layer keeps one.
+    pub fn quant(&self) -> Option<&QuantWeight> {
+        match &self.w {
+            Stored::Quant(q) => Some(q),
+            _ => None,
+        }
+    }
+
+    /// How the weight is stored (`"f32"`, `"bf16"`, `"Q4_1"`...) and the bytes it holds.
+    pub fn storage_kind(&self) -> (String, usize) {
+        match &self.w {
+            Stored::Quant(q) => (quant::type_name(q.dtype()).to_string(), q.bytes()),
+            Stored::Packed(p) => ("f32".into(), p.n() * p.k() * 4),
+            Stored::Hf(w) | Stored::Transposed(w) => (
+                format!("{:?}", w.dtype()).to_lowercase(),
+                w.elem_count() * w.dtype().size_in_bytes(),
+            ),
         }
     }
 
     /// Replace the weight with `f(W)`, `W` and the result in HF layout `[out, in]`; the
-    /// storage layout is kept.
+    /// storage layout is kept (a quantized weight is quantized again to its type, which adds
+    /// that type's rounding to `f(W)`).
     pub fn map_weight(&mut self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<()> {
         let w = f(&self.weight()?)?;
         if w.dims() != [self.out_features(), self.in_features()] {
@@ -328,9 +364,14 @@ impl Linear {
                 self.in_features()
             );
         }
-        self.w = match self.w {
+        self.w = match &self.w {
             Stored::Hf(_) => Stored::Hf(w),
             Stored::Transposed(_) | Stored::Packed(_) => store(&w)?,
+            Stored::Quant(q) => Stored::Quant(QuantWeight::quantize(
+                &w,
+                q.dtype(),
+                &format!("(re-quantized) {:?}", q),
+            )?),
         };
         Ok(())
     }
@@ -345,6 +386,7 @@ impl Linear {
             Stored::Hf(w) => w.dims()[0],
             Stored::Transposed(w) => w.dims()[1],
             Stored::Packed(p) => p.n(),
+            Stored::Quant(q) => q.n(),
         }
     }
     pub fn in_features(&self) -> usize {
@@ -352,6 +394,7 @@ impl Linear {
             Stored::Hf(w) => w.dims()[1],
             Stored::Transposed(w) => w.dims()[0],
             Stored::Packed(p) => p.k(),
+            Stored::Quant(q) => q.k(),
         }
     }
 
@@ -367,6 +410,8 @@ impl Linear {
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
         let x2 = x.reshape((rows, k))?;
         let mut y = match &self.w {
+            // f32 activations on the CPU (anything else is an error naming the layer's type)
+            Stored::Quant(q) => q.matmul_t(&x2)?,
             Stored::Packed(p) if x2.dtype() == DType::F32 && x2.device().is_cpu() => {
                 x2.contiguous()?.apply_op1(PackedMatmul(p.clone()))?
             }

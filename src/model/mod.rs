@@ -27,6 +27,8 @@ pub mod linear;
 pub mod names;
 pub mod ops;
 pub mod packed;
+pub mod qgemv;
+pub mod quant;
 pub mod weights;
 
 use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};
@@ -36,7 +38,8 @@ use candle_core::{DType, Device, Tensor, D};
 pub use kv_cache::KvCache;
 pub use linear::{Dropout, Linear, LoraWeights};
 pub use names::{LinearId, Proj, Target};
-use weights::{optional, require, WeightSource};
+use quant::WeightFormat;
+use weights::{optional, optional_linear, require, require_linear, LinearWeight, WeightSource};
 
 /// Which logits a forward returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,12 +156,20 @@ struct Block {
     post_mlp_norm: Option<Tensor>,
 }
 
+/// The embedding table `[vocab, d]`: a float tensor, or blocks of a GGUF type whose rows are
+/// dequantized as they are looked up (no f32 copy of the table).
+#[derive(Clone)]
+enum EmbedTable {
+    Dense(Tensor),
+    Quant(quant::QuantWeight),
+}
+
 /// The hookable transformer: one model for every family, the family's differences being
 /// options of [`ModelConfig`].
 #[derive(Clone)]
 pub struct Model {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    embed: EmbedTable,
     blocks: Vec<Block>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -166,6 +177,8 @@ pub struct Model {
     inv_freq: Vec<Vec<f32>>,
     device: Device,
     dtype: DType,
+    /// How the linear weights are kept (the `weights` load option).
+    weights: WeightFormat,
 }
 
 /// Everything a block needs besides its input.
@@ -281,11 +294,35 @@ fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
 impl Model {
     /// Build the model from a weight source, checking every tensor's shape against `cfg`.
     pub fn load(
-        mut cfg: ModelConfig,
+        cfg: ModelConfig,
         src: &mut dyn WeightSource,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with(cfg, src, dtype, WeightFormat::F32, device)
+    }
+
+    /// [`Model::load`] with the linear weights kept as `weights` says (quantized formats run
+    /// on the CPU with f32 activations; norms, biases and the embedding lookup stay `dtype`).
+    pub fn load_with(
+        mut cfg: ModelConfig,
+        src: &mut dyn WeightSource,
+        dtype: DType,
+        weights: WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        if weights.is_quantized() && !device.is_cpu() {
+            return Err(Error::invalid(format!(
+                "weights: \"{}\" runs on the CPU only; load with device: \"cpu\"",
+                weights.name()
+            )));
+        }
+        if weights.is_quantized() && dtype != DType::F32 {
+            return Err(Error::invalid(format!(
+                "weights: \"{}\" takes f32 activations; drop dtype (or use weights: \"bf16\")",
+                weights.name()
+            )));
+        }
         let d = cfg.hidden_size;
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
@@ -293,21 +330,38 @@ impl Model {
             cfg.head_dim,
         );
         let ff = cfg.intermediate_size;
-        let embed = require(
-            src,
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, d],
-            dtype,
-            device,
-        )?;
+        let vd = [cfg.vocab_size, d];
+        let embed = if weights.is_quantized() {
+            // kept in its block type (or quantized to the asked one); rows are dequantized as
+            // they are looked up
+            match require_linear(
+                src,
+                "model.embed_tokens.weight",
+                &vd,
+                weights,
+                dtype,
+                device,
+            )? {
+                LinearWeight::Quant(q) => EmbedTable::Quant(q),
+                LinearWeight::Dense(t) => EmbedTable::Dense(t),
+            }
+        } else {
+            EmbedTable::Dense(require(
+                src,
+                "model.embed_tokens.weight",
+                &vd,
+                dtype,
+                device,
+            )?)
+        };
         // Gemma's (1 + w) norms: fold the 1 in, unless the file already did (GGUF).
         let fold = cfg.norm_unit_offset && !src.norms_include_unit_offset();
         let norm = |src: &mut dyn WeightSource, name: &str, n: usize| -> Result<Tensor> {
             let w = require(src, name, &[n], dtype, device)?;
             Ok(if fold { (w + 1.0)? } else { w })
         };
-        let lin = |w: Tensor, b: Option<Tensor>, name: &str| -> Result<Linear> {
-            Ok(Linear::new_packed(w, b)?.with_uid(name))
+        let lin = |w: LinearWeight, b: Option<Tensor>, name: &str| -> Result<Linear> {
+            Ok(w.into_linear(b)?.with_uid(name))
         };
         // A projection stored alone, or rows `[at, at + out)` of a fused one (Phi-3's
         // `qkv_proj` and `gate_up_proj`).
@@ -321,7 +375,14 @@ impl Model {
             let (q, k, v) = if src.has(&format!("{}.weight", name(Proj::Q))) {
                 let one = |src: &mut dyn WeightSource, pr: Proj, out: usize| -> Result<Linear> {
                     let n = name(pr);
-                    let w = require(src, &format!("{n}.weight"), &[out, d], dtype, device)?;
+                    let w = require_linear(
+                        src,
+                        &format!("{n}.weight"),
+                        &[out, d],
+                        weights,
+                        dtype,
+                        device,
+                    )?;
                     let b = if bias {
                         optional(src, &format!("{n}.bias"), &[out], dtype, device)?
                     } else {
@@ -337,7 +398,14 @@ impl Model {
             } else {
                 let total: usize = qkv_rows.iter().sum();
                 let fused = format!("{p}.self_attn.qkv_proj");
-                let w = require(src, &format!("{fused}.weight"), &[total, d], dtype, device)?;
+                let w = require_linear(
+                    src,
+                    &format!("{fused}.weight"),
+                    &[total, d],
+                    weights,
+                    dtype,
+                    device,
+                )?;
                 let b = if bias {
                     optional(src, &format!("{fused}.bias"), &[total], dtype, device)?
                 } else {
@@ -346,7 +414,7 @@ impl Model {
                 let mut at = 0;
                 let mut parts = Vec::with_capacity(3);
                 for (pr, rows) in [Proj::Q, Proj::K, Proj::V].into_iter().zip(qkv_rows) {
-                    let wp = w.narrow(0, at, rows)?.contiguous()?;
+                    let wp = w.rows(at, rows)?;
                     let bp = match &b {
                         Some(b) => Some(b.narrow(0, at, rows)?.contiguous()?),
                         None => None,
@@ -361,17 +429,24 @@ impl Model {
             };
             let plain = |src: &mut dyn WeightSource, pr: Proj, out: usize, inp: usize| {
                 let n = name(pr);
-                let w = require(src, &format!("{n}.weight"), &[out, inp], dtype, device)?;
+                let w = require_linear(
+                    src,
+                    &format!("{n}.weight"),
+                    &[out, inp],
+                    weights,
+                    dtype,
+                    device,
+                )?;
                 lin(w, None, &n)
             };
             let (gate, up) = if src.has(&format!("{}.weight", name(Proj::Gate))) {
                 (plain(src, Proj::Gate, ff, d)?, plain(src, Proj::Up, ff, d)?)
             } else {
                 let fused = format!("{p}.mlp.gate_up_proj.weight");
-                let w = require(src, &fused, &[2 * ff, d], dtype, device)?;
+                let w = require_linear(src, &fused, &[2 * ff, d], weights, dtype, device)?;
                 (
-                    lin(w.narrow(0, 0, ff)?.contiguous()?, None, &name(Proj::Gate))?,
-                    lin(w.narrow(0, ff, ff)?.contiguous()?, None, &name(Proj::Up))?,
+                    lin(w.rows(0, ff)?, None, &name(Proj::Gate))?,
+                    lin(w.rows(ff, ff)?, None, &name(Proj::Up))?,
                 )
             };
             let (q_norm, k_norm) = if cfg.qk_norm {
@@ -436,9 +511,19 @@ impl Model {
             });
         }
         let final_norm = norm(src, "model.norm.weight", d)?;
-        let lm_head = match optional(src, "lm_head.weight", &[cfg.vocab_size, d], dtype, device)? {
-            Some(w) => Linear::new(w, None),
-            None => Linear::new(embed.clone(), None),
+        let own_head = if weights.is_quantized() {
+            optional_linear(src, "lm_head.weight", &vd, weights, dtype, device)?
+        } else {
+            optional(src, "lm_head.weight", &vd, dtype, device)?.map(LinearWeight::Dense)
+        };
+        // its own tensor, or the embedding table (shared, in whatever form it is kept)
+        let lm_head = match own_head {
+            Some(LinearWeight::Quant(q)) => Linear::new_quant(q, None),
+            Some(LinearWeight::Dense(w)) => Linear::new(w, None),
+            None => match &embed {
+                EmbedTable::Quant(q) => Linear::new_quant(q.clone(), None),
+                EmbedTable::Dense(t) => Linear::new(t.clone(), None),
+            },
         }
         .with_uid(&LinearId::LmHead.hf_name());
         // llama.cpp's Llama-3.1 frequency divisors live in a tensor.
@@ -459,6 +544,7 @@ impl Model {
             inv_freq,
             device: device.clone(),
             dtype,
+            weights,
         })
     }
 
@@ -468,6 +554,58 @@ impl Model {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// How the linear weights are kept (the `weights` load option).
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weights
+    }
+
+    /// Bytes held per storage kind (`"Q4_1"`, `"f32"`...): every linear layer, the embedding
+    /// table (unless the lm_head shares it) and the norms.
+    pub fn weight_bytes(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        let mut add = |k: String, b: usize| *by.entry(k).or_insert(0) += b;
+        let dense = |t: &Tensor| {
+            (
+                format!("{:?}", t.dtype()).to_lowercase(),
+                t.elem_count() * t.dtype().size_in_bytes(),
+            )
+        };
+        for id in self.linear_ids() {
+            if let Some(l) = self.linear_at(id) {
+                let (k, b) = l.storage_kind();
+                let shared = id == LinearId::LmHead
+                    && match (&self.embed, l.quant()) {
+                        (EmbedTable::Quant(e), Some(q)) => e.same(q),
+                        (EmbedTable::Dense(e), None) => l.weight().is_ok_and(|w| w.id() == e.id()),
+                        _ => false,
+                    };
+                if !shared {
+                    add(k, b);
+                }
+                if let Some(bias) = &l.bias {
+                    let (k, b) = dense(bias);
+                    add(k, b);
+                }
+            }
+        }
+        let (k, b) = match &self.embed {
+            EmbedTable::Dense(t) => dense(t),
+            EmbedTable::Quant(q) => (quant::type_name(q.dtype()).to_string(), q.bytes()),
+        };
+        add(k, b);
+        let mut norms = vec![&self.final_norm];
+        for bl in &self.blocks {
+            norms.extend([&bl.attn_norm, &bl.mlp_norm]);
+            norms.extend(bl.post_attn_norm.iter().chain(&bl.post_mlp_norm));
+            norms.extend(bl.attn.q_norm.iter().chain(&bl.attn.k_norm));
+        }
+        for n in norms {
+            let (k, b) = dense(n);
+            add(k, b);
+        }
+        by
+    }
+
     pub fn n_layers(&self) -> usize {
         self.blocks.len()
     }
@@ -539,7 +677,12 @@ impl Model {
     /// Named weights in HF layout (`model.layers.0.self_attn.q_proj.weight`...), for checksums.
     pub fn weight(&self, name: &str) -> Option<Tensor> {
         match name {
-            "model.embed_tokens.weight" => return Some(self.embed.clone()),
+            "model.embed_tokens.weight" => {
+                return match &self.embed {
+                    EmbedTable::Dense(t) => Some(t.clone()),
+                    EmbedTable::Quant(q) => q.dequantize().ok(),
+                }
+            }
             "model.norm.weight" => return Some(self.final_norm.clone()),
             _ => {}
         }
@@ -638,10 +781,12 @@ impl Model {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let x = self
-            .embed
-            .index_select(&flat, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+        let x = match &self.embed {
+            EmbedTable::Dense(t) => t.index_select(&flat, 0)?,
+            // [b * s, d] f32, rows dequantized as gathered (an id out of range is an error)
+            EmbedTable::Quant(q) => q.qtensor().embedding(&flat)?,
+        }
+        .reshape((b, s, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {
             // transformers rounds the scale to the model's dtype first
             Some(c) => {

@@ -3,7 +3,9 @@
 //! HF safetensors (single file or shards). Both answer to HF tensor names, so the model loader
 //! has one naming scheme; every failure names the file and the tensor.
 
+use super::linear::Linear;
 use super::names::Proj;
+use super::quant::{self, QuantWeight, WeightFormat};
 use crate::config::Family;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
@@ -25,6 +27,119 @@ pub trait WeightSource {
     fn norms_include_unit_offset(&self) -> bool {
         false
     }
+    /// Load a linear layer's weight `[out, in]` kept as `format` says; `Ok(None)` if absent.
+    /// A source without block types (safetensors) gives `native` as `dtype`.
+    fn get_linear(
+        &mut self,
+        name: &str,
+        format: WeightFormat,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<LinearWeight>> {
+        dense_or_quantized(self, name, format, dtype, device)
+    }
+}
+
+/// A linear layer's weight `[out, in]` as a source gives it.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    /// A float tensor (f32, or the `dtype` option).
+    Dense(Tensor),
+    /// Blocks of a GGUF type.
+    Quant(QuantWeight),
+}
+
+impl LinearWeight {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            LinearWeight::Dense(t) => t.dims().to_vec(),
+            LinearWeight::Quant(q) => vec![q.n(), q.k()],
+        }
+    }
+
+    /// Rows `[at, at + rows)` (one part of a fused projection).
+    pub fn rows(&self, at: usize, rows: usize) -> candle_core::Result<Self> {
+        Ok(match self {
+            LinearWeight::Dense(t) => LinearWeight::Dense(t.narrow(0, at, rows)?.contiguous()?),
+            LinearWeight::Quant(q) => LinearWeight::Quant(q.rows(at, rows)?),
+        })
+    }
+
+    /// A block projection: f32 packed for the CPU's kernels, quantized kept as it is.
+    pub fn into_linear(self, bias: Option<Tensor>) -> candle_core::Result<Linear> {
+        match self {
+            LinearWeight::Dense(t) => Linear::new_packed(t, bias),
+            LinearWeight::Quant(q) => Ok(Linear::new_quant(q, bias)),
+        }
+    }
+}
+
+/// The default [`WeightSource::get_linear`]: the float tensor, quantized on load when
+/// `format` asks for a block type.
+pub fn dense_or_quantized<S: WeightSource + ?Sized>(
+    src: &mut S,
+    name: &str,
+    format: WeightFormat,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<LinearWeight>> {
+    let Some(ty) = format.quantize_to() else {
+        return Ok(src.get(name, dtype, device)?.map(LinearWeight::Dense));
+    };
+    let Some(t) = src.get(name, DType::F32, device)? else {
+        return Ok(None);
+    };
+    let q = QuantWeight::quantize(&t, ty, name).map_err(|e| {
+        Error::invalid(format!(
+            "{}: weights: \"{}\": {e}",
+            src.describe(),
+            format.name()
+        ))
+    })?;
+    Ok(Some(LinearWeight::Quant(q)))
+}
+
+/// Load a required linear weight and check its shape.
+pub fn require_linear(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    format: WeightFormat,
+    dtype: DType,
+    device: &Device,
+) -> Result<LinearWeight> {
+    let w = src
+        .get_linear(name, format, dtype, device)?
+        .ok_or_else(|| Error::BadFile {
+            path: PathBuf::from(src.describe()),
+            msg: format!("missing tensor `{name}`"),
+        })?;
+    if w.dims() != shape {
+        return Err(Error::BadFile {
+            path: PathBuf::from(src.describe()),
+            msg: format!(
+                "tensor `{name}` has shape {:?}, the config expects {:?}",
+                w.dims(),
+                shape
+            ),
+        });
+    }
+    Ok(w)
+}
+
+/// Load an optional linear weight and check its shape when present.
+pub fn optional_linear(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: &[usize],
+    format: WeightFormat,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<LinearWeight>> {
+    if !src.has(name) {
+        return Ok(None);
+    }
+    require_linear(src, name, shape, format, dtype, device).map(Some)
 }
 
 /// Load a required tensor and check its shape.
@@ -166,7 +281,80 @@ pub fn unpermute_rows(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> 
         .reshape(dims)
 }
 
+/// llama.cpp's q/k row permutation undone as an index map: row `i` of HF's layout is row
+/// `from[i]` of the file's (`[head, hd/2, 2]` back to `[head, 2, hd/2]`, as [`unpermute_rows`]).
+pub fn unpermute_index(out: usize, n_head: usize) -> Vec<usize> {
+    let hd = out / n_head.max(1);
+    let half = hd / 2;
+    let mut from = Vec::with_capacity(out);
+    for h in 0..n_head {
+        for a in 0..2 {
+            for b in 0..half {
+                from.push(h * hd + 2 * b + a);
+            }
+        }
+    }
+    from
+}
+
 impl WeightSource for GgufWeights {
+    /// `native` keeps the block types of the file (the q/k permutation undone on whole rows
+    /// of blocks, which is exact); f32/f16/bf16 tensors load as `dtype`.
+    fn get_linear(
+        &mut self,
+        name: &str,
+        format: WeightFormat,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<LinearWeight>> {
+        if format != WeightFormat::Native {
+            return dense_or_quantized(self, name, format, dtype, device);
+        }
+        let Some(gname) = Self::gguf_name(name, self.family) else {
+            return Ok(None);
+        };
+        let Some(info) = self.content.tensor_infos.get(&gname) else {
+            return Ok(None);
+        };
+        let ty = info.ggml_dtype;
+        if matches!(
+            ty,
+            candle_core::quantized::GgmlDType::F32
+                | candle_core::quantized::GgmlDType::F16
+                | candle_core::quantized::GgmlDType::BF16
+        ) {
+            return Ok(self.get(name, dtype, device)?.map(LinearWeight::Dense));
+        }
+        if !quant::supported(ty) {
+            return Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "tensor `{gname}` is {}, which lqa cannot keep as stored (weights: \"native\"); \
+                     load it with weights: \"f32\" or \"q8_0\"",
+                    quant::type_name(ty)
+                ),
+            ));
+        }
+        let q = self
+            .content
+            .tensor(&mut self.reader, &gname, &Device::Cpu)
+            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}")))?;
+        let mut w = QuantWeight::new(q, &gname).map_err(|e| Error::bad_file(&self.path, e))?;
+        if self.family.gguf_permutes_qk() {
+            let heads = if gname.ends_with("attn_q.weight") {
+                Some(self.n_heads)
+            } else if gname.ends_with("attn_k.weight") {
+                Some(self.n_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                w = w.permute_rows(&unpermute_index(w.n(), h))?;
+            }
+        }
+        Ok(Some(LinearWeight::Quant(w)))
+    }
+
     fn get(&mut self, name: &str, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
         let Some(gname) = Self::gguf_name(name, self.family) else {
             return Ok(None);

@@ -143,6 +143,9 @@ struct LoadOpts {
     device: Option<String>,
     /// A PEFT adapter directory attached to (a copy of) the model.
     adapter: Option<String>,
+    /// How linear weights are kept: `"f32"` (default), `"bf16"`, `"native"` (a GGUF's own
+    /// block types), `"q8_0"`, `"q4_k"` (quantized on load).
+    weights: Option<String>,
 }
 
 /// A prompt argument: one string, or an array of strings (a batch).
@@ -195,6 +198,9 @@ fn load_with(ctx: &NativeCallContext, name: &str, o: LoadOpts) -> ScriptResult<S
     }
     if let Some(d) = &o.device {
         lo.device = parse_device(d).at(ctx)?;
+    }
+    if let Some(w) = &o.weights {
+        lo = lo.with_weights(w, o.dtype.is_some()).at(ctx)?;
     }
     let lm = LanguageModel::load_shared(name, &lo).at(ctx)?;
     Ok(ScriptModel { lm, template: None })
@@ -375,6 +381,14 @@ fn info(m: &ScriptModel) -> Map {
         "device",
         format!("{:?}", m.lm.model.device()).to_lowercase().into(),
     );
+    put("weights", m.lm.model.weight_format().name().into());
+    let by = m.lm.model.weight_bytes();
+    put("weight_bytes", (by.values().sum::<usize>() as i64).into());
+    let mut kinds = Map::new();
+    for (k, b) in by {
+        kinds.insert(k.into(), (b as i64).into());
+    }
+    put("weight_types", kinds.into());
     map
 }
 
