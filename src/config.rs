@@ -311,6 +311,13 @@ impl Fields<'_> {
     }
 }
 
+/// The most layers a config may declare (the largest open models have about 128).
+pub const MAX_LAYERS: usize = 1 << 12;
+/// The largest size a config may declare for a dimension (widths, heads, vocabulary): a
+/// weight of two such dimensions would be 2^48 elements, so the weights' budget check
+/// (`crate::budget`) computes in range; anything real is far below.
+pub const MAX_DIM: usize = 1 << 24;
+
 impl ModelConfig {
     /// Parse an HF `config.json`.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
@@ -357,6 +364,12 @@ impl ModelConfig {
             }
         };
         let num_hidden_layers = f.need_usize("num_hidden_layers", fam)?;
+        // checked before anything is sized by it (a per-layer list); `validate` checks the rest
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {num_hidden_layers} is out of range (1..={MAX_LAYERS})"
+            ));
+        }
         let gemma = family.is_gemma();
         let activation = match f
             .str("hidden_activation")?
@@ -558,6 +571,11 @@ impl ModelConfig {
             scaling: None,
         });
         let sliding_window = get_u("attention.sliding_window").ok().filter(|&w| w > 0);
+        if n_layers > MAX_LAYERS {
+            return Err(Error::invalid(format!(
+                "{arch}.block_count {n_layers} is out of range (at most {MAX_LAYERS})"
+            )));
+        }
         let layer_types = (0..n_layers)
             .map(|i| {
                 let sliding = sliding_window.is_some()
@@ -651,6 +669,24 @@ impl ModelConfig {
         ] {
             if v == 0 {
                 return Err(format!("`{k}` must be positive"));
+            }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(format!(
+                "num_hidden_layers {} is out of range (at most {MAX_LAYERS})",
+                self.num_hidden_layers
+            ));
+        }
+        for (k, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if v > MAX_DIM {
+                return Err(format!("`{k}` {v} is out of range (at most {MAX_DIM})"));
             }
         }
         if self.sliding_window == Some(0) {
@@ -785,5 +821,41 @@ fn parse_rope_scaling(v: &Value, what: &str) -> std::result::Result<Option<RopeS
         other => Err(format!(
             "`{what}` type `{other}` is not supported (default, linear, llama3)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
+        let mut v = serde_json::json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "vocab_size": 270
+        });
+        edit(v.as_object_mut().unwrap());
+        v.to_string()
+    }
+
+    /// Found by the fuzzer in a release build: a huge `num_hidden_layers` sized a per-layer
+    /// list before any check (an allocation of isize::MAX bytes: an abort, not an error).
+    #[test]
+    fn huge_sizes_are_errors_before_anything_is_allocated() {
+        ModelConfig::from_hf_str(&llama(|_| {})).unwrap();
+        for n in [u64::MAX, i64::MAX as u64, 1 << 40, MAX_LAYERS as u64 + 1] {
+            let err = ModelConfig::from_hf_str(&llama(|m| {
+                m.insert("num_hidden_layers".into(), n.into());
+            }))
+            .unwrap_err();
+            assert!(err.contains("num_hidden_layers"), "{err}");
+        }
+        for k in ["hidden_size", "intermediate_size", "vocab_size"] {
+            let err = ModelConfig::from_hf_str(&llama(|m| {
+                m.insert(k.into(), (1u64 << 40).into());
+            }))
+            .unwrap_err();
+            assert!(err.contains(k), "{k}: {err}");
+        }
     }
 }
