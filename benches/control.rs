@@ -64,7 +64,7 @@ fn bench() -> anyhow::Result<()> {
         let config = ControlConfig {
             batch_size: batch,
             samples: samples.len(),
-            ..Default::default()
+            ..ControlConfig::paper()
         };
         let mut opt = ControlOptimizer::with_samples(
             &decoder,

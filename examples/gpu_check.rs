@@ -508,7 +508,7 @@ fn run(args: Args) -> Result<()> {
         let config = ControlConfig {
             batch_size: 1,
             samples: samples.len(),
-            ..Default::default()
+            ..ControlConfig::paper()
         };
         let mut opt = ControlOptimizer::with_samples(
             &decoder,
@@ -646,7 +646,7 @@ fn run(args: Args) -> Result<()> {
             let config = ControlConfig {
                 batch_size: bs,
                 samples: samples.len(),
-                ..Default::default()
+                ..ControlConfig::paper()
             };
             let mut opt = ControlOptimizer::with_samples(
                 &decoder_shipped,

@@ -66,7 +66,7 @@ fn config(lr: f64) -> ControlConfig {
         lora_alpha: 8.0,
         lora_dropout: 0.0,
         layers_to_optimize: vec![0, 1],
-        ..Default::default()
+        ..ControlConfig::paper()
     }
 }
 
@@ -599,7 +599,7 @@ fn kl_config(kl_weight: f64) -> ControlConfig {
         lora_dropout: 0.0,
         layers_to_optimize: vec![0, 1],
         kl_weight,
-        ..Default::default()
+        ..ControlConfig::paper()
     }
 }
 
@@ -694,6 +694,14 @@ fn early_config(es: EarlyStop) -> ControlConfig {
 }
 
 #[test]
+fn the_default_config_is_the_swept_recipe_with_the_fluency_check() {
+    let d = ControlConfig::default();
+    assert_eq!((d.samples, d.lr, d.kl_weight), (150, 1e-4, 0.0));
+    assert_eq!(d.early_stop, Some(EarlyStop::default()));
+    assert_eq!(ControlConfig::paper().early_stop, None);
+}
+
+#[test]
 fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
     let tmp = tempfile::tempdir().unwrap();
     let d = decoder(tmp.path());
@@ -784,8 +792,9 @@ fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("every"), "{err}");
-    let all = lqa::control::data::samples(&instructions(), 2, 16, 42);
-    let err = ControlOptimizer::new(
+    // samples that read every instruction leave none held out: the check answers training
+    // instructions instead (with a warning); with fewer samples it answers the others
+    let opt = ControlOptimizer::new(
         &d,
         control(),
         &instructions(),
@@ -794,8 +803,25 @@ fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
             ..early_config(EarlyStop::default())
         },
     )
-    .err()
     .unwrap();
-    assert_eq!(all.len(), 16);
-    assert!(err.to_string().contains("held-out"), "{err}");
+    let texts: Vec<String> = instructions().into_iter().map(|i| i.instruction).collect();
+    assert_eq!(opt.held_out(), texts.as_slice());
+    let opt = ControlOptimizer::new(
+        &d,
+        control(),
+        &instructions(),
+        ControlConfig {
+            samples: 2,
+            ..early_config(EarlyStop::default())
+        },
+    )
+    .unwrap();
+    let chosen = lqa::control::data::samples(&instructions(), 2, 2, 42);
+    assert!(!opt.held_out().is_empty());
+    for h in opt.held_out() {
+        assert!(
+            chosen.iter().all(|c| &c.read.messages[0].content != h),
+            "{h}"
+        );
+    }
 }

@@ -292,7 +292,7 @@ fn a_control_step_runs_and_lowers_its_loss_on_qwen3_and_gemma2() {
             lora_alpha: 8.0,
             lora_dropout: 0.0,
             layers_to_optimize: (0..n).collect(),
-            ..Default::default()
+            ..ControlConfig::paper()
         };
         let mut opt = ControlOptimizer::new(&d, control, &instructions, cfg).unwrap();
         let before = opt.batch_loss(0).unwrap();

@@ -272,7 +272,7 @@ fn write_fixtures(dir: &Path) {
         lora_alpha: 4.0,
         layers_to_optimize: vec![0, 1],
         checkpoint_every: 1,
-        ..Default::default()
+        ..lqa::control::ControlConfig::paper()
     };
     let mut c = lqa::control::ControlOptimizer::new(&decoder, control, &instructions, ccfg.clone())
         .unwrap()

@@ -218,7 +218,7 @@ fn a_control_run_saves_an_adapter_that_loads_as_a_model() {
     let code = format!(
         r#"let opt = control_optimizer(m, d, #{{control: {control:?}, prompts: {prompts:?},
                samples: 6, batch_size: 2, lr: 0.01, r: 4, lora_alpha: 8.0, layers_to_optimize: [0, 1],
-               out_dir: {out:?}}});
+               early_stop: (), out_dir: {out:?}}});
            let losses = [];
            opt.on_step(|s| {{ losses.push(s.loss); true }});
            opt.run();
@@ -267,7 +267,7 @@ fn a_control_run_resumes_from_its_checkpoint() {
     let (a, b) = (f.dir.join("straight"), f.dir.join("resumed"));
     let cfg = format!(
         r#"control: {control:?}, prompts: {prompts:?}, samples: 6, batch_size: 2, lr: 0.01,
-           r: 4, lora_alpha: 8.0, layers_to_optimize: [0, 1]"#
+           r: 4, lora_alpha: 8.0, layers_to_optimize: [0, 1], early_stop: ()"#
     );
     let code = format!(
         r#"let a = control_optimizer(m, d, #{{{cfg}, out_dir: {a:?}}});
@@ -347,7 +347,7 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
     let cases = [
         (
             format!("load_model({model:?}, #{{dtpye: \"f32\"}})"),
-            "load_model: unknown option `dtpye` (known: dtype, device, adapter)",
+            "load_model: unknown option `dtpye` (known: dtype, device, adapter, weights)",
         ),
         (
             format!("load_model({model:?}, #{{dtype: 32}})"),

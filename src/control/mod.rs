@@ -84,10 +84,13 @@ fn default_checkpoint_every() -> usize {
     25
 }
 
+/// lqa's recipe, from the sweep of issue 18 (`scripts/control_sweep.rhai`, the table in the
+/// README): 150 samples at lr 1e-4 with the fluency check every 10 steps, which stops the run
+/// where steering starts to break the model's answers.
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
-            samples: 50,
+            samples: 150,
             batch_size: 1,
             lr: 1e-4,
             lora_modules: "both".into(),
@@ -102,7 +105,19 @@ impl Default for ControlConfig {
             max_tokens: 1024,
             checkpoint_every: default_checkpoint_every(),
             kl_weight: 0.0,
+            early_stop: Some(EarlyStop::default()),
+        }
+    }
+}
+
+impl ControlConfig {
+    /// The paper's objective and optimizer without the fluency check, at 50 samples (lqa's
+    /// default before the sweep): every step of the pass is taken.
+    pub fn paper() -> Self {
+        ControlConfig {
+            samples: 50,
             early_stop: None,
+            ..Default::default()
         }
     }
 }
@@ -288,14 +303,22 @@ impl ControlOptimizer {
                     .take(es.prompts)
                     .collect();
                 if held_out.is_empty() {
-                    return Err(Error::invalid(format!(
-                        "early_stop needs held-out instructions, but the {} samples read all {} \
-                         instructions of the set: take fewer samples or a larger set",
+                    tracing::warn!(
+                        "the {} samples read all {} instructions of the set: the fluency check \
+                         answers {} of them (not held out); take fewer samples or a larger set \
+                         for a held-out check",
                         config.samples,
-                        instructions.len()
-                    )));
+                        instructions.len(),
+                        es.prompts.min(instructions.len())
+                    );
+                    instructions
+                        .iter()
+                        .take(es.prompts)
+                        .map(|i| i.instruction.clone())
+                        .collect()
+                } else {
+                    held_out
                 }
-                held_out
             }
             None => Vec::new(),
         };
@@ -632,6 +655,10 @@ impl ControlOptimizer {
     /// The pass is over, or the fluency check stopped the run.
     pub fn is_done(&self) -> bool {
         self.stopped.is_some() || self.step >= self.total_steps()
+    }
+    /// The instructions the fluency check answers (empty when it is off).
+    pub fn held_out(&self) -> &[String] {
+        &self.held_out
     }
     /// Why and where the run stopped early, if it did.
     pub fn stopped(&self) -> Option<&EarlyStopped> {
