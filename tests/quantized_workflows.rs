@@ -76,7 +76,11 @@ const QUESTION: &str = "What type of persona will the assistant adopt?";
 /// The shipped decoder's greedy answer to [`QUESTION`] about each control, on `target` (and a
 /// decoder on the same weights), with the time it took.
 fn read_controls(target: Arc<LanguageModel>) -> (Vec<String>, f64) {
-    let d = Decoder::load(target, None).expect("the shipped decoder loads");
+    read_decoder(Decoder::load(target, None).expect("the shipped decoder loads"))
+}
+
+/// [`read_controls`] with a decoder at hand.
+fn read_decoder(d: Decoder) -> (Vec<String>, f64) {
     let mut o = d.ask_options();
     o.gen.max_new_tokens = 24;
     let dialogs: Vec<Vec<Message>> = CONTROLS
@@ -230,6 +234,36 @@ fn a_control_step_on_native_weights_lowers_the_loss() {
         "{steps:?} vs {before}"
     );
     assert!(after < before, "batch loss {before} -> {after}");
+}
+
+/// The shipped decoder with its adapter folded into the quantized weights anyway (`W + scale B
+/// A` quantized again to the weight's type), which `Adapter::merged` does not do.
+fn requantized_decoder(target: Arc<LanguageModel>) -> Decoder {
+    let mut d = Decoder::load(target, None).unwrap();
+    for id in d.model.linear_ids() {
+        let Some(l) = d.model.linear_at_mut(id) else {
+            continue;
+        };
+        if let Some(w) = l.lora.take() {
+            let (a, b) = (w.a.as_tensor().detach(), w.b.as_tensor().detach());
+            let delta = (b.matmul(&a).unwrap() * w.scale).unwrap();
+            l.map_weight(|wt| wt + &delta).unwrap();
+        }
+    }
+    d
+}
+
+/// Not a check: what folding the decoder's adapter into the Q4_1 weights (re-quantizing) would
+/// read, next to the unmerged native decoder's answers (`-- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn reading_with_the_adapter_requantized_into_native_weights() {
+    let (aq, tq) = read_controls(native_lm());
+    let (ar, tr) = read_decoder(requantized_decoder(native_lm()));
+    println!("reading 3 controls: native unmerged {tq:.2}s, re-quantized {tr:.2}s");
+    for (q, r) in aq.iter().zip(&ar) {
+        println!("unmerged:     {q:?}\nre-quantized: {r:?}");
+    }
 }
 
 /// Not a check: LIT and control step times on f32 against native, at the functional tests'
