@@ -286,3 +286,90 @@ fn workflow_step_times_f32_against_native() {
         }
     }
 }
+
+/// The KV cache in f16 on `native` weights: it holds half the bytes of the f32 cache, the next
+/// step's logits move by the rounding of the keys and values (printed), and the greedy
+/// continuation of the reference prompt is the f32 cache's. The script option names itself
+/// when its value is bad.
+#[test]
+fn an_f16_kv_cache_halves_the_cache_and_keeps_the_greedy_text() {
+    use candle_core::{DType, Device};
+    use lqa::generate::{generate, GenOptions};
+    use lqa::model::{Input, KvCache, Logits};
+    let lm = native_lm();
+    let m = &lm.model;
+    let case = &real::reference()["greedy"][0];
+    let ids: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
+    // one prefill and one decoding step with each cache
+    let step = |dtype: Option<DType>| {
+        let mut cache = KvCache::with_dtype(m.n_layers(), dtype);
+        let input = Input::left_padded(std::slice::from_ref(&ids), 2, &Device::Cpu)
+            .unwrap()
+            .with_logits(Logits::Last);
+        m.forward(&input, Some(&mut cache), None).unwrap();
+        let mut next = Input::left_padded(&[vec![ids[0]]], 2, &Device::Cpu)
+            .unwrap()
+            .with_logits(Logits::Last);
+        next.pads = input.pads.clone();
+        next.offset = ids.len();
+        let l: Vec<f32> = m
+            .forward(&next, Some(&mut cache), None)
+            .unwrap()
+            .logits
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (cache.bytes(), l)
+    };
+    let (bf, lf) = step(None);
+    let (bh, lh) = step(Some(DType::F16));
+    let d = lf
+        .iter()
+        .zip(&lh)
+        .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    println!("KV cache bytes: f32 {bf}, f16 {bh}; max |logit f16 cache - f32 cache| = {d:.4}");
+    assert_eq!(bh * 2, bf);
+    assert!(d < 0.1, "{d}");
+    let opts = |kv_dtype| GenOptions {
+        max_new_tokens: 16,
+        kv_dtype,
+        ..Default::default()
+    };
+    let gf = generate(m, std::slice::from_ref(&ids), 2, &opts(None), None).unwrap();
+    let gh = generate(
+        m,
+        std::slice::from_ref(&ids),
+        2,
+        &opts(Some(DType::F16)),
+        None,
+    )
+    .unwrap();
+    println!("f32 cache: {:?}\nf16 cache: {:?}", gf[0], gh[0]);
+    assert_eq!(gf, gh);
+    // the script option
+    let mut rt = lqa::script::Runtime::new(lqa::script::RuntimeOptions::default());
+    let load = r#"let m = load_model("smollm2-135m-instruct", #{weights: "native"});"#;
+    let out = rt
+        .eval(&format!(
+            "{load} let p = \"The capital of France is\"; \
+             [m.generate(p, #{{max_new_tokens: 4}}), \
+              m.generate(p, #{{max_new_tokens: 4, kv_cache: \"f16\"}}), \
+              m.generate(p, #{{max_new_tokens: 4, kv_cache: \"bf16\"}})]"
+        ))
+        .unwrap();
+    let out: Vec<String> = out
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect();
+    println!("{out:?}");
+    assert_eq!(out[0], out[1]);
+    assert!(out[2].contains("Paris"), "{out:?}");
+    let e = rt
+        .eval(&format!("{load} m.generate(\"Hi\", #{{kv_cache: \"f8\"}})"))
+        .unwrap_err();
+    assert!(e.contains("kv_cache") && e.contains("f8"), "{e}");
+}
