@@ -258,9 +258,15 @@ fn requantized_decoder(target: Arc<LanguageModel>) -> Decoder {
 #[test]
 #[ignore]
 fn reading_with_the_adapter_requantized_into_native_weights() {
+    // each read twice, to tell a first call's warm-up from the steady time
+    let mut times = vec![];
+    for _ in 0..2 {
+        times.push(("f32", read_controls(f32_lm()).1));
+        times.push(("native", read_controls(native_lm()).1));
+    }
     let (aq, tq) = read_controls(native_lm());
     let (ar, tr) = read_decoder(requantized_decoder(native_lm()));
-    println!("reading 3 controls: native unmerged {tq:.2}s, re-quantized {tr:.2}s");
+    println!("reading 3 controls (s): {times:?}; native unmerged {tq:.2}s, re-quantized {tr:.2}s");
     for (q, r) in aq.iter().zip(&ar) {
         println!("unmerged:     {q:?}\nre-quantized: {r:?}");
     }
