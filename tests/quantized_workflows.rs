@@ -182,7 +182,7 @@ fn a_lit_step_on_native_weights_lowers_the_loss() {
 }
 
 /// A control run's config: one batch of `batch_size` samples (every step trains on the same
-/// batch), LoRA on a few layers.
+/// batch), LoRA on layers 0-7, the paper's objective.
 fn control_config(batch_size: usize) -> ControlConfig {
     ControlConfig {
         samples: batch_size,
@@ -194,6 +194,9 @@ fn control_config(batch_size: usize) -> ControlConfig {
         layers_to_optimize: (0..8).collect(),
         seed: 3,
         checkpoint_every: 0,
+        // the paper's objective, every step taken (no fluency check, whatever the defaults)
+        kl_weight: 0.0,
+        early_stop: None,
         ..Default::default()
     }
 }

@@ -347,7 +347,7 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
     let cases = [
         (
             format!("load_model({model:?}, #{{dtpye: \"f32\"}})"),
-            "load_model: unknown option `dtpye` (known: dtype, device, adapter)",
+            "load_model: unknown option `dtpye` (known: dtype, device, adapter, weights)",
         ),
         (
             format!("load_model({model:?}, #{{dtype: 32}})"),
