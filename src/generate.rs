@@ -24,6 +24,9 @@ pub struct GenOptions {
     pub stop_ids: Vec<u32>,
     /// Use the KV cache (default). Without it every step recomputes the whole sequence.
     pub use_cache: bool,
+    /// The type the KV cache stores keys and values in (`F16`/`BF16`: half the bytes of f32,
+    /// each rounded once as it is stored); `None`: the model's compute type.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for GenOptions {
@@ -36,6 +39,7 @@ impl Default for GenOptions {
             row_seeds: vec![],
             stop_ids: vec![],
             use_cache: true,
+            kv_dtype: None,
         }
     }
 }
@@ -124,7 +128,7 @@ pub fn generate(
         .collect();
     let mut input = Input::left_padded(prompts, pad_id, model.device())?.with_logits(Logits::Last);
     let pads = input.pads.clone();
-    let mut cache = KvCache::new(model.n_layers());
+    let mut cache = KvCache::with_dtype(model.n_layers(), opts.kv_dtype);
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     for step in 0..opts.max_new_tokens {
         crate::interrupt::check()?;

@@ -45,7 +45,8 @@ pub fn find_shipped_decoder(model_name: &str, script_dir: Option<&Path>) -> Resu
 
 pub struct Decoder {
     pub target: Arc<LanguageModel>,
-    /// The decoder: the target's weights with the adapter folded in (frozen).
+    /// The decoder: the target's weights with the adapter folded in (frozen; on quantized
+    /// weights the adapter stays unmerged).
     pub model: Model,
     pub meta: DecoderMeta,
     pub path: PathBuf,
@@ -83,7 +84,8 @@ impl Decoder {
         let mut model = target.model.clone();
         let adapter = Adapter::load_peft(&dir, &model)?;
         adapter.attach(&mut model)?;
-        // the decoder is frozen once trained: fold the adapter into its weights
+        // the decoder is frozen once trained: fold the adapter into its weights (float
+        // weights only: a quantized weight keeps it unmerged, see `Adapter::merged`)
         let model = Adapter::merged(&model)?;
         Ok(Decoder {
             target,

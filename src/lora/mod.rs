@@ -203,13 +203,19 @@ impl Adapter {
 
     /// A copy of `model` with every attached adapter folded into its weights
     /// (`W + scale * B A`) and no adapter left: the same function, run at the base model's
-    /// cost, with nothing to differentiate (a frozen decoder in control). A quantized weight
-    /// (`weights: "native"`, `"q8_0"`, ...) is quantized again to its type after the fold, which
-    /// adds that type's rounding to `W + scale * B A`.
+    /// cost, with nothing to differentiate (a frozen decoder in control).
+    ///
+    /// A quantized weight (`weights: "native"`, `"q8_0"`, ...) keeps its adapter unmerged
+    /// (`Wq x + scale * B A x`, as QLoRA runs): folding would quantize `W + scale * B A` again
+    /// to the weight's type, and that rounding (up to half a quantization step per weight, e.g.
+    /// `(max - min) / 30` of a Q4_1 block of 32) is as large as most of the adapter's delta.
     pub fn merged(model: &Model) -> Result<Model> {
         let mut m = model.clone();
         for id in m.linear_ids() {
             if let Some(l) = m.linear_at_mut(id) {
+                if l.quant().is_some() {
+                    continue;
+                }
                 if let Some(w) = l.lora.take() {
                     // detached: a weight computed from variables would carry their graph
                     // into every forward (keeping all activations alive) and keep `delta`

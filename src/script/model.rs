@@ -8,6 +8,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::generate::GenOptions;
 use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use crate::lm::{parse_device, parse_dtype, LanguageModel, LoadOptions};
+use candle_core::DType;
 use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -91,6 +92,28 @@ pub struct GenOpts {
     /// Stop a row at the model's end-of-turn/end-of-text tokens.
     pub stop: bool,
     pub use_cache: bool,
+    /// The KV cache's storage type (`"f32"`, `"f16"`, `"bf16"`); absent: the model's compute
+    /// type.
+    pub kv_cache: Option<KvCacheType>,
+}
+
+/// A KV cache storage type as a script names it.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheType {
+    pub fn dtype(self) -> DType {
+        match self {
+            KvCacheType::F32 => DType::F32,
+            KvCacheType::F16 => DType::F16,
+            KvCacheType::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl Default for GenOpts {
@@ -103,6 +126,7 @@ impl Default for GenOpts {
             seed: d.seed,
             stop: true,
             use_cache: d.use_cache,
+            kv_cache: None,
         }
     }
 }
@@ -119,6 +143,7 @@ impl GenOpts {
             row_seeds: vec![],
             stop_ids: if self.stop { lm.stop_ids() } else { vec![] },
             use_cache: self.use_cache,
+            kv_dtype: self.kv_cache.map(KvCacheType::dtype),
         }
     }
 }
