@@ -538,3 +538,25 @@ fn the_scope_persists_between_evaluations() {
     let args: Array = rt.eval("ARGS").unwrap().into_array().unwrap();
     assert_eq!(args.len(), 1);
 }
+
+/// Every shipped script and stdlib module parses (a syntax error in one would otherwise show
+/// only when a user runs it).
+#[test]
+fn every_shipped_script_and_module_parses() {
+    let rt = runtime();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for dir in ["scripts", "stdlib"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "rhai") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = rt.engine().compile(&text) {
+                    panic!("{}: {e}", path.display());
+                }
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 10, "only {n} scripts found");
+}
