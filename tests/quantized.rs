@@ -13,6 +13,7 @@
 //! carries the block sum `s` in f16, which meets the weight block's minimum `m` (`|m| <=
 //! max |w|`): `32 a_b 2^-11 max_b |w|` more per block.
 
+mod common;
 mod real;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -24,16 +25,24 @@ use lqa::model::quant::{QuantWeight, WeightFormat};
 use lqa::model::{Input, Logits};
 use std::sync::{Arc, OnceLock};
 
+/// Deterministic values in [-1, 1) (`common::lcg`, as f32).
 fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 33) as f64 / (1u64 << 31) as f64) * 2.0 - 1.0) as f32
-        })
-        .collect()
+    common::lcg(n, seed).into_iter().map(|v| v as f32).collect()
+}
+
+/// The largest `|t|` over all elements.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The largest `|a - b|` over two slices.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 const TYPES: [GgmlDType; 10] = [
@@ -171,21 +180,8 @@ fn quant_input_gradient_is_dy_times_dequantized_w() {
     let g = loss.backward().unwrap();
     let gx = g.get(x.as_tensor()).unwrap();
     let want = c.matmul(&wd).unwrap();
-    let d = (gx - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs(&(gx - &want).unwrap());
+    let scale = max_abs(&want);
     println!("input gradient: max |dx - dy W| = {d:e} (max |dy W| = {scale})");
     assert!(d <= 1e-5 * scale, "{d} vs scale {scale}");
 }
@@ -352,10 +348,7 @@ fn native_default_model_matches_the_f32_path() {
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let lf = last_logits(f, &ids);
         let lq = last_logits(q, &ids);
-        let d = lf
-            .iter()
-            .zip(&lq)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let d = max_diff(&lf, &lq);
         let (tf, tq) = (top(&lf, 5), top(&lq, 5));
         println!(
             "{name}: max |logit native - f32| = {d:.4}; top5 f32 {tf:?} native {tq:?}; \
@@ -427,10 +420,7 @@ fn q8_0_on_load_keeps_the_top1() {
         let name = case["name"].as_str().unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let (lf, lq) = (last_logits(f, &ids), last_logits(q, &ids));
-        let d = lf
-            .iter()
-            .zip(&lq)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let d = max_diff(&lf, &lq);
         let (tf, tq) = (top(&lf, 2), top(&lq, 1));
         let margin = lf[tf[0]] - lf[tf[1]];
         println!(
@@ -500,14 +490,7 @@ fn native_weights_dequantize_to_the_f32_paths() {
     for name in names {
         let a = f.weight(&name).unwrap();
         let b = q.weight(&name).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs(&(a - b).unwrap());
         assert!(d == 0.0, "{name}: {d}");
     }
 }
@@ -682,21 +665,8 @@ fn lora_training_step_on_native_weights_matches_f32() {
         let b = gq
             .get(v.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no native grad"));
-        let scale = a
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(a);
+        let d = max_abs(&(a - b).unwrap());
         assert!(d <= 1e-3 * scale + 1e-9, "{name}: {d} vs scale {scale}");
         worst = worst.max(d / (scale + 1e-12));
     }
@@ -786,10 +756,7 @@ fn every_family_quantizes_on_load_from_safetensors() {
         let q = load("q8_0").unwrap();
         assert!(q.model.weight_bytes().contains_key("Q8_0"), "{fam}");
         let lq: Vec<f32> = q.logits("Hello world, again").unwrap().to_vec1().unwrap();
-        let d = lf
-            .iter()
-            .zip(&lq)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let d = max_diff(&lf, &lq);
         println!("{fam}: q8_0 max |logit diff| = {d:.4} (max |logit| {range:.3})");
         assert!(d <= 0.08 * range, "{fam}: {d} vs {range}");
         // every linear weight is exactly candle's Q8_0 of the f32 one (fused ones split after)
