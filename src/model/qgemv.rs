@@ -120,6 +120,21 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX2 is available; `out` has 32 values per block of `w`.
+    /// Eight Q4 weights from the low 8 nibbles in `q` (one per byte): `(q - eight) d`, plus
+    /// `m` for Q4_1 (`min`), with candle's roundings. The one place both the dequantizer and
+    /// the dot product form them.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn q4_weights(q: __m128i, eight: __m256i, d: __m256, m: __m256, min: bool) -> __m256 {
+        let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
+        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
+        if min {
+            _mm256_add_ps(v, m)
+        } else {
+            v
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) {
         let bsize = t.type_size();
@@ -146,15 +161,7 @@ mod avx2 {
                     let qs = _mm_loadu_si128(blk.as_ptr().add(qoff) as *const __m128i);
                     let lo = _mm_and_si128(qs, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                    let w = |q: __m128i| {
-                        let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
-                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
-                        if min {
-                            _mm256_add_ps(v, m)
-                        } else {
-                            v
-                        }
-                    };
+                    let w = |q: __m128i| q4_weights(q, eight, d, m, min);
                     _mm256_storeu_ps(o, w(lo));
                     _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(lo, 8)));
                     _mm256_storeu_ps(o.add(16), w(hi));
@@ -187,15 +194,7 @@ mod avx2 {
             let lo = _mm_and_si128(qs, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
             let xb = x.as_ptr().add(b * QK);
-            let w = |q: __m128i| {
-                let v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(q), eight);
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(v), d);
-                if min {
-                    _mm256_add_ps(v, m)
-                } else {
-                    v
-                }
-            };
+            let w = |q: __m128i| q4_weights(q, eight, d, m, min);
             acc0 = _mm256_fmadd_ps(w(lo), _mm256_loadu_ps(xb), acc0);
             acc1 = _mm256_fmadd_ps(w(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(xb.add(8)), acc1);
             acc0 = _mm256_fmadd_ps(w(hi), _mm256_loadu_ps(xb.add(16)), acc0);
