@@ -90,7 +90,7 @@ fn bench() -> anyhow::Result<()> {
         let time = || -> anyhow::Result<(f64, usize)> {
             let t = Instant::now();
             let reading = d.read(&dialog, o.patch_all, o.read_layer)?;
-            let toks = d.answer_tokens(&reading, &questions, &o.gen)?;
+            let toks = d.answer_tokens(&reading, &questions, &o.gen, o.activations)?;
             Ok((t.elapsed().as_secs_f64(), toks.iter().map(Vec::len).sum()))
         };
         time()?;

@@ -12,8 +12,8 @@ use lqa::chat::{ChatTemplate, Message};
 use lqa::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
 use lqa::latentqa::{
     decoder_prompt, decoder_prompt_from_dialog, latentqa_loss, latentqa_loss_with_hooks,
-    latentqa_token_nll, patch_vectors, read_prompt, DecoderPrompt, Labels, LayerPlan, LossConfig,
-    PatchedBatch, PatchedExample, ReadDialog, ReadPrompt, VerbMask, BASE_REPLY,
+    latentqa_token_nll, patch_vectors, read_prompt, Activations, DecoderPrompt, Labels, LayerPlan,
+    LossConfig, PatchedBatch, PatchedExample, ReadDialog, ReadPrompt, VerbMask, BASE_REPLY,
 };
 use lqa::model::Model;
 use lqa::tokenizer::Tokenizer;
@@ -276,7 +276,7 @@ fn reference_losses_match() {
             );
             max_diff = max_diff.max((loss - want).abs());
             // per-token CE
-            let ce = latentqa_token_nll(model, model, &batch, &lcfg).unwrap();
+            let ce = latentqa_token_nll(model, model, &batch, &lcfg, Activations::Read).unwrap();
             let want_ce: Vec<f64> = serde_json::from_value(pe["token_ce"].clone()).unwrap();
             assert_eq!(ce[0].len(), want_ce.len());
             for (a, b) in ce[0].iter().zip(&want_ce) {

@@ -81,7 +81,7 @@ fn read_dialogs_follow_the_paper() {
             ItemKind::Control => &control,
             ItemKind::Stimulus => &stimulus,
             ItemKind::System => &system,
-            ItemKind::StimulusCompletion => unreachable!(),
+            _ => unreachable!(),
         }[item.index]
             .clone();
         assert_eq!(src["label"], item.label.as_str());
@@ -116,7 +116,7 @@ fn read_dialogs_follow_the_paper() {
                 assert_eq!(contents, want);
                 assert_eq!(item.read.mask, VerbMask::System);
             }
-            ItemKind::StimulusCompletion => unreachable!(),
+            _ => unreachable!(),
         }
     }
 }

@@ -211,8 +211,26 @@ fn bad_data_names_the_file_and_item_and_keeps_earlier_outputs() {
     assert_eq!(std::fs::read(&ck).unwrap(), before);
 }
 
+/// A small labelled set in the format of `data/classification.json`.
+fn write_classification(path: &Path) {
+    let file = serde_json::json!({
+        "attributes": {
+            "topic": {"values": ["colors", "animals"], "question": "Is the text about {value}?"}
+        },
+        "items": [
+            {"text": "The sky is blue.", "topic": "colors"},
+            {"text": "A cat sleeps.", "topic": "animals"},
+            {"text": "Red roses.", "topic": "colors"}
+        ]
+    });
+    std::fs::write(path, file.to_string()).unwrap();
+}
+
 #[test]
-fn the_reading_test_scores_true_and_shuffled_activations() {
+fn the_reading_evaluation_scores_the_same_items_three_ways() {
+    use lqa::latentqa::Activations;
+    use lqa::lit::data::ItemKind;
+    use lqa::lit::eval::{evaluate_reading, EvalOptions};
     let root = tempfile::tempdir().unwrap();
     let target = setup(root.path());
     let mut t = Trainer::new(
@@ -226,23 +244,156 @@ fn the_reading_test_scores_true_and_shuffled_activations() {
     t.train(|_| Ok(true)).unwrap();
     let dir = root.path().join("dec");
     t.save_adapter(&dir, candle_core::DType::F32).unwrap();
+    // the training record ships with the decoder
+    for f in [
+        "config.json",
+        "split.json",
+        "kinds.json",
+        "metrics.jsonl",
+        "loss.svg",
+    ] {
+        assert!(dir.join("training").join(f).is_file(), "{f}");
+    }
     let d = lqa::latentqa::decoder::Decoder::load(target, Some(&dir)).unwrap();
     let data =
         lqa::lit::data::LitData::load_dir(&root.path().join("data"), &Default::default()).unwrap();
-    let split = lqa::lit::data::LabelSplit::load(&root.path().join("e/split.json")).unwrap();
+    let split = lqa::lit::data::LabelSplit::load(&dir.join("training/split.json")).unwrap();
     let (_, held_out) = data.split_with(&split);
-    let r = lqa::lit::eval::reading_gap(&d, &data, &split, None, 4, 0).unwrap();
-    assert_eq!(r.n, held_out.len());
-    assert!(r.true_mean.is_finite() && r.shuffled_mean.is_finite());
-    assert!((r.gap - (r.shuffled_mean - r.true_mean)).abs() < 1e-9);
-    // with the dialog of the example itself, "shuffled" equals true: the score depends on the
-    // activations only through the dialog
-    let e = &held_out[0];
-    let a = d
-        .score(&e.item.read.messages, &e.question, &e.answer, false)
-        .unwrap();
-    let b = d
-        .score(&e.item.read.messages, &e.question, &e.answer, false)
-        .unwrap();
-    assert_eq!(a, b);
+    let cls = root.path().join("cls.json");
+    write_classification(&cls);
+    let opts = EvalOptions {
+        batch_size: 3,
+        generate: 4,
+        max_new_tokens: 4,
+        classification_file: Some(cls),
+        ..Default::default()
+    };
+    let r = evaluate_reading(&d, &data, &split, &opts).unwrap();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let mut checked = 0;
+    for (kind, name) in [
+        (ItemKind::System, "system"),
+        (ItemKind::Stimulus, "stimulus"),
+        (ItemKind::Control, "control"),
+    ] {
+        let items: Vec<_> = held_out
+            .iter()
+            .filter(|e| e.item.kind == kind)
+            .map(|e| (e.item.read.clone(), e.question.clone(), e.answer.clone()))
+            .collect();
+        let Some(k) = r.kind(name) else {
+            assert!(
+                items.len() < 2,
+                "{name}: {} items but no report",
+                items.len()
+            );
+            continue;
+        };
+        checked += 1;
+        assert_eq!(k.n, items.len(), "{name}");
+        assert_eq!(k.masked, kind != ItemKind::Control);
+        // the true and no-activation losses are those of these very items
+        let truth = d.score_reads(&items, Activations::Read).unwrap();
+        let none = d.score_reads(&items, Activations::None).unwrap();
+        assert!((k.loss_true - mean(&truth)).abs() < 1e-5, "{name}");
+        assert!((k.loss_none - mean(&none)).abs() < 1e-5, "{name}");
+        assert!((k.gap_mismatched.mean - (k.loss_mismatched - k.loss_true)).abs() < 1e-9);
+        assert!((k.gap_none.mean - (k.loss_none - k.loss_true)).abs() < 1e-9);
+        // nothing written is not the same as the true activations
+        assert!(truth.iter().zip(&none).any(|(a, b)| (a - b).abs() > 1e-6));
+        let g = k.generated.as_ref().unwrap();
+        assert_eq!(g.n, k.n.min(4));
+        assert!(k.accuracy.is_none());
+    }
+    assert!(checked >= 1);
+    // classification: 3 sentences x 1 attribute x (yes, no), accuracies are shares
+    let c = r.kind("classification").unwrap();
+    assert_eq!(c.n, 6);
+    let a = c.accuracy.unwrap();
+    for s in [a.true_activations, a.mismatched, a.none] {
+        assert!((0.0..=1.0).contains(&s.value) && s.low <= s.value && s.value <= s.high);
+        assert_eq!((s.value * 6.0).round(), s.value * 6.0);
+    }
+}
+
+/// Activation Oracles' recipe on the toy task: norm-matched addition at layer 1, two read
+/// layers named in the prompt, and a mixture with context prediction and classification.
+#[test]
+fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
+    use lqa::latentqa::Injection;
+    use lqa::lit::mixture::MixtureConfig;
+    let root = tempfile::tempdir().unwrap();
+    let target = setup(root.path());
+    let passages = root.path().join("passages.json");
+    std::fs::write(
+        &passages,
+        serde_json::json!([
+            "one two three four five six seven eight nine ten eleven twelve thirteen fourteen",
+            {"response": "red green blue cyan magenta yellow black white grey brown pink"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let cls = root.path().join("cls.json");
+    write_classification(&cls);
+    let cfg = TrainConfig {
+        max_steps: Some(4),
+        read_layers: vec![1, 0],
+        write_layer: 1,
+        injection: Injection::AddNormMatched,
+        mixture: MixtureConfig {
+            context: 0.5,
+            classification: 0.5,
+            context_files: vec![passages],
+            classification_file: cls,
+            window_words: 6,
+            answer_words: 3,
+            ..Default::default()
+        },
+        eval_fraction: 0.0,
+        eval_every: 0,
+        ..config(root.path(), "ao")
+    };
+    let mut t = Trainer::new(target.clone(), cfg).unwrap();
+    let c = t.kind_counts().train.clone();
+    // 48 LatentQA examples, each other kind at half of that
+    assert_eq!(
+        (c["latentqa"], c["context"], c["classification"]),
+        (48, 24, 24)
+    );
+    let mut layers = std::collections::BTreeSet::new();
+    t.train(|s| {
+        layers.insert(s.read_layer);
+        assert!(s.loss.is_finite());
+        Ok(true)
+    })
+    .unwrap();
+    assert!(layers.iter().all(|l| *l <= 1));
+    let dir = root.path().join("dec");
+    t.save_adapter(&dir, candle_core::DType::F32).unwrap();
+    let d = lqa::latentqa::decoder::Decoder::load(target.clone(), Some(&dir)).unwrap();
+    assert_eq!(d.meta.read_layers, vec![0, 1]);
+    assert_eq!(d.meta.layers.inject, Injection::AddNormMatched);
+    assert_eq!((d.meta.layers.read, d.meta.layers.write), (0, 1));
+    // questions name the layer the activations come from
+    let q = d.meta.question("What color?", 1);
+    assert_eq!(q, "Layer: 1\nWhat color?");
+    let mut o = d.ask_options();
+    o.gen.max_new_tokens = 3;
+    o.read_layer = Some(1);
+    let dialog = vec![lqa::chat::Message::new("user", "Talk about red.")];
+    assert_eq!(
+        d.ask(&[dialog], &["What color?".into()], &o).unwrap()[0].len(),
+        1
+    );
+    // a decoder file written before injections existed loads as the paper's replacement
+    std::fs::write(
+        dir.join("lqa_decoder.json"),
+        r#"{"base_model": "tiny-chat", "read_layer": 1, "write_layer": 0}"#,
+    )
+    .unwrap();
+    let old = lqa::latentqa::decoder::Decoder::load(target, Some(&dir)).unwrap();
+    assert_eq!(old.meta.layers.inject, Injection::Replace);
+    assert!(!old.meta.names_layer());
+    assert_eq!(old.meta.question("What color?", 1), "What color?");
 }

@@ -383,3 +383,79 @@ fn logits_at_columns_equal_the_full_logits_there() {
         }
     }
 }
+
+/// Activation Oracles' injection: at the patched positions the activation becomes
+/// `h + ||h|| v / ||v||`, so the added vector has exactly the norm of `h` and the direction of
+/// `v`; other positions, and other rows of a padded batch, are untouched.
+#[test]
+fn norm_matched_injection_adds_v_direction_at_the_norm_of_h() {
+    let (_d, m) = model();
+    let point = HookPoint::resid_post(1);
+    let rows = vec![vec![5, 9, 14, 3, 77, 8], vec![1, 2, 3]];
+    let run = |hooks: Hooks| -> (Tensor, Vec<usize>) {
+        let mut hooks = hooks.capture(point);
+        let input = Input::left_padded(&rows, 0, &Device::Cpu).unwrap();
+        let pads = input.pads.clone();
+        m.forward(&input, None, Some(&mut hooks)).unwrap();
+        (hooks.captured.remove(&point).unwrap(), pads)
+    };
+    let (clean, pads) = run(Hooks::new());
+    let positions = vec![1usize, 4];
+    // v of a very different norm from h's, with a zero-free direction
+    let v = Tensor::from_vec(
+        lcg(2 * D, 5).iter().map(|x| *x as f32 * 40.0).collect(),
+        (2, D),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let (patched, _) = run(Hooks::new().patch(Patch {
+        point,
+        mode: PatchMode::AddNormMatched,
+        value: v.clone(),
+        positions: Positions::List(positions.clone()),
+        rows: Some(vec![0]),
+    }));
+    let vec_at = |t: &Tensor, r: usize, p: usize| -> Vec<f32> {
+        t.get(r).unwrap().get(p).unwrap().to_vec1().unwrap()
+    };
+    let norm = |x: &[f32]| x.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    for pos in 0..rows[0].len() {
+        let (h, out) = (
+            vec_at(&clean, 0, pads[0] + pos),
+            vec_at(&patched, 0, pads[0] + pos),
+        );
+        let added: Vec<f32> = out.iter().zip(&h).map(|(o, h)| o - h).collect();
+        match positions.iter().position(|&p| p == pos) {
+            None => assert_eq!(norm(&added), 0.0, "position {pos} changed"),
+            Some(i) => {
+                let vi: Vec<f32> = v.get(i).unwrap().to_vec1().unwrap();
+                let (na, nh, nv) = (norm(&added), norm(&h), norm(&vi));
+                assert!(
+                    (na - nh).abs() <= 1e-5 * nh,
+                    "position {pos}: |added| {na} vs |h| {nh}"
+                );
+                let cos = added
+                    .iter()
+                    .zip(&vi)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum::<f64>()
+                    / (na * nv);
+                assert!((cos - 1.0).abs() < 1e-6, "position {pos}: cos {cos}");
+            }
+        }
+    }
+    // the other row is untouched
+    assert_eq!(
+        max_abs_diff(&clean.get(1).unwrap(), &patched.get(1).unwrap()),
+        0.0
+    );
+    // a zero v adds nothing (no division by zero)
+    let (zero, _) = run(Hooks::new().patch(Patch {
+        point,
+        mode: PatchMode::AddNormMatched,
+        value: Tensor::zeros((2, D), DType::F32, &Device::Cpu).unwrap(),
+        positions: Positions::List(positions),
+        rows: None,
+    }));
+    assert_eq!(max_abs_diff(&clean, &zero), 0.0);
+}

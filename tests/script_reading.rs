@@ -48,6 +48,7 @@ fn fixture() -> Fixture {
     let meta = DecoderMeta {
         base_model: "tiny-chat".into(),
         layers: LayerPlan::new(1, 0),
+        read_layers: Vec::new(),
     };
     std::fs::write(
         decoder.join(META_FILE),
@@ -371,7 +372,7 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
         ),
         (
             format!("d.score({dialog}, \"q\", \"a\", #{{patchall: true}})"),
-            "score: unknown option `patchall` (known: patch_all)",
+            "score: unknown option `patchall` (known: patch_all, activations)",
         ),
         (
             format!("d.ask({dialog}, \"q\", #{{read_layr: 1}})"),
@@ -388,6 +389,10 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
         (
             "evaluate_reading(d, #{split: \"s.json\", limit: 2.5})".into(),
             "evaluate_reading: option `limit`: float `2.5`",
+        ),
+        (
+            format!("d.ask({dialog}, \"q\", #{{activations: \"shuffled\"}})"),
+            "unknown activations \"shuffled\": expected \"read\" or \"none\"",
         ),
         (
             "evaluate_reading(d, #{limt: 2})".into(),
@@ -407,4 +412,33 @@ fn options_maps_name_unknown_keys_and_wrong_types() {
         assert!(err.contains(want), "{code}:\n  got  {err}\n  want {want}");
         assert!(err.starts_with("<eval>:1:"), "{code}: no position in {err}");
     }
+}
+
+#[test]
+fn no_activations_is_a_baseline_that_ignores_the_dialog() {
+    let f = fixture();
+    let v = f.eval(
+        r#"
+        let q = "What is the assistant thinking about?";
+        let a = "The color red.";
+        let read1 = d.score("Talk about red.", q, a);
+        let read2 = d.score("A long story about a dog and a cat.", q, a);
+        let none1 = d.score("Talk about red.", q, a, #{activations: "none"});
+        let none2 = d.score("A long story about a dog and a cat.", q, a, #{activations: "none"});
+        let ask1 = d.ask("Talk about red.", q, #{activations: "none", max_new_tokens: 6});
+        let info = d.info();
+        [read1, read2, none1, none2, ask1, info.injection, info.read_layers.len()]
+        "#,
+    );
+    let v = v.into_array().unwrap();
+    let f64_at = |i: usize| v[i].as_float().unwrap();
+    // the activations matter when read ...
+    assert!((f64_at(0) - f64_at(1)).abs() > 1e-6);
+    // ... and with none written, the score depends only on how many placeholders there are
+    // and the question: equal for two dialogs of the same patched length, so compare with
+    // itself and with the read score
+    assert!((f64_at(2) - f64_at(0)).abs() > 1e-6);
+    assert!(v[4].is_string());
+    assert_eq!(v[5].clone().into_string().unwrap(), "replace");
+    assert_eq!(v[6].as_int().unwrap(), 0);
 }

@@ -7,7 +7,7 @@ mod real;
 use lqa::chat::Message;
 use lqa::latentqa::decoder::Decoder;
 use lqa::lit::data::{LabelSplit, LitData};
-use lqa::lit::eval::reading_gap;
+use lqa::lit::eval::{evaluate_reading, EvalOptions};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,18 +28,32 @@ fn the_shipped_decoder_reads_held_out_behaviours() {
         LitData::load_dir(&root.join("../shared/latentqa-data"), &Default::default()).unwrap();
     let split =
         LabelSplit::load(&root.join("decoders/smollm2-135m-instruct/training/split.json")).unwrap();
-    // 64 of the 258 held-out examples (all of them: true 1.99, shuffled 2.44 nats/token)
-    let r = reading_gap(&d, &data, &split, Some(64), 8, 0).unwrap();
-    assert_eq!(r.n, 64);
+    // 24 held-out items of each kind, scored with true, mismatched and no activations
+    let opts = EvalOptions {
+        limit: Some(24),
+        ..Default::default()
+    };
+    let r = evaluate_reading(&d, &data, &split, &opts).unwrap();
+    let show = |k: &str| {
+        let k = r.kind(k).unwrap();
+        format!(
+            "{}: true {:.3}, mismatched {:.3}, none {:.3}, true better {:.2}",
+            k.kind, k.loss_true, k.loss_mismatched, k.loss_none, k.gap_mismatched.true_better.value
+        )
+    };
+    // with the control in view (unmasked) the decoder reads it clearly
+    let control = r.kind("control").unwrap();
+    assert_eq!(control.n, 24);
     assert!(
-        r.gap > 0.15 && r.win_rate > 0.6,
-        "true {:.3} vs shuffled {:.3}: gap {:.3} ± {:.3}, wins {:.2}",
-        r.true_mean,
-        r.shuffled_mean,
-        r.gap,
-        r.gap_stderr,
-        r.win_rate
+        control.gap_mismatched.mean > 0.4 && control.gap_mismatched.true_better.value > 0.8,
+        "{}",
+        show("control")
     );
+    // masked, its reading is weak but there (the issue this decoder is to be replaced for)
+    for k in ["system", "stimulus"] {
+        let g = &r.kind(k).unwrap().gap_mismatched;
+        assert!(g.mean > 0.0 && g.true_better.value > 0.5, "{}", show(k));
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@ use crate::latentqa::format::{decoder_prompt, read_prompt};
 use crate::latentqa::loss::{
     gather_patches, latentqa_loss, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
 };
-use crate::latentqa::{Labels, LayerPlan};
+use crate::latentqa::{layer_question, Injection, Labels, LayerPlan};
 use crate::lm::LanguageModel;
 use crate::lora::{module_group_names, Adapter, LoraConfig};
 use crate::model::{Input, Logits, Model};
@@ -243,6 +243,8 @@ pub struct ControlOptimizer {
     chosen: Vec<ControlSample>,
     read_layers: (usize, usize),
     write_layer: usize,
+    /// The decoder's injection at the write layer.
+    inject: Injection,
     step: usize,
     history: Vec<ControlStats>,
     /// Where metrics, the plot and checkpoints go, when set.
@@ -375,6 +377,7 @@ impl ControlOptimizer {
         let LayerPlan {
             read: read_layer,
             write: write_layer,
+            inject,
         } = (decoder.meta.layers)
             .with(config.read_layer, config.write_layer)
             .check(n_layers)?;
@@ -437,7 +440,10 @@ impl ControlOptimizer {
                     control.qa.len()
                 )));
             }
-            if let Some(p) = Self::prepare(&target, template, &control, s, config.max_tokens)? {
+            let named = decoder.meta.names_layer().then_some(read_layer);
+            if let Some(p) =
+                Self::prepare(&target, template, &control, s, config.max_tokens, named)?
+            {
                 samples.push(p);
             }
         }
@@ -464,6 +470,7 @@ impl ControlOptimizer {
             chosen,
             read_layers: (read_layer, read_layer),
             write_layer,
+            inject,
             step: 0,
             history: Vec::new(),
             out: None,
@@ -480,13 +487,15 @@ impl ControlOptimizer {
         control: &Control,
         s: &ControlSample,
         max_tokens: usize,
+        named_layer: Option<usize>,
     ) -> Result<Option<Prepared>> {
         let read = read_prompt(template, &lm.tokenizer, &s.read)?;
+        let (q, a) = &control.qa[s.qa];
         let dec = decoder_prompt(
             template,
             &lm.tokenizer,
             read.n_patch(),
-            &[control.qa[s.qa].clone()],
+            &[(layer_question(named_layer, q), a.clone())],
             Labels::LastAnswer,
             false,
         )?;
@@ -690,7 +699,7 @@ impl ControlOptimizer {
 
     fn loss_config(&self, read_layer: usize) -> LossConfig {
         LossConfig {
-            layers: LayerPlan::new(read_layer, self.write_layer),
+            layers: LayerPlan::new(read_layer, self.write_layer).injecting(self.inject),
             pad_id: self.target.pad_id(),
             differentiable: true,
             grad_through_target: true,
@@ -822,7 +831,7 @@ impl ControlOptimizer {
             let l = layer.expect("per-layer optimizers");
             let hidden = &outputs[&l];
             let patches = gather_patches(hidden, &input.pads, &reads, false)?;
-            let tn = patched_token_nll(&self.decoder, batch, &patches, &cfg, None)?;
+            let tn = patched_token_nll(&self.decoder, batch, Some(&patches), &cfg, None)?;
             let loss = tn.nll.mean_all()?;
             let value = loss.to_scalar::<f32>()? as f64;
             crate::train::run::check_finite_loss(&format!("control (layer {l})"), step, value)?;

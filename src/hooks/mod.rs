@@ -9,7 +9,7 @@
 //! same thing in a left-padded batch and in a single row, and during KV-cache generation.
 
 use crate::{Error, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -136,8 +136,24 @@ impl fmt::Display for HookPoint {
 /// Replace the activation, or add to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PatchMode {
+    /// `h <- v`.
     Replace,
+    /// `h <- h + v`.
     Add,
+    /// `h <- h + ||h|| v / ||v||` (norms over `d_model`, per position): `v`'s direction at the
+    /// norm of the activation it joins (Activation Oracles' injection). A zero `v` adds nothing.
+    AddNormMatched,
+}
+
+impl PatchMode {
+    /// The script function that makes a patch of this mode.
+    pub fn verb(self) -> &'static str {
+        match self {
+            PatchMode::Replace => "patch",
+            PatchMode::Add => "add",
+            PatchMode::AddNormMatched => "add_norm_matched",
+        }
+    }
 }
 
 /// Which positions of a row a patch touches.
@@ -409,6 +425,14 @@ fn apply_patch(p: &Patch, x: &Tensor, ctx: &HookCtx) -> Result<Tensor> {
     Ok(Tensor::stack(&out_rows, 0)?)
 }
 
+/// `h + ||h|| v / max(||v||, 1e-12)`, norms over the last dim (`[n, d]` each); differentiable
+/// in both.
+pub fn add_norm_matched(h: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let norm = |t: &Tensor| -> Result<Tensor> { Ok(t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?) };
+    let scale = norm(h)?.broadcast_div(&norm(v)?.maximum(1e-12)?)?; // [n, 1]
+    Ok((h + v.broadcast_mul(&scale)?)?)
+}
+
 /// Rebuild one row `[s, d]` with new vectors at the given columns, grouping contiguous runs.
 fn patch_row(xr: &Tensor, mut cols: Vec<(usize, Tensor)>, mode: PatchMode) -> Result<Tensor> {
     let s = xr.dim(0)?;
@@ -434,6 +458,10 @@ fn patch_row(xr: &Tensor, mut cols: Vec<(usize, Tensor)>, mode: PatchMode) -> Re
         let new = match mode {
             PatchMode::Replace => vals,
             PatchMode::Add => (xr.narrow(0, start, end - start)? + vals)?,
+            PatchMode::AddNormMatched => {
+                let h = xr.narrow(0, start, end - start)?; // [n, d]
+                add_norm_matched(&h, &vals)?
+            }
         };
         pieces.push(new);
         cur = end;

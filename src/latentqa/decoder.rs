@@ -2,10 +2,10 @@
 //! plus a LoRA adapter), and the layers it reads and writes. Scores answers to questions about
 //! the target's activations on a dialog.
 
-use super::format::{decoder_prompt, read_prompt};
-use super::layers::LayerPlan;
+use super::format::{decoder_prompt, layer_question, read_prompt};
+use super::layers::{Injection, LayerPlan};
 use super::loss::{latentqa_token_nll, LossConfig, PatchedBatch, PatchedExample};
-use super::{Labels, ReadDialog, VerbMask};
+use super::{Activations, Labels, ReadDialog, VerbMask};
 use crate::chat::Message;
 use crate::lm::LanguageModel;
 use crate::lora::Adapter;
@@ -20,9 +20,42 @@ use std::sync::Arc;
 pub struct DecoderMeta {
     /// The model the decoder was trained on (and reads).
     pub base_model: String,
-    /// Written flat, as `read_layer` and `write_layer`.
+    /// Written flat, as `read_layer`, `write_layer` and `injection`.
     #[serde(flatten)]
     pub layers: LayerPlan,
+    /// The read layers the decoder was trained on, when more than one: its prompts then name
+    /// the layer they carry (`"Layer: L"`, see [`layer_question`]), and `layers.read` is the
+    /// one read by default. Empty: `layers.read` alone, unnamed (the paper's decoders).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_layers: Vec<usize>,
+}
+
+impl DecoderMeta {
+    /// The metadata of a decoder trained on `read_layers` (the middle one read by default).
+    pub fn new(base_model: &str, read_layers: &[usize], write: usize, inject: Injection) -> Self {
+        let mut layers: Vec<usize> = read_layers.to_vec();
+        layers.sort_unstable();
+        layers.dedup();
+        let read = layers
+            .get(layers.len().saturating_sub(1) / 2)
+            .copied()
+            .unwrap_or(0);
+        DecoderMeta {
+            base_model: base_model.to_string(),
+            layers: LayerPlan::new(read, write).injecting(inject),
+            read_layers: if layers.len() > 1 { layers } else { Vec::new() },
+        }
+    }
+
+    /// Whether the decoder's prompts name the read layer.
+    pub fn names_layer(&self) -> bool {
+        self.read_layers.len() > 1
+    }
+
+    /// `question` as this decoder is asked it about activations of `read_layer`.
+    pub fn question(&self, question: &str, read_layer: usize) -> String {
+        layer_question(self.names_layer().then_some(read_layer), question)
+    }
 }
 
 pub const META_FILE: &str = "lqa_decoder.json";
@@ -69,9 +102,16 @@ impl Decoder {
             DecoderMeta {
                 base_model: target.name.clone(),
                 layers: LayerPlan::default_for(target.model.n_layers()),
+                read_layers: Vec::new(),
             }
         };
         let n = target.model.n_layers();
+        if let Some(l) = meta.read_layers.iter().find(|&&l| l >= n) {
+            return Err(Error::bad_file(
+                &meta_path,
+                format!("read layer {l} of `read_layers` does not fit a model of {n} layers"),
+            ));
+        }
         if meta.layers.check(n).is_err() {
             return Err(Error::bad_file(
                 &meta_path,
@@ -102,6 +142,7 @@ impl Decoder {
             meta: DecoderMeta {
                 base_model: target.name.clone(),
                 layers: LayerPlan::new(read_layer, write_layer),
+                read_layers: Vec::new(),
             },
             target,
             model,
@@ -127,7 +168,8 @@ impl Decoder {
         }
     }
 
-    /// Build the patched example for (dialog, question, answer), labels on the answer only.
+    /// Build the patched example for (dialog, question, answer), labels on the answer only
+    /// (the question as asked about the default read layer).
     pub fn example(
         &self,
         dialog: &[Message],
@@ -135,18 +177,27 @@ impl Decoder {
         answer: &str,
         patch_all: bool,
     ) -> Result<PatchedExample> {
+        self.example_of(&Self::read_dialog(dialog, patch_all), question, answer)
+    }
+
+    /// [`Decoder::example`] for a read dialog as given (its mask and generation prompt kept).
+    pub fn example_of(
+        &self,
+        read: &ReadDialog,
+        question: &str,
+        answer: &str,
+    ) -> Result<PatchedExample> {
         let lm = &self.target;
         let template = lm.template()?;
-        let read = read_prompt(
-            template,
-            &lm.tokenizer,
-            &Self::read_dialog(dialog, patch_all),
-        )?;
+        let read = read_prompt(template, &lm.tokenizer, read)?;
         let dec = decoder_prompt(
             template,
             &lm.tokenizer,
             read.n_patch(),
-            &[(question.to_string(), answer.to_string())],
+            &[(
+                self.meta.question(question, self.meta.layers.read),
+                answer.to_string(),
+            )],
             Labels::LastAnswer,
             false,
         )?;
@@ -170,16 +221,33 @@ impl Decoder {
         items: &[(Vec<Message>, String, String)],
         patch_all: bool,
     ) -> Result<Vec<f64>> {
+        let reads: Vec<(ReadDialog, String, String)> = items
+            .iter()
+            .map(|(d, q, a)| (Self::read_dialog(d, patch_all), q.clone(), a.clone()))
+            .collect();
+        self.score_reads(&reads, Activations::Read)
+    }
+
+    /// Mean NLL (nats per answer token) of each `(read dialog, question, answer)`, as one
+    /// batch, with the activations given by `activations` ([`Activations::None`]: the
+    /// no-activation baseline). The first patched vector comes from position 1 when the read
+    /// dialog masks a control (as in training).
+    pub fn score_reads(
+        &self,
+        items: &[(ReadDialog, String, String)],
+        activations: Activations,
+    ) -> Result<Vec<f64>> {
         let examples = items
             .iter()
-            .map(|(d, q, a)| self.example(d, q, a, patch_all))
+            .map(|(d, q, a)| self.example_of(d, q, a))
             .collect::<Result<Vec<_>>>()?;
         let batch = PatchedBatch::new(examples)?;
         let nll = latentqa_token_nll(
             &self.target.model,
             &self.model,
             &batch,
-            &self.loss_config(patch_all),
+            &self.loss_config(false),
+            activations,
         )?;
         Ok(nll
             .iter()

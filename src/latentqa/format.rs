@@ -200,6 +200,15 @@ pub fn read_prompt(
     })
 }
 
+/// A question as a decoder trained on several read layers is asked it: prefixed by the read
+/// layer in Activation Oracles' form (`"Layer: 15\nWhat ...?"`), or as is (`layer: None`).
+pub fn layer_question(layer: Option<usize>, question: &str) -> String {
+    match layer {
+        Some(l) => format!("Layer: {l}\n{question}"),
+        None => question.to_string(),
+    }
+}
+
 /// The decoder messages of the paper: the fixed reply, then each question and answer. With
 /// `add_generation_prompt` the last answer must be empty and is left out (it is to be
 /// generated).

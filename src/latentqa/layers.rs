@@ -1,36 +1,90 @@
 //! The layer plan of a LatentQA decoder: which block of the target is read
-//! (`blocks.{read}.hook_resid_post`, HF's `hidden_states[read + 1]`) and which block of the
-//! decoder is written at the placeholders. Resolved once against the model; every reader and
-//! writer takes the plan, not loose layer numbers.
+//! (`blocks.{read}.hook_resid_post`, HF's `hidden_states[read + 1]`), which block of the
+//! decoder is written at the placeholders, and how ([`Injection`]). Resolved once against the
+//! model; every reader and writer takes the plan, not loose layer numbers.
 
+use crate::hooks::PatchMode;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-/// Read and write layers. Serialised as `lqa_decoder.json` names them (`read_layer`,
-/// `write_layer`).
+/// How the target's activation `v` enters the decoder's residual stream `h` at a placeholder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Injection {
+    /// The paper's: `h <- v` (the placeholder's residual is overwritten).
+    #[default]
+    Replace,
+    /// Activation Oracles' (Karvonen et al. 2025): `h <- h + ||h|| v / ||v||`, the activation's
+    /// direction added at the norm of the residual it joins, so that a read layer of larger norm
+    /// does not blow up the decoder's early layers.
+    AddNormMatched,
+}
+
+impl Injection {
+    /// The hook patch that performs this injection.
+    pub fn patch_mode(self) -> PatchMode {
+        match self {
+            Injection::Replace => PatchMode::Replace,
+            Injection::AddNormMatched => PatchMode::AddNormMatched,
+        }
+    }
+
+    /// The name scripts and `lqa_decoder.json` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Injection::Replace => "replace",
+            Injection::AddNormMatched => "add_norm_matched",
+        }
+    }
+
+    /// The injection named `name` (see [`Injection::name`]).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "replace" => Ok(Injection::Replace),
+            "add_norm_matched" => Ok(Injection::AddNormMatched),
+            _ => Err(Error::invalid(format!(
+                "unknown injection {name:?}: expected \"replace\" or \"add_norm_matched\""
+            ))),
+        }
+    }
+}
+
+/// Read and write layers, and the injection at the write layer. Serialised as
+/// `lqa_decoder.json` names them (`read_layer`, `write_layer`, `injection`); a file without
+/// `injection` (written before it existed) is [`Injection::Replace`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LayerPlan {
     /// The target's block whose output is read.
     #[serde(rename = "read_layer")]
     pub read: usize,
-    /// The decoder's block whose output is overwritten at the placeholders.
+    /// The decoder's block whose output is written at the placeholders.
     #[serde(rename = "write_layer")]
     pub write: usize,
+    /// How the activations are written.
+    #[serde(rename = "injection", default)]
+    pub inject: Injection,
 }
 
 impl LayerPlan {
+    /// A plan that writes by [`Injection::Replace`].
     pub fn new(read: usize, write: usize) -> Self {
-        LayerPlan { read, write }
+        LayerPlan {
+            read,
+            write,
+            inject: Injection::Replace,
+        }
+    }
+
+    /// This plan with another injection.
+    pub fn injecting(self, inject: Injection) -> Self {
+        LayerPlan { inject, ..self }
     }
 
     /// The plan when nothing names one (a plain PEFT adapter without `lqa_decoder.json`): the
     /// paper's layers scaled to the model, the middle block read (15 of SmolLM2's 30, as the
     /// shipped decoder reads) and block 0 written.
     pub fn default_for(n_layers: usize) -> Self {
-        LayerPlan {
-            read: n_layers / 2,
-            write: 0,
-        }
+        LayerPlan::new(n_layers / 2, 0)
     }
 
     /// This plan with the given layers replaced (a script's or a config's overrides).
@@ -38,6 +92,7 @@ impl LayerPlan {
         LayerPlan {
             read: read.unwrap_or(self.read),
             write: write.unwrap_or(self.write),
+            ..self
         }
     }
 
@@ -66,6 +121,22 @@ mod tests {
         assert!(p.check(4).is_ok());
         assert!(p.check(3).is_err());
         let json = serde_json::to_string(&p).unwrap();
-        assert_eq!(json, r#"{"read_layer":3,"write_layer":0}"#);
+        assert_eq!(
+            json,
+            r#"{"read_layer":3,"write_layer":0,"injection":"replace"}"#
+        );
+        // a file written before `injection` existed reads as the paper's replacement
+        let old: LayerPlan = serde_json::from_str(r#"{"read_layer":3,"write_layer":0}"#).unwrap();
+        assert_eq!(old, p);
+        let ao = p.injecting(Injection::AddNormMatched);
+        let json = serde_json::to_string(&ao).unwrap();
+        assert!(json.contains(r#""injection":"add_norm_matched""#), "{json}");
+        assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), ao);
+        assert_eq!(ao.with(Some(1), None).inject, Injection::AddNormMatched);
+        for i in [Injection::Replace, Injection::AddNormMatched] {
+            assert_eq!(Injection::parse(i.name()).unwrap(), i);
+        }
+        let e = Injection::parse("add").unwrap_err().to_string();
+        assert!(e.contains("add_norm_matched"), "{e}");
     }
 }

@@ -16,7 +16,8 @@
 
 use super::format::{DecoderPrompt, ReadPrompt};
 use super::layers::LayerPlan;
-use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
+use super::Activations;
+use crate::hooks::{HookPoint, Hooks, Patch, Positions};
 use crate::model::{log_softmax, Input, Logits, Model};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, D};
@@ -219,13 +220,15 @@ pub fn gather_patches(
 }
 
 /// Run the decoder on the batch's decoder prompts with `patches[i]` (`[n_patch_i, d]`) written
-/// over example i's placeholders at `write_layer`, and return the NLL of every label token
-/// (log-softmax in f32). Only label columns are unembedded. `decoder_hooks` run too (the
-/// placeholder patches are added to them for this forward and removed afterwards).
+/// into example i's placeholders at `write_layer` (as `cfg.layers.inject` says), and return the
+/// NLL of every label token (log-softmax in f32). Only label columns are unembedded.
+/// `decoder_hooks` run too (the placeholder patches are added to them for this forward and
+/// removed afterwards). `patches: None` writes nothing: the no-activation baseline, the same
+/// prompts with the placeholders' own residual.
 pub fn patched_token_nll(
     decoder: &Model,
     batch: &PatchedBatch,
-    patches: &[Tensor],
+    patches: Option<&[Tensor]>,
     cfg: &LossConfig,
     decoder_hooks: Option<&mut Hooks>,
 ) -> Result<TokenNll> {
@@ -236,10 +239,10 @@ pub fn patched_token_nll(
             decoder.n_layers()
         )));
     }
-    if patches.len() != batch.examples.len() {
+    if let Some(p) = patches.filter(|p| p.len() != batch.examples.len()) {
         return Err(Error::invalid(format!(
             "{} patches for {} examples",
-            patches.len(),
+            p.len(),
             batch.examples.len()
         )));
     }
@@ -283,13 +286,18 @@ pub fn patched_token_nll(
         None => &mut own,
     };
     let n_before = hooks.patches.len();
-    for (r, (ex, value)) in batch.examples.iter().zip(patches).enumerate() {
+    for (r, (ex, value)) in batch
+        .examples
+        .iter()
+        .zip(patches.unwrap_or_default())
+        .enumerate()
+    {
         if ex.decoder.write_positions.is_empty() {
             continue;
         }
         hooks.patches.push(Patch {
             point: HookPoint::resid_post(cfg.layers.write),
-            mode: PatchMode::Replace,
+            mode: cfg.layers.inject.patch_mode(),
             value: value.clone(),
             positions: Positions::List(ex.decoder.write_positions.clone()),
             rows: Some(vec![r]),
@@ -316,7 +324,7 @@ pub fn latentqa_loss_with_hooks(
     decoder_hooks: Option<&mut Hooks>,
 ) -> Result<LossOutput> {
     let patches = patch_vectors(target, batch, cfg, target_hooks)?;
-    let tn = patched_token_nll(decoder, batch, &patches, cfg, decoder_hooks)?;
+    let tn = patched_token_nll(decoder, batch, Some(&patches), cfg, decoder_hooks)?;
     let n = tn.counts.iter().sum::<usize>();
     if n == 0 {
         return Err(Error::invalid(
@@ -345,14 +353,20 @@ pub fn latentqa_loss(
 }
 
 /// Per-token NLL of each example's labels (in label order), for reading and scoring answers.
+/// With [`Activations::None`] the target does not run and nothing is written (the
+/// no-activation baseline).
 pub fn latentqa_token_nll(
     target: &Model,
     decoder: &Model,
     batch: &PatchedBatch,
     cfg: &LossConfig,
+    activations: Activations,
 ) -> Result<Vec<Vec<f32>>> {
-    let patches = patch_vectors(target, batch, cfg, None)?;
-    let tn = patched_token_nll(decoder, batch, &patches, cfg, None)?;
+    let patches = match activations {
+        Activations::Read => Some(patch_vectors(target, batch, cfg, None)?),
+        Activations::None => None,
+    };
+    let tn = patched_token_nll(decoder, batch, patches.as_deref(), cfg, None)?;
     let all: Vec<f32> = tn.nll.detach().to_vec1()?;
     let mut out = Vec::with_capacity(tn.counts.len());
     let mut at = 0;

@@ -16,10 +16,10 @@ pub mod loss;
 pub mod read;
 
 pub use format::{
-    decoder_dialog, decoder_prompt, decoder_prompt_from_dialog, read_prompt, DecoderPrompt,
-    ReadPrompt,
+    decoder_dialog, decoder_prompt, decoder_prompt_from_dialog, layer_question, read_prompt,
+    DecoderPrompt, ReadPrompt,
 };
-pub use layers::LayerPlan;
+pub use layers::{Injection, LayerPlan};
 pub use loss::{
     gather_patches, latentqa_loss, latentqa_loss_with_hooks, latentqa_token_nll, patch_vectors,
     patched_token_nll, read_vectors, LossConfig, LossOutput, PatchedBatch, PatchedExample,
@@ -59,6 +59,31 @@ pub struct ReadDialog {
     /// Add the template's generation prompt after the last message.
     pub add_generation_prompt: bool,
     pub mask: VerbMask,
+}
+
+/// What a decoder's placeholders receive when it scores or answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// The target's activations on the dialog (the reading itself).
+    #[default]
+    Read,
+    /// Nothing: the same decoder prompt with the placeholders' own residual (the no-activation
+    /// baseline of an evaluation: what the decoder answers from the question alone).
+    None,
+}
+
+impl Activations {
+    /// `"read"` or `"none"`, as scripts name them.
+    pub fn parse(name: &str) -> crate::Result<Self> {
+        match name {
+            "read" => Ok(Activations::Read),
+            "none" => Ok(Activations::None),
+            _ => Err(crate::Error::invalid(format!(
+                "unknown activations {name:?}: expected \"read\" or \"none\""
+            ))),
+        }
+    }
 }
 
 /// The fixed first decoder assistant turn of the paper.

@@ -10,10 +10,10 @@
 use super::decoder::Decoder;
 use super::format::{decoder_prompt, read_prompt, DecoderPrompt, ReadPrompt};
 use super::loss::read_vectors;
-use super::Labels;
+use super::{Activations, Labels, ReadDialog};
 use crate::chat::Message;
 use crate::generate::{generate, GenOptions};
-use crate::hooks::{HookPoint, Hooks, Patch, PatchMode, Positions};
+use crate::hooks::{HookPoint, Hooks, Patch, Positions};
 use crate::{Error, Result};
 use candle_core::Tensor;
 
@@ -29,6 +29,9 @@ pub struct AskOptions {
     /// Patch every position (the paper's reading code) instead of applying the verb mask of
     /// training (system prompt, or the turns before the second user turn, not patched).
     pub patch_all: bool,
+    /// [`Activations::None`]: answer with nothing written at the placeholders (the
+    /// no-activation baseline).
+    pub activations: Activations,
 }
 
 impl Default for AskOptions {
@@ -40,6 +43,7 @@ impl Default for AskOptions {
             },
             read_layer: None,
             patch_all: false,
+            activations: Activations::Read,
         }
     }
 }
@@ -54,6 +58,8 @@ fn question_seed(seed: u64, question: &str) -> u64 {
 #[derive(Clone, Debug)]
 pub struct Reading {
     pub read: ReadPrompt,
+    /// The target's block read.
+    pub layer: usize,
     /// `[n_patch, d]`: the target's activations, in the order they are patched.
     pub vectors: Tensor,
 }
@@ -80,23 +86,43 @@ impl Decoder {
         read_layer: Option<usize>,
     ) -> Result<Reading> {
         let read = self.read_prompt(dialog, patch_all)?;
-        let mut cfg = self.loss_config(patch_all);
+        self.read_prompt_at(read, read_layer)
+    }
+
+    /// [`Decoder::read`] of a read dialog as given (its mask and generation prompt kept).
+    pub fn read_of(&self, dialog: &ReadDialog, read_layer: Option<usize>) -> Result<Reading> {
+        let lm = &self.target;
+        let read = read_prompt(lm.template()?, &lm.tokenizer, dialog)?;
+        self.read_prompt_at(read, read_layer)
+    }
+
+    fn read_prompt_at(&self, read: ReadPrompt, read_layer: Option<usize>) -> Result<Reading> {
+        let mut cfg = self.loss_config(false);
         cfg.layers = cfg.layers.with(read_layer, None);
         let vectors = read_vectors(&self.target.model, &[&read], &cfg, None)?
             .pop()
             .ok_or_else(|| Error::invalid("the target returned no activations"))?;
-        Ok(Reading { read, vectors })
+        Ok(Reading {
+            read,
+            layer: cfg.layers.read,
+            vectors,
+        })
     }
 
-    /// The decoder prompt that asks `question` about `n_patch` activations, ending with the
-    /// decoder's generation prompt.
-    pub fn question_prompt(&self, n_patch: usize, question: &str) -> Result<DecoderPrompt> {
+    /// The decoder prompt that asks `question` about `n_patch` activations of the target's
+    /// block `read_layer`, ending with the decoder's generation prompt.
+    pub fn question_prompt(
+        &self,
+        n_patch: usize,
+        question: &str,
+        read_layer: usize,
+    ) -> Result<DecoderPrompt> {
         let lm = &self.target;
         decoder_prompt(
             lm.template()?,
             &lm.tokenizer,
             n_patch,
-            &[(question.to_string(), String::new())],
+            &[(self.meta.question(question, read_layer), String::new())],
             Labels::LastAnswer,
             true,
         )
@@ -104,11 +130,13 @@ impl Decoder {
 
     /// Answer each question about the activations of one reading, as one left-padded batch:
     /// the generated tokens of each answer (a final stop token included).
+    /// [`Activations::None`] writes nothing at the placeholders.
     pub fn answer_tokens(
         &self,
         reading: &Reading,
         questions: &[String],
         gen: &GenOptions,
+        activations: Activations,
     ) -> Result<Vec<Vec<u32>>> {
         if questions.is_empty() {
             return Ok(Vec::new());
@@ -123,13 +151,16 @@ impl Decoder {
         )?;
         let prompts = questions
             .iter()
-            .map(|q| self.question_prompt(n, q))
+            .map(|q| self.question_prompt(n, q, reading.layer))
             .collect::<Result<Vec<_>>>()?;
         let mut hooks = Hooks::new();
         for (r, p) in prompts.iter().enumerate() {
+            if activations == Activations::None {
+                break;
+            }
             hooks.patches.push(Patch {
                 point: HookPoint::resid_post(self.meta.layers.write),
-                mode: PatchMode::Replace,
+                mode: self.meta.layers.inject.patch_mode(),
                 value: reading.vectors.clone(),
                 positions: Positions::List(p.write_positions.clone()),
                 rows: Some(vec![r]),
@@ -163,9 +194,10 @@ impl Decoder {
         reading: &Reading,
         questions: &[String],
         gen: &GenOptions,
+        activations: Activations,
     ) -> Result<Vec<String>> {
         let stops = &gen.stop_ids;
-        self.answer_tokens(reading, questions, gen)?
+        self.answer_tokens(reading, questions, gen, activations)?
             .iter()
             .map(|toks| {
                 let toks: &[u32] = match toks.last() {
@@ -185,7 +217,7 @@ impl Decoder {
         opts: &AskOptions,
     ) -> Result<Vec<Vec<Vec<u32>>>> {
         self.each_reading(dialogs, opts, |r| {
-            self.answer_tokens(r, questions, &opts.gen)
+            self.answer_tokens(r, questions, &opts.gen, opts.activations)
         })
     }
 
@@ -217,6 +249,8 @@ impl Decoder {
         questions: &[String],
         opts: &AskOptions,
     ) -> Result<Vec<Vec<String>>> {
-        self.each_reading(dialogs, opts, |r| self.answer(r, questions, &opts.gen))
+        self.each_reading(dialogs, opts, |r| {
+            self.answer(r, questions, &opts.gen, opts.activations)
+        })
     }
 }

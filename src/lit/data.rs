@@ -50,10 +50,16 @@ pub enum ItemKind {
     /// The stimulus dialog plus the model's own completion as a final assistant turn, no
     /// generation prompt.
     StimulusCompletion,
+    /// A window of text as one user turn, every position patched: context prediction (see
+    /// [`crate::lit::mixture`]). Not a file of a data folder.
+    Context,
+    /// A labelled sentence as one user turn, every position patched: yes/no classification
+    /// (see [`crate::lit::mixture`]). Not a file of a data folder.
+    Classification,
 }
 
 impl ItemKind {
-    /// Every kind, in the order files are read.
+    /// Every kind of a LatentQA data folder, in the order files are read.
     pub const ALL: [ItemKind; 4] = [
         ItemKind::Control,
         ItemKind::Stimulus,
@@ -68,6 +74,9 @@ impl ItemKind {
             ItemKind::Stimulus => "stimulus.json",
             ItemKind::System => "system.json",
             ItemKind::StimulusCompletion => "stimulus_completion.json",
+            // the mixture's kinds are built from the files of its config
+            ItemKind::Context => "instructions.json",
+            ItemKind::Classification => "classification.json",
         }
     }
 }
@@ -522,6 +531,10 @@ fn read_dialog(file_kind: ItemKind, f: &Fields) -> Result<(ItemKind, ReadDialog)
                 }
             })
         }
+        ItemKind::Context | ItemKind::Classification => Err(f.err(format!(
+            "{} items are built by the training mixture, not read from a data folder",
+            file_kind.file_name()
+        ))),
     }
 }
 

@@ -4,10 +4,11 @@
 //! EMA, evaluation on labels held out by behaviour, atomic checkpoints that resume exactly,
 //! metrics as JSONL and a loss-curve SVG.
 
-use crate::latentqa::format::{decoder_prompt, read_prompt};
+use crate::latentqa::format::{decoder_prompt, layer_question, read_prompt};
 use crate::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
-use crate::latentqa::{Labels, LayerPlan};
+use crate::latentqa::{DecoderPrompt, Injection, Labels, LayerPlan, ReadPrompt};
 use crate::lit::data::{Batcher, DataOptions, Example, LabelSplit, LitData, Position};
+use crate::lit::mixture::{self, Kind, MixtureConfig};
 use crate::lm::LanguageModel;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::{Dropout, Model};
@@ -20,6 +21,7 @@ use crate::train::run::{
 use crate::util::atomic_write_json;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,9 +50,22 @@ pub struct TrainConfig {
     pub clip: f64,
     /// EMA decay of the adapter weights (evaluation and the final adapter use the EMA).
     pub ema: Option<f64>,
+    /// The read layer of a step is drawn from `min_read_layer..=max_read_layer` (the paper's
+    /// way; the prompts do not name it), unless `read_layers` is set.
     pub min_read_layer: usize,
     pub max_read_layer: usize,
+    /// The read layers to train on (a step draws one). With more than one, every decoder
+    /// prompt names the layer its activations come from (`"Layer: L"`, Activation Oracles'
+    /// form) and the decoder can be asked about any of them. Empty: the range above.
+    #[serde(default)]
+    pub read_layers: Vec<usize>,
     pub write_layer: usize,
+    /// How activations enter the decoder at `write_layer`.
+    #[serde(default)]
+    pub injection: Injection,
+    /// What the training set is drawn from, and at which weights.
+    #[serde(default)]
+    pub mixture: MixtureConfig,
     pub lora: LoraConfig,
     pub eval_every: usize,
     /// Evaluation batches (all of the held-out split when `None`).
@@ -80,7 +95,10 @@ impl Default for TrainConfig {
             ema: None,
             min_read_layer: 15,
             max_read_layer: 15,
+            read_layers: Vec::new(),
             write_layer: 0,
+            injection: Injection::Replace,
+            mixture: MixtureConfig::default(),
             lora: LoraConfig::paper_decoder(),
             eval_every: 100,
             eval_batches: None,
@@ -90,11 +108,48 @@ impl Default for TrainConfig {
     }
 }
 
-/// One tokenized training example.
+impl TrainConfig {
+    /// The read layers a step draws from, ascending.
+    pub fn read_layer_set(&self) -> Vec<usize> {
+        if self.read_layers.is_empty() {
+            (self.min_read_layer..=self.max_read_layer).collect()
+        } else {
+            let mut l = self.read_layers.clone();
+            l.sort_unstable();
+            l.dedup();
+            l
+        }
+    }
+
+    /// Whether decoder prompts name the read layer (more than one in `read_layers`).
+    pub fn names_layers(&self) -> bool {
+        self.read_layer_set().len() > 1 && !self.read_layers.is_empty()
+    }
+
+    /// The read layer evaluation uses and the saved decoder reads by default: the middle of
+    /// the set.
+    pub fn eval_read_layer(&self) -> usize {
+        let l = self.read_layer_set();
+        l[(l.len() - 1) / 2]
+    }
+}
+
+/// One tokenized training example: the read prompt, and its decoder prompt for each read
+/// layer (one when the prompts do not name the layer).
 #[derive(Clone)]
 struct Prepared {
-    ex: PatchedExample,
+    read: ReadPrompt,
+    decoders: Vec<DecoderPrompt>,
+    /// Read + decoder tokens (the longest decoder prompt).
     len: usize,
+}
+
+impl Prepared {
+    /// The example as patched when reading layer slot `slot`.
+    fn example(&self, slot: usize) -> Result<PatchedExample> {
+        let d = &self.decoders[slot.min(self.decoders.len() - 1)];
+        PatchedExample::new(self.read.clone(), d.clone())
+    }
 }
 
 /// What one optimizer step did.
@@ -139,9 +194,54 @@ pub struct Trainer {
     history: Vec<StepStats>,
     /// Where metrics, the plot and checkpoints go.
     run: RunDir,
+    counts: KindCounts,
 }
 
-fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Result<Vec<Prepared>> {
+/// How many examples of each kind of data a run trains and evaluates on (by
+/// [`mixture::Kind::name`]), before the token limit.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KindCounts {
+    pub train: BTreeMap<&'static str, usize>,
+    pub eval: BTreeMap<&'static str, usize>,
+}
+
+/// The mixture's extra examples (context prediction, classification), for the kinds whose
+/// weight is above 0. Context passages: the configured files and the LatentQA data's control
+/// replies.
+fn extra_examples(config: &TrainConfig, data: &LitData) -> Result<Vec<Example>> {
+    let m = &config.mixture;
+    let mut out = Vec::new();
+    if m.context > 0.0 {
+        for f in &m.context_files {
+            let passages = mixture::load_passages(f)?;
+            out.extend(mixture::context_examples(&passages, f, m, config.seed));
+        }
+        let replies: Vec<String> = data
+            .items
+            .iter()
+            .filter(|i| i.kind == crate::lit::data::ItemKind::Stimulus)
+            .filter_map(|i| i.read.messages.get(1).map(|m| m.content.clone()))
+            .collect();
+        let source = config.data_dir.join("stimulus.json");
+        out.extend(mixture::context_examples(&replies, &source, m, config.seed));
+    }
+    if m.classification > 0.0 {
+        out.extend(mixture::classification_examples(
+            &m.classification_file,
+            config.seed,
+        )?);
+    }
+    Ok(out)
+}
+
+/// Tokenize `examples`: one decoder prompt per entry of `named` (the read layer the question
+/// names, or `None`); examples longer than `max_tokens` are skipped.
+fn prepare(
+    lm: &LanguageModel,
+    examples: &[Example],
+    max_tokens: usize,
+    named: &[Option<usize>],
+) -> Result<Vec<Prepared>> {
     let template = lm.template()?;
     let tok = &lm.tokenizer;
     let mut cache: std::collections::HashMap<
@@ -161,23 +261,33 @@ fn prepare(lm: &LanguageModel, examples: &[Example], max_tokens: usize) -> Resul
                 r
             }
         };
-        let dec = decoder_prompt(
-            template,
-            tok,
-            read.n_patch(),
-            &[(e.question.clone(), e.answer.clone())],
-            Labels::AllAssistantTurns,
-            false,
-        )
-        .map_err(|err| Error::bad_file(&e.item.file, format!("item {}: {err}", e.item.index)))?;
-        let len = read.ids.len() + dec.ids.len();
+        let decoders = named
+            .iter()
+            .map(|&layer| {
+                decoder_prompt(
+                    template,
+                    tok,
+                    read.n_patch(),
+                    &[(layer_question(layer, &e.question), e.answer.clone())],
+                    Labels::AllAssistantTurns,
+                    false,
+                )
+                .map_err(|err| {
+                    Error::bad_file(&e.item.file, format!("item {}: {err}", e.item.index))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let len = read.ids.len() + decoders.iter().map(|d| d.ids.len()).max().unwrap_or(0);
         if len > max_tokens {
             continue;
         }
-        out.push(Prepared {
-            ex: PatchedExample::new(read, dec)?,
+        let p = Prepared {
+            read,
+            decoders,
             len,
-        });
+        };
+        p.example(0)?; // checked once here
+        out.push(p);
     }
     Ok(out)
 }
@@ -224,15 +334,20 @@ impl Trainer {
             None => config,
         };
         let n_layers = target.model.n_layers();
-        if config.max_read_layer >= n_layers
-            || config.min_read_layer > config.max_read_layer
-            || config.write_layer >= n_layers
-        {
+        if config.read_layers.is_empty() && config.min_read_layer > config.max_read_layer {
             return Err(Error::invalid(format!(
-                "read layers {}..={} / write layer {} do not fit a model of {n_layers} layers",
-                config.min_read_layer, config.max_read_layer, config.write_layer
+                "min_read_layer {} is above max_read_layer {}",
+                config.min_read_layer, config.max_read_layer
             )));
         }
+        let layers = config.read_layer_set();
+        if layers.iter().any(|&l| l >= n_layers) || config.write_layer >= n_layers {
+            return Err(Error::invalid(format!(
+                "read layers {layers:?} / write layer {} do not fit a model of {n_layers} layers",
+                config.write_layer
+            )));
+        }
+        config.mixture.validate()?;
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::invalid("batch_size and grad_accum must be > 0"));
         }
@@ -243,17 +358,41 @@ impl Trainer {
                 ..Default::default()
             },
         )?;
+        let extra = extra_examples(&config, &data)?;
         let split = match &state {
             Some(s) => s.split.clone(),
-            None => data.split_labels(config.eval_fraction, config.seed)?,
+            None => {
+                let mut split = data.split_labels(config.eval_fraction, config.seed)?;
+                mixture::split_extra(&extra, config.eval_fraction, config.seed, &mut split);
+                split
+            }
         };
         if state.is_none() {
             std::fs::create_dir_all(&config.out_dir).map_err(|e| Error::io(&config.out_dir, e))?;
             split.save(&config.out_dir.join("split.json"))?;
         }
-        let (train_ex, eval_ex) = data.split_with(&split);
-        let train = prepare(&target, &train_ex, config.max_tokens)?;
-        let eval = prepare(&target, &eval_ex, config.max_tokens)?;
+        let (lqa_train, mut eval_ex) = data.split_with(&split);
+        let mut pools: BTreeMap<Kind, Vec<Example>> = BTreeMap::new();
+        pools.insert(Kind::LatentQa, lqa_train);
+        for e in extra {
+            if split.eval.contains(&e.item.label) {
+                eval_ex.push(e);
+            } else {
+                pools.entry(Kind::of(&e)).or_default().push(e);
+            }
+        }
+        let train_ex = mixture::compose(&pools, &config.mixture, config.seed)?;
+        let counts = KindCounts {
+            train: mixture::counts(&train_ex),
+            eval: mixture::counts(&eval_ex),
+        };
+        let named: Vec<Option<usize>> = if config.names_layers() {
+            layers.iter().map(|&l| Some(l)).collect()
+        } else {
+            vec![None]
+        };
+        let train = prepare(&target, &train_ex, config.max_tokens, &named)?;
+        let eval = prepare(&target, &eval_ex, config.max_tokens, &named)?;
         if train.is_empty() {
             return Err(Error::invalid(format!(
                 "{}: no training examples (after the split and the {}-token limit)",
@@ -312,6 +451,7 @@ impl Trainer {
             Vec::new()
         };
         Ok(Trainer {
+            counts,
             next: state.as_ref().map(|s| s.next).unwrap_or_default(),
             split,
             config,
@@ -342,6 +482,10 @@ impl Trainer {
     pub fn n_eval(&self) -> usize {
         self.eval.len()
     }
+    /// Examples per kind of data, in training and in evaluation.
+    pub fn kind_counts(&self) -> &KindCounts {
+        &self.counts
+    }
     pub fn adapter(&self) -> &Adapter {
         &self.adapter
     }
@@ -357,7 +501,8 @@ impl Trainer {
 
     fn loss_config(&self, read_layer: usize, dropout: Option<Dropout>) -> LossConfig {
         LossConfig {
-            layers: LayerPlan::new(read_layer, self.config.write_layer),
+            layers: LayerPlan::new(read_layer, self.config.write_layer)
+                .injecting(self.config.injection),
             pad_id: self.target.pad_id(),
             differentiable: dropout.is_some(),
             grad_through_target: false,
@@ -366,8 +511,13 @@ impl Trainer {
         }
     }
 
-    fn batch(&self, set: &[Prepared], idx: &[usize]) -> Result<PatchedBatch> {
-        PatchedBatch::new(idx.iter().map(|&i| set[i].ex.clone()).collect())
+    /// The batch of examples `idx` of `set`, its decoder prompts those of layer slot `slot`.
+    fn batch(&self, set: &[Prepared], idx: &[usize], slot: usize) -> Result<PatchedBatch> {
+        PatchedBatch::new(
+            idx.iter()
+                .map(|&i| set[i].example(slot))
+                .collect::<Result<_>>()?,
+        )
     }
 
     /// One optimizer step (`grad_accum` micro-batches).
@@ -378,8 +528,9 @@ impl Trainer {
     fn step_here(&mut self) -> Result<StepStats> {
         let t0 = Instant::now();
         let mut rng = SplitMix64::derive(self.config.seed, self.step as u64);
-        let span = (self.config.max_read_layer - self.config.min_read_layer + 1) as u64;
-        let read_layer = self.config.min_read_layer + rng.below(span) as usize;
+        let layers = self.config.read_layer_set();
+        let slot = rng.below(layers.len() as u64) as usize;
+        let read_layer = layers[slot];
         let vars = self.adapter.vars();
         let mut acc = GradAccumulator::new(&vars);
         let mut loss_sum = 0.0;
@@ -397,7 +548,7 @@ impl Trainer {
                 epoch: pos.epoch,
                 batch: pos.batch + 1,
             };
-            let batch = self.batch(&self.train, &idx)?;
+            let batch = self.batch(&self.train, &idx, slot)?;
             let dropout = Dropout {
                 seed: rng.next_u64() ^ micro as u64,
             };
@@ -461,7 +612,13 @@ impl Trainer {
     }
 
     fn eval_loss(&self) -> Result<f64> {
-        let read_layer = (self.config.min_read_layer + self.config.max_read_layer) / 2;
+        let read_layer = self.config.eval_read_layer();
+        let slot = self
+            .config
+            .read_layer_set()
+            .iter()
+            .position(|&l| l == read_layer)
+            .unwrap_or(0);
         let cfg = self.loss_config(read_layer, None);
         let eval_batcher = Batcher::new(
             self.eval.iter().map(|p| p.len).collect(),
@@ -477,7 +634,7 @@ impl Trainer {
         let (mut sum, mut n) = (0.0, 0usize);
         for idx in batches.iter().take(take) {
             crate::interrupt::check()?;
-            let batch = self.batch(&self.eval, idx)?;
+            let batch = self.batch(&self.eval, idx, slot)?;
             let out = latentqa_loss(&self.target.model, &self.decoder, &batch, &cfg)?;
             let l = out
                 .loss
@@ -553,14 +710,38 @@ impl Trainer {
             e.swap()?;
         }
         res?;
-        let meta = crate::latentqa::decoder::DecoderMeta {
-            base_model: self.target.name.clone(),
-            layers: LayerPlan::new(
-                (self.config.min_read_layer + self.config.max_read_layer) / 2,
-                self.config.write_layer,
-            ),
+        let c = &self.config;
+        let read_layers = if c.names_layers() {
+            c.read_layer_set()
+        } else {
+            vec![c.eval_read_layer()]
         };
-        atomic_write_json(&dir.join(crate::latentqa::decoder::META_FILE), &meta)
+        let meta = crate::latentqa::decoder::DecoderMeta::new(
+            &self.target.name,
+            &read_layers,
+            c.write_layer,
+            c.injection,
+        );
+        atomic_write_json(&dir.join(crate::latentqa::decoder::META_FILE), &meta)?;
+        self.save_record(&dir.join("training"))
+    }
+
+    /// The training record that ships with a decoder: the config, the label split, the
+    /// examples per kind, the metrics and the loss curve (the run folder's copies).
+    fn save_record(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        atomic_write_json(&dir.join("config.json"), &self.config)?;
+        atomic_write_json(&dir.join("split.json"), &self.split)?;
+        atomic_write_json(&dir.join("kinds.json"), &self.counts)?;
+        self.plot()?;
+        for f in ["metrics.jsonl", "loss.svg"] {
+            let from = self.run.path().join(f);
+            if from.exists() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                crate::util::atomic_write(&dir.join(f), &bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Train to the end: evaluation, checkpoints, metrics and plot on their schedules.

@@ -6,11 +6,13 @@
 //! an array of them.
 
 use super::error::{ctx_err, ScriptResult, ToScript};
-use super::model::{messages_from, messages_named, GenOpts, ScriptModel};
+use super::model::{messages_named, GenOpts, ScriptModel};
 use super::options::{options, parse_split};
 use crate::chat::Message;
 use crate::latentqa::decoder::Decoder;
 use crate::latentqa::read::AskOptions;
+use crate::latentqa::Activations;
+use crate::lit::eval::EvalOptions;
 use rhai::{Array, Dynamic, Engine, Map, NativeCallContext};
 use serde::Deserialize;
 use std::path::Path;
@@ -26,19 +28,29 @@ pub struct ScriptDecoder(pub Arc<Decoder>);
 struct ScoreOpts {
     /// Patch the whole dialog, control included.
     patch_all: bool,
+    /// `"read"` (default) or `"none"` (nothing written: the no-activation baseline).
+    activations: Option<String>,
+}
+
+fn activations(ctx: &NativeCallContext, name: Option<&str>) -> ScriptResult<Activations> {
+    name.map_or(Ok(Activations::Read), Activations::parse)
+        .map_err(|e| ctx_err(ctx, e))
 }
 
 fn score(
     ctx: &NativeCallContext,
     d: &ScriptDecoder,
-    dialog: &Array,
+    dialog: &Dynamic,
     q: &str,
     a: &str,
     opts: &Map,
 ) -> ScriptResult<f64> {
-    let msgs = messages_from(ctx, dialog)?;
+    let msgs = dialog_from(ctx, dialog, "the dialog")?;
     let o: ScoreOpts = options(ctx, opts, "score")?;
-    d.0.score(&msgs, q, a, o.patch_all).at(ctx)
+    let act = activations(ctx, o.activations.as_deref())?;
+    let read = Decoder::read_dialog(&msgs, o.patch_all);
+    let items = [(read, q.to_string(), a.to_string())];
+    Ok(d.0.score_reads(&items, act).at(ctx)?[0])
 }
 
 /// One dialog: a string (a single user turn), an array of message maps, or a map with
@@ -235,6 +247,8 @@ struct AskOpts {
     read_layer: Option<usize>,
     /// Patch the whole dialog, control included (the paper's unmasked reading).
     patch_all: bool,
+    /// `"read"` (default) or `"none"` (nothing written: the no-activation baseline).
+    activations: Option<String>,
 }
 
 fn ask_options(ctx: &NativeCallContext, d: &Decoder, opts: &Map) -> ScriptResult<AskOptions> {
@@ -254,6 +268,7 @@ fn ask_options(ctx: &NativeCallContext, d: &Decoder, opts: &Map) -> ScriptResult
         o.read_layer = Some(l);
     }
     o.patch_all = a.patch_all;
+    o.activations = activations(ctx, a.activations.as_deref())?;
     o.gen = g.resolve(&d.target, o.gen.max_new_tokens);
     Ok(o)
 }
@@ -343,7 +358,7 @@ pub fn register(engine: &mut Engine) {
     );
     engine.register_fn(
         "score",
-        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialog: Array, q: &str, a: &str| {
+        |ctx: NativeCallContext, d: &mut ScriptDecoder, dialog: Dynamic, q: &str, a: &str| {
             score(&ctx, d, &dialog, q, a, &Map::new())
         },
     );
@@ -351,7 +366,7 @@ pub fn register(engine: &mut Engine) {
         "score",
         |ctx: NativeCallContext,
          d: &mut ScriptDecoder,
-         dialog: Array,
+         dialog: Dynamic,
          q: &str,
          a: &str,
          opts: Map| { score(&ctx, d, &dialog, q, a, &opts) },
@@ -391,15 +406,33 @@ pub fn register(engine: &mut Engine) {
         m.insert("base_model".into(), d.0.meta.base_model.clone().into());
         m.insert("read_layer".into(), (d.0.meta.layers.read as i64).into());
         m.insert("write_layer".into(), (d.0.meta.layers.write as i64).into());
+        m.insert("injection".into(), d.0.meta.layers.inject.name().into());
+        let layers: Array = (d.0.meta.read_layers.iter())
+            .map(|&l| Dynamic::from(l as i64))
+            .collect();
+        m.insert("read_layers".into(), layers.into());
         m.insert("path".into(), d.0.path.display().to_string().into());
         m
     });
     engine.register_fn("to_string", |d: &mut ScriptDecoder| {
+        let m = &d.0.meta;
+        let reads = if m.names_layer() {
+            format!(
+                "blocks.{{{}}}",
+                m.read_layers
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        } else {
+            format!("blocks.{}", m.layers.read)
+        };
         format!(
-            "Decoder({}: reads blocks.{}.hook_resid_post, writes blocks.{}, from {})",
-            d.0.meta.base_model,
-            d.0.meta.layers.read,
-            d.0.meta.layers.write,
+            "Decoder({}: reads {reads}.hook_resid_post, writes blocks.{} by {}, from {})",
+            m.base_model,
+            m.layers.write,
+            m.layers.inject.name(),
             d.0.path.display()
         )
     });
@@ -414,27 +447,41 @@ struct EvalOpts {
     data_dir: Option<String>,
     /// The `split.json` a training run wrote (required).
     split: Option<String>,
-    /// At most this many held-out items.
+    /// At most this many held-out items of each kind.
     limit: Option<usize>,
     batch_size: usize,
     seed: u64,
+    /// Generate answers for this many items of each kind (the generic-answer share).
+    generate: usize,
+    max_new_tokens: usize,
+    /// Keep masked items whose control shows in the target's own reply.
+    behaviour_shown: bool,
+    /// Labelled sentences for the classification kind (default `data/classification.json`);
+    /// `""` leaves the kind out.
+    classification: Option<String>,
 }
 
 impl Default for EvalOpts {
     fn default() -> Self {
+        let d = EvalOptions::default();
         EvalOpts {
             data_dir: None,
             split: None,
             limit: None,
-            batch_size: 8,
-            seed: 0,
+            batch_size: d.batch_size,
+            seed: d.seed,
+            generate: d.generate,
+            max_new_tokens: d.max_new_tokens,
+            behaviour_shown: false,
+            classification: None,
         }
     }
 }
 
-/// `evaluate_reading(decoder, #{data_dir, split, limit, batch_size, seed})`: the held-out
-/// reading test (true vs shuffled activations); `split` is the `split.json` a training run
-/// wrote.
+/// `evaluate_reading(decoder, #{split, data_dir, limit, batch_size, seed, generate,
+/// max_new_tokens, behaviour_shown, classification})`: held-out items per kind scored with
+/// true, mismatched and no activations (see [`crate::lit::eval`]); `split` is the
+/// `split.json` a training run wrote.
 pub fn register_eval(engine: &mut Engine) {
     engine.register_fn(
         "evaluate_reading",
@@ -453,20 +500,29 @@ pub fn register_eval(engine: &mut Engine) {
                 crate::lit::data::LitData::load_dir(Path::new(&data_dir), &Default::default())
                     .at(&ctx)?;
             let split = crate::lit::data::LabelSplit::load(Path::new(&split_path)).at(&ctx)?;
-            let r = crate::lit::eval::reading_gap(
-                &d.0,
-                &data,
-                &split,
-                o.limit,
-                o.batch_size.max(1),
-                o.seed,
-            )
-            .at(&ctx)?;
+            let script_dir = super::script_dir(&ctx);
+            let classification = match o.classification.as_deref() {
+                Some("") => None,
+                Some(p) => Some(p.into()),
+                None => Some(crate::assets::data_file(
+                    "classification.json",
+                    script_dir.as_deref(),
+                )),
+            };
+            let eo = EvalOptions {
+                limit: o.limit,
+                batch_size: o.batch_size.max(1),
+                seed: o.seed,
+                generate: o.generate,
+                max_new_tokens: o.max_new_tokens.max(1),
+                behaviour_shown: o.behaviour_shown,
+                classification_file: classification,
+            };
+            let r = crate::lit::eval::evaluate_reading(&d.0, &data, &split, &eo).at(&ctx)?;
             let v = serde_json::to_value(&r).map_err(|e| ctx_err(&ctx, e))?;
             Ok(super::globals::json_to_dynamic(v)
                 .try_cast::<Map>()
                 .unwrap_or_default())
         },
     );
-    let _: Option<Array> = None;
 }

@@ -361,12 +361,7 @@ fn make_hook(
             "positions must be an array of integers, an integer, or \"all\"",
         ));
     };
-    let verb = if mode == PatchMode::Replace {
-        "patch"
-    } else {
-        "add"
-    };
-    crate::hooks::check_finite(&format!("{verb} at {name}"), &value).at(ctx)?;
+    crate::hooks::check_finite(&format!("{} at {name}", mode.verb()), &value).at(ctx)?;
     Ok(ScriptHook {
         name: name.to_string(),
         mode,
@@ -440,14 +435,16 @@ pub fn register(engine: &mut Engine) {
             make_hook(&ctx, name, &value, &positions, PatchMode::Add)
         },
     );
+    engine.register_fn(
+        "add_norm_matched",
+        |ctx: NativeCallContext, name: &str, value: Dynamic, positions: Dynamic| {
+            make_hook(&ctx, name, &value, &positions, PatchMode::AddNormMatched)
+        },
+    );
     engine.register_fn("to_string", |h: &mut ScriptHook| {
-        let verb = if h.mode == PatchMode::Replace {
-            "patch"
-        } else {
-            "add"
-        };
         format!(
-            "Hook({verb} {} at {:?}, value {:?})",
+            "Hook({} {} at {:?}, value {:?})",
+            h.mode.verb(),
             h.name,
             h.positions,
             h.value.dims()

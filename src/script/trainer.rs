@@ -110,6 +110,8 @@ pub fn register(engine: &mut Engine) {
                 "trainable_parameters".into(),
                 (tr.adapter().num_parameters() as i64).into(),
             );
+            let counts = serde_json::to_value(tr.kind_counts()).unwrap_or_default();
+            m.insert("kinds".into(), super::globals::json_to_dynamic(counts));
             m.insert(
                 "out_dir".into(),
                 tr.config.out_dir.display().to_string().into(),
