@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 /// The stdlib modules compiled into the binary: `(file name, source)`.
 pub const STDLIB: &[(&str, &str)] = &[
     ("fmt.rhai", include_str!("../stdlib/fmt.rhai")),
+    ("lit.rhai", include_str!("../stdlib/lit.rhai")),
     ("questions.rhai", include_str!("../stdlib/questions.rhai")),
     ("steering.rhai", include_str!("../stdlib/steering.rhai")),
 ];
