@@ -107,6 +107,26 @@ fn a_control_step_lowers_the_decoder_loss_on_its_batch() {
     assert!(again < after, "{after} -> {again}");
 }
 
+/// A control run through an Activation-Oracle decoder (norm-matched addition, layers named in
+/// its prompts) uses that injection: its loss differs from the same decoder's with
+/// replacement, and its steps lower it. (The tiny model has two blocks: the write is at block
+/// 0 so that a block reads it.)
+#[test]
+fn control_honours_the_decoders_injection() {
+    use lqa::latentqa::{Injection, LayerPlan};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = decoder(tmp.path());
+    let replace = ControlOptimizer::new(&d, control(), &instructions(), config(3e-3)).unwrap();
+    d.meta.layers = LayerPlan::new(1, 0).injecting(Injection::AddNormMatched);
+    d.meta.read_layers = vec![0, 1];
+    let mut ao = ControlOptimizer::new(&d, control(), &instructions(), config(3e-3)).unwrap();
+    let before = ao.batch_loss(0).unwrap();
+    assert!((before - replace.batch_loss(0).unwrap()).abs() > 1e-3);
+    ao.step().unwrap();
+    let after = ao.batch_loss(0).unwrap();
+    assert!(after < before - 1e-3, "loss {before} -> {after}");
+}
+
 #[test]
 fn with_lr_zero_the_target_is_unchanged() {
     let tmp = tempfile::tempdir().unwrap();

@@ -316,8 +316,8 @@ fn the_reading_evaluation_scores_the_same_items_three_ways() {
     }
 }
 
-/// Activation Oracles' recipe on the toy task: norm-matched addition at layer 1, two read
-/// layers named in the prompt, and a mixture with context prediction and classification.
+/// Activation Oracles' recipe on the toy task: norm-matched addition, two read layers named in
+/// the prompt, and a mixture with context prediction and classification.
 #[test]
 fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
     use lqa::latentqa::Injection;
@@ -339,7 +339,7 @@ fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
     let cfg = TrainConfig {
         max_steps: Some(4),
         read_layers: vec![1, 0],
-        write_layer: 1,
+        write_layer: 0, // the tiny model has two blocks: block 1 reads what block 0 writes
         injection: Injection::AddNormMatched,
         mixture: MixtureConfig {
             context: 0.5,
@@ -374,7 +374,7 @@ fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
     let d = lqa::latentqa::decoder::Decoder::load(target.clone(), Some(&dir)).unwrap();
     assert_eq!(d.meta.read_layers, vec![0, 1]);
     assert_eq!(d.meta.layers.inject, Injection::AddNormMatched);
-    assert_eq!((d.meta.layers.read, d.meta.layers.write), (0, 1));
+    assert_eq!((d.meta.layers.read, d.meta.layers.write), (0, 0));
     // questions name the layer the activations come from
     let q = d.meta.question("What color?", 1);
     assert_eq!(q, "Layer: 1\nWhat color?");

@@ -471,3 +471,65 @@ fn patch_row(xr: &Tensor, mut cols: Vec<(usize, Tensor)>, mode: PatchMode) -> Re
     }
     Ok(Tensor::cat(&pieces, 0)?)
 }
+
+#[cfg(test)]
+mod norm_matched_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The gradient of `w . (h + ||h|| v/||v||)` in `v` and `h`, against central differences.
+    #[test]
+    fn add_norm_matched_is_differentiable_in_v_and_h() {
+        let dev = Device::Cpu;
+        let hv: Vec<f64> = (0..12)
+            .map(|i| ((i * 7 % 5) as f64 - 2.0) * 0.7 + 0.1)
+            .collect();
+        let vv: Vec<f64> = (0..12)
+            .map(|i| ((i * 3 % 7) as f64 - 3.0) * 1.3 + 0.2)
+            .collect();
+        let wv: Vec<f64> = (0..12).map(|i| ((i * 5 % 11) as f64 - 5.0) * 0.4).collect();
+        let w = Tensor::from_vec(wv.clone(), (3, 4), &dev).unwrap();
+        let f = |h: &[f64], v: &[f64]| -> f64 {
+            let h = Tensor::from_vec(h.to_vec(), (3, 4), &dev).unwrap();
+            let v = Tensor::from_vec(v.to_vec(), (3, 4), &dev).unwrap();
+            let out = add_norm_matched(&h, &v).unwrap();
+            (out * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = Var::from_vec(hv.clone(), (3, 4), &dev).unwrap();
+        let v = Var::from_vec(vv.clone(), (3, 4), &dev).unwrap();
+        let out = add_norm_matched(h.as_tensor(), v.as_tensor()).unwrap();
+        let loss = (out * &w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        for (var, base, is_v) in [(&v, &vv, true), (&h, &hv, false)] {
+            let grad: Vec<f64> = g
+                .get(var.as_tensor())
+                .expect("a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for i in 0..12 {
+                let eps = 1e-6;
+                let (mut p, mut m) = (base.clone(), base.clone());
+                p[i] += eps;
+                m[i] -= eps;
+                let fd = if is_v {
+                    (f(&hv, &p) - f(&hv, &m)) / (2.0 * eps)
+                } else {
+                    (f(&p, &vv) - f(&m, &vv)) / (2.0 * eps)
+                };
+                assert!(
+                    (grad[i] - fd).abs() < 1e-6,
+                    "{} {i}: {} vs {fd}",
+                    if is_v { "v" } else { "h" },
+                    grad[i]
+                );
+            }
+        }
+    }
+}

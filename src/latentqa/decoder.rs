@@ -112,14 +112,8 @@ impl Decoder {
                 format!("read layer {l} of `read_layers` does not fit a model of {n} layers"),
             ));
         }
-        if meta.layers.check(n).is_err() {
-            return Err(Error::bad_file(
-                &meta_path,
-                format!(
-                    "layers {}/{} do not fit a model of {n} layers",
-                    meta.layers.read, meta.layers.write
-                ),
-            ));
+        if let Err(e) = meta.layers.check(n) {
+            return Err(Error::bad_file(&meta_path, e));
         }
         let mut model = target.model.clone();
         let adapter = Adapter::load_peft(&dir, &model)?;

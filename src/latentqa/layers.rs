@@ -105,8 +105,23 @@ impl LayerPlan {
                 self.read, self.write
             )));
         }
+        check_write_layer(self.write, n_layers)?;
         Ok(self)
     }
+}
+
+/// A write layer some block reads: the output of the last block feeds only the unembedding at
+/// the placeholders themselves, so no answer token could depend on what is written there.
+pub fn check_write_layer(write: usize, n_layers: usize) -> Result<()> {
+    if n_layers > 1 && write + 1 >= n_layers {
+        return Err(Error::invalid(format!(
+            "write layer {write} is the last block of {n_layers}: no block reads what is \
+             written there, so the answers could not depend on the activations (use a layer \
+             below {})",
+            n_layers - 1
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -120,6 +135,8 @@ mod tests {
         assert_eq!(p, LayerPlan::new(3, 0));
         assert!(p.check(4).is_ok());
         assert!(p.check(3).is_err());
+        let last = LayerPlan::new(0, 3).check(4).unwrap_err().to_string();
+        assert!(last.contains("write layer 3 is the last block"), "{last}");
         let json = serde_json::to_string(&p).unwrap();
         assert_eq!(
             json,

@@ -297,18 +297,22 @@ pub fn behaviour_shown(
             match p {
                 None => out.push(true),
                 Some((control, _, _)) => {
-                    let (with, without) = (&replies[at], &replies[at + 1]);
+                    out.push(shows_control(control, &replies[at], &replies[at + 1]));
                     at += 2;
-                    let without = content_words(without);
-                    let shown = content_words(control)
-                        .intersection(&content_words(with))
-                        .any(|w| !without.contains(w));
-                    out.push(shown);
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Does the reply `with` the control show it? It has a content word of `control` that the
+/// reply `without` it lacks.
+pub fn shows_control(control: &str, with: &str, without: &str) -> bool {
+    let without = content_words(without);
+    content_words(control)
+        .intersection(&content_words(with))
+        .any(|w| !without.contains(w))
 }
 
 /// The share of generic answers among `answers`: those equal (case and punctuation folded) to
@@ -510,6 +514,28 @@ mod tests {
         assert_eq!(g.top_answer, "The assistant is helpful.");
         let g = generic_share(&a[1..]);
         assert_eq!(g.generic.value, 0.0); // 1 of 9 is below 20 %
+    }
+
+    #[test]
+    fn a_control_shows_by_its_words() {
+        let control = "You are a grumpy pirate who hates answering questions.";
+        let without = "To learn to cook, start with simple recipes.";
+        assert!(shows_control(
+            control,
+            "Arr, I'm a pirate, not a cook!",
+            without
+        ));
+        assert!(!shows_control(
+            control,
+            "Start with simple recipes and practice.",
+            without
+        ));
+        // a control word the plain reply also uses shows nothing
+        assert!(!shows_control(
+            "Always talk about recipes.",
+            "Recipes are great.",
+            "Try recipes."
+        ));
     }
 
     #[test]

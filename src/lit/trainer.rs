@@ -347,6 +347,7 @@ impl Trainer {
                 config.write_layer
             )));
         }
+        crate::latentqa::layers::check_write_layer(config.write_layer, n_layers)?;
         config.mixture.validate()?;
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::invalid("batch_size and grad_accum must be > 0"));
