@@ -675,3 +675,18 @@ fn a_bad_eval_fraction_is_an_error_naming_it() {
         assert!(d.split_by_label(bad, 1).is_err());
     }
 }
+
+#[test]
+fn kind_names_are_their_serialised_names() {
+    use lqa::lit::data::ItemKind;
+    for k in [
+        ItemKind::Control,
+        ItemKind::Stimulus,
+        ItemKind::System,
+        ItemKind::StimulusCompletion,
+        ItemKind::Context,
+        ItemKind::Classification,
+    ] {
+        assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+    }
+}

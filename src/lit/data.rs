@@ -67,6 +67,18 @@ impl ItemKind {
         ItemKind::StimulusCompletion,
     ];
 
+    /// The kind's name, as serialised (`system`, `stimulus_completion`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ItemKind::Control => "control",
+            ItemKind::Stimulus => "stimulus",
+            ItemKind::System => "system",
+            ItemKind::StimulusCompletion => "stimulus_completion",
+            ItemKind::Context => "context",
+            ItemKind::Classification => "classification",
+        }
+    }
+
     /// The file of a data folder that holds items of this kind.
     pub fn file_name(self) -> &'static str {
         match self {

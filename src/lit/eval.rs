@@ -168,17 +168,6 @@ impl EvalReport {
     }
 }
 
-fn kind_name(k: ItemKind) -> &'static str {
-    match k {
-        ItemKind::Control => "control",
-        ItemKind::Stimulus => "stimulus",
-        ItemKind::System => "system",
-        ItemKind::StimulusCompletion => "stimulus_completion",
-        ItemKind::Context => "context",
-        ItemKind::Classification => "classification",
-    }
-}
-
 /// One scored item: the read dialog, the question and answer, the label (partners differ in
 /// it), and for classification the other answer.
 #[derive(Clone)]
@@ -450,7 +439,7 @@ pub fn evaluate_reading(
             .map(Item::of)
             .collect();
         let masked = kind != ItemKind::Control;
-        if let Some(r) = report_kind(decoder, kind_name(kind), masked, items, opts, false)? {
+        if let Some(r) = report_kind(decoder, kind.name(), masked, items, opts, false)? {
             kinds.push(r);
         }
     }
