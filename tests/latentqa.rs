@@ -355,6 +355,7 @@ fn tiny_batch() -> PatchedBatch {
         verb_len: 3,
         patch_positions: (4..8).collect(),
         first_from: Some(1),
+        baseline: None,
     };
     let d0 = DecoderPrompt {
         ids: vec![1, 7, 3, 3, 3, 3, 9, 12, 44, 45, 46, 2],
@@ -367,6 +368,7 @@ fn tiny_batch() -> PatchedBatch {
         verb_len: 0,
         patch_positions: (1..5).collect(),
         first_from: None,
+        baseline: None,
     };
     let d1 = DecoderPrompt {
         ids: vec![1, 7, 3, 3, 3, 3, 9, 50, 51],

@@ -341,6 +341,7 @@ fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
         read_layers: vec![1, 0],
         write_layer: 0, // the tiny model has two blocks: block 1 reads what block 0 writes
         injection: Injection::AddNormMatched,
+        contrast: true, // the toy data's masked items are read by contrast
         mixture: MixtureConfig {
             context: 0.5,
             classification: 0.5,
@@ -374,6 +375,7 @@ fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
     let d = lqa::latentqa::decoder::Decoder::load(target.clone(), Some(&dir)).unwrap();
     assert_eq!(d.meta.read_layers, vec![0, 1]);
     assert_eq!(d.meta.layers.inject, Injection::AddNormMatched);
+    assert!(d.meta.layers.contrast);
     assert_eq!((d.meta.layers.read, d.meta.layers.write), (0, 0));
     // questions name the layer the activations come from
     let q = d.meta.question("What color?", 1);
@@ -394,6 +396,7 @@ fn an_oracle_style_decoder_trains_on_a_mixture_and_names_its_read_layers() {
     .unwrap();
     let old = lqa::latentqa::decoder::Decoder::load(target, Some(&dir)).unwrap();
     assert_eq!(old.meta.layers.inject, Injection::Replace);
+    assert!(!old.meta.layers.contrast);
     assert!(!old.meta.names_layer());
     assert_eq!(old.meta.question("What color?", 1), "What color?");
 }

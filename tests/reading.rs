@@ -246,3 +246,59 @@ fn sampled_answers_do_not_depend_on_the_batch() {
     let other = d.ask_tokens(&dialogs()[..1], &qs, &o).unwrap();
     assert_ne!(batched, other, "another seed gave the same samples");
 }
+
+#[test]
+fn contrast_reads_what_the_masked_turns_changed() {
+    // A contrast decoder reads, at each stimulus token, the target's activation minus the
+    // activation of the same token in the dialog without the masked turns; the paper's first
+    // vector (from position 1, before the masked turns) is zero; unmasked reads are unchanged.
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = target(tmp.path());
+    let mut d = decoder(lm.clone());
+    let plain: Vec<_> = dialogs()
+        .iter()
+        .map(|dl| d.read(dl, false, None).unwrap())
+        .collect();
+    d.meta.layers.contrast = true;
+    let stimulus_alone = [
+        None,
+        Some(dialogs()[1][2..].to_vec()),
+        Some(dialogs()[2][1..].to_vec()),
+    ];
+    for (i, dialog) in dialogs().iter().enumerate() {
+        let got = d.read(dialog, false, None).unwrap();
+        let got = got.vectors.to_vec2::<f32>().unwrap();
+        let plain_rows = plain[i].vectors.to_vec2::<f32>().unwrap();
+        let Some(alone) = &stimulus_alone[i] else {
+            assert_eq!(got, plain_rows, "dialog {i} has no mask: read as before");
+            continue;
+        };
+        // the stimulus alone, all positions but the first read: its last rows are the same
+        // tokens as the masked read's
+        let base = d.read(alone, false, None).unwrap();
+        assert_eq!(base.read.verb_len, 0);
+        let base_rows = base.vectors.to_vec2::<f32>().unwrap();
+        let n = got.len();
+        assert!(n >= 3 && base_rows.len() >= n - 1, "dialog {i}");
+        let ids = &plain[i].read.ids;
+        assert_eq!(
+            base.read.ids[base.read.ids.len() - (n - 1)..],
+            ids[ids.len() - (n - 1)..],
+            "dialog {i}: the stimulus tokens"
+        );
+        assert!(got[0].iter().all(|&x| x == 0.0), "dialog {i}: first vector");
+        let off = base_rows.len() - (n - 1);
+        let mut changed = 0.0f32;
+        for j in 1..n {
+            for (k, &g) in got[j].iter().enumerate() {
+                let want = plain_rows[j][k] - base_rows[off + j - 1][k];
+                assert!((g - want).abs() <= 1e-5, "dialog {i}, vector {j}, dim {k}");
+                changed = changed.max(want.abs());
+            }
+        }
+        assert!(
+            changed > 1e-3,
+            "dialog {i}: the masked turns changed nothing"
+        );
+    }
+}

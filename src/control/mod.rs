@@ -245,6 +245,8 @@ pub struct ControlOptimizer {
     write_layer: usize,
     /// The decoder's injection at the write layer.
     inject: Injection,
+    /// The decoder reads by contrast (see [`LayerPlan::contrast`]).
+    contrast: bool,
     step: usize,
     history: Vec<ControlStats>,
     /// Where metrics, the plot and checkpoints go, when set.
@@ -378,6 +380,7 @@ impl ControlOptimizer {
             read: read_layer,
             write: write_layer,
             inject,
+            contrast,
         } = (decoder.meta.layers)
             .with(config.read_layer, config.write_layer)
             .check(n_layers)?;
@@ -471,6 +474,7 @@ impl ControlOptimizer {
             read_layers: (read_layer, read_layer),
             write_layer,
             inject,
+            contrast,
             step: 0,
             history: Vec::new(),
             out: None,
@@ -699,7 +703,9 @@ impl ControlOptimizer {
 
     fn loss_config(&self, read_layer: usize) -> LossConfig {
         LossConfig {
-            layers: LayerPlan::new(read_layer, self.write_layer).injecting(self.inject),
+            layers: LayerPlan::new(read_layer, self.write_layer)
+                .injecting(self.inject)
+                .contrasting(self.contrast),
             pad_id: self.target.pad_id(),
             differentiable: true,
             grad_through_target: true,

@@ -64,6 +64,13 @@ pub struct ReadPrompt {
     /// without a verb mask. When the verb is empty this changes nothing, since the first
     /// patched position is then 1 anyway.
     pub first_from: Option<usize>,
+    /// The same dialog with its masked turns left out (the system prompt, or the control turn
+    /// and its reply), tokenized: it ends in the same tokens as `ids` from the second patched
+    /// position on, so patch `j` sits at `patch_positions[j] - (ids.len() - baseline.len())`
+    /// in it. What the target computes on the stimulus alone, subtracted from the reading in
+    /// contrast reading ([`super::layers::LayerPlan::contrast`]). `None` without a verb mask,
+    /// or when the stimulus renders differently without the masked turns.
+    pub baseline: Option<Vec<u32>>,
 }
 
 impl ReadPrompt {
@@ -170,6 +177,9 @@ pub fn read_prompt(
              needs at least 2"
         )));
     }
+    let user_idx: Vec<usize> = (0..msgs.len())
+        .filter(|&i| msgs[i].role == "user")
+        .collect();
     let user_starts: Vec<usize> = msgs
         .iter()
         .zip(&spans)
@@ -192,12 +202,51 @@ pub fn read_prompt(
             "the verb mask covers the whole read prompt: nothing is left to patch",
         ));
     }
+    let baseline = if verb_len > 0 {
+        baseline_ids(template, tokenizer, dialog, &user_idx, &ids, n)?
+    } else {
+        None
+    };
     Ok(ReadPrompt {
         ids,
         verb_len,
         patch_positions: (len - n..len).collect(),
         first_from: (dialog.mask != VerbMask::None).then_some(1),
+        baseline,
     })
+}
+
+/// The ids of `dialog` without its masked turns (see [`ReadPrompt::baseline`]): `None` when
+/// nothing is left or the last `n - 1` tokens differ from `ids`' (the stimulus would not be
+/// the same tokens without the masked turns).
+fn baseline_ids(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    dialog: &ReadDialog,
+    user_idx: &[usize],
+    ids: &[u32],
+    n: usize,
+) -> Result<Option<Vec<u32>>> {
+    let msgs = &dialog.messages;
+    let kept: Vec<Message> = match dialog.mask {
+        VerbMask::System => msgs[1..].to_vec(),
+        VerbMask::User if user_idx.len() >= 2 => msgs[..user_idx[0]]
+            .iter()
+            .chain(&msgs[user_idx[1]..])
+            .cloned()
+            .collect(),
+        _ => return Ok(None),
+    };
+    if kept.is_empty() {
+        return Ok(None);
+    }
+    let (text, _, _) = template.turn_spans(&kept, dialog.add_generation_prompt)?;
+    let base = tokenizer.encode(&text)?;
+    let tail = n - 1;
+    let same_tail = base.len() >= n
+        && base.len() <= ids.len()
+        && base[base.len() - tail..] == ids[ids.len() - tail..];
+    Ok(same_tail.then_some(base))
 }
 
 /// A question as a decoder trained on several read layers is asked it: prefixed by the read

@@ -63,6 +63,13 @@ pub struct LayerPlan {
     /// How the activations are written.
     #[serde(rename = "injection", default)]
     pub inject: Injection,
+    /// Contrast reading: where the read prompt masks a part (a system prompt, a control turn),
+    /// the decoder gets what that hidden part changed in the stimulus's activations: the
+    /// read minus the target's activations on the same dialog without the masked turns
+    /// ([`super::format::ReadPrompt::baseline`]), at the same tokens. Unmasked reads are
+    /// unchanged. Off in the paper's decoders (and in files written before it existed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contrast: bool,
 }
 
 impl LayerPlan {
@@ -72,12 +79,18 @@ impl LayerPlan {
             read,
             write,
             inject: Injection::Replace,
+            contrast: false,
         }
     }
 
     /// This plan with another injection.
     pub fn injecting(self, inject: Injection) -> Self {
         LayerPlan { inject, ..self }
+    }
+
+    /// This plan with contrast reading on or off (see [`LayerPlan::contrast`]).
+    pub fn contrasting(self, contrast: bool) -> Self {
+        LayerPlan { contrast, ..self }
     }
 
     /// The plan when nothing names one (a plain PEFT adapter without `lqa_decoder.json`): the
@@ -150,6 +163,13 @@ mod tests {
         assert!(json.contains(r#""injection":"add_norm_matched""#), "{json}");
         assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), ao);
         assert_eq!(ao.with(Some(1), None).inject, Injection::AddNormMatched);
+        // contrast reading is written only when on; files without it read plainly
+        assert!(!old.contrast);
+        let c = ao.contrasting(true);
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains(r#""contrast":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<LayerPlan>(&json).unwrap(), c);
+        assert!(c.with(Some(2), Some(1)).contrast);
         for i in [Injection::Replace, Injection::AddNormMatched] {
             assert_eq!(Injection::parse(i.name()).unwrap(), i);
         }

@@ -168,6 +168,62 @@ pub fn read_vectors(
             target.n_layers()
         )));
     }
+    let mut target_hooks = target_hooks;
+    let mut patches = read_at(target, reads, cfg, target_hooks.as_deref_mut())?;
+    if !cfg.layers.contrast {
+        return Ok(patches);
+    }
+    // Contrast reading: masked reads minus the same stimulus read without the masked turns.
+    let mut masked = Vec::new();
+    let mut bases = Vec::new();
+    for (i, r) in reads.iter().enumerate() {
+        if r.verb_len == 0 {
+            continue;
+        }
+        let Some(base) = &r.baseline else {
+            return Err(Error::invalid(
+                "contrast reading: the stimulus is not the same tokens without the masked \
+                 turns (the template renders it differently), so nothing can be subtracted",
+            ));
+        };
+        let shift = r.ids.len() - base.len();
+        bases.push(ReadPrompt {
+            ids: base.clone(),
+            verb_len: 0,
+            patch_positions: r.patch_positions.iter().map(|p| p - shift).collect(),
+            first_from: r.first_from,
+            baseline: None,
+        });
+        masked.push(i);
+    }
+    if masked.is_empty() {
+        return Ok(patches);
+    }
+    let base_reads: Vec<&ReadPrompt> = bases.iter().collect();
+    let base_patches = read_at(target, &base_reads, cfg, target_hooks)?;
+    for (i, b) in masked.into_iter().zip(base_patches) {
+        let delta = (&patches[i] - b)?; // [n_patch, d]
+                                        // The paper's first vector (taken from position 1, before any masked turn) carries
+                                        // nothing the masked turns changed: zero.
+        patches[i] = match reads[i].first_from {
+            Some(_) if cfg.use_first_from => {
+                let (n, d) = delta.dims2()?;
+                let zero = Tensor::zeros((1, d), delta.dtype(), delta.device())?;
+                Tensor::cat(&[&zero, &delta.narrow(0, 1, n - 1)?], 0)?
+            }
+            _ => delta,
+        };
+    }
+    Ok(patches)
+}
+
+/// One left-padded target forward up to `cfg.layers.read` on `reads`, gathered.
+fn read_at(
+    target: &Model,
+    reads: &[&ReadPrompt],
+    cfg: &LossConfig,
+    target_hooks: Option<&mut Hooks>,
+) -> Result<Vec<Tensor>> {
     let rows: Vec<Vec<u32>> = reads.iter().map(|r| r.ids.clone()).collect();
     let mut input =
         Input::left_padded(&rows, cfg.pad_id, target.device())?.with_logits(Logits::None);

@@ -63,6 +63,10 @@ pub struct TrainConfig {
     /// How activations enter the decoder at `write_layer`.
     #[serde(default)]
     pub injection: Injection,
+    /// Contrast reading (see [`LayerPlan::contrast`]): masked items give the decoder what the
+    /// masked turns changed in the stimulus's activations.
+    #[serde(default)]
+    pub contrast: bool,
     /// What the training set is drawn from, and at which weights.
     #[serde(default)]
     pub mixture: MixtureConfig,
@@ -98,6 +102,7 @@ impl Default for TrainConfig {
             read_layers: Vec::new(),
             write_layer: 0,
             injection: Injection::Replace,
+            contrast: false,
             mixture: MixtureConfig::default(),
             lora: LoraConfig::paper_decoder(),
             eval_every: 100,
@@ -503,7 +508,8 @@ impl Trainer {
     fn loss_config(&self, read_layer: usize, dropout: Option<Dropout>) -> LossConfig {
         LossConfig {
             layers: LayerPlan::new(read_layer, self.config.write_layer)
-                .injecting(self.config.injection),
+                .injecting(self.config.injection)
+                .contrasting(self.config.contrast),
             pad_id: self.target.pad_id(),
             differentiable: dropout.is_some(),
             grad_through_target: false,
@@ -717,12 +723,13 @@ impl Trainer {
         } else {
             vec![c.eval_read_layer()]
         };
-        let meta = crate::latentqa::decoder::DecoderMeta::new(
+        let mut meta = crate::latentqa::decoder::DecoderMeta::new(
             &self.target.name,
             &read_layers,
             c.write_layer,
             c.injection,
         );
+        meta.layers.contrast = c.contrast;
         atomic_write_json(&dir.join(crate::latentqa::decoder::META_FILE), &meta)?;
         self.save_record(&dir.join("training"))
     }

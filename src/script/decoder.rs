@@ -407,6 +407,7 @@ pub fn register(engine: &mut Engine) {
         m.insert("read_layer".into(), (d.0.meta.layers.read as i64).into());
         m.insert("write_layer".into(), (d.0.meta.layers.write as i64).into());
         m.insert("injection".into(), d.0.meta.layers.inject.name().into());
+        m.insert("contrast".into(), d.0.meta.layers.contrast.into());
         let layers: Array = (d.0.meta.read_layers.iter())
             .map(|&l| Dynamic::from(l as i64))
             .collect();
@@ -429,8 +430,13 @@ pub fn register(engine: &mut Engine) {
             format!("blocks.{}", m.layers.read)
         };
         format!(
-            "Decoder({}: reads {reads}.hook_resid_post, writes blocks.{} by {}, from {})",
+            "Decoder({}: reads {reads}.hook_resid_post{}, writes blocks.{} by {}, from {})",
             m.base_model,
+            if m.layers.contrast {
+                " by contrast"
+            } else {
+                ""
+            },
             m.layers.write,
             m.layers.inject.name(),
             d.0.path.display()
