@@ -180,12 +180,8 @@ pub fn read_prompt(
     let user_idx: Vec<usize> = (0..msgs.len())
         .filter(|&i| msgs[i].role == "user")
         .collect();
-    let user_starts: Vec<usize> = msgs
-        .iter()
-        .zip(&spans)
-        .enumerate()
-        .filter(|(_, (m, _))| m.role == "user")
-        .map(|(i, (_, &(s, _)))| token_starting_at(&offsets, s, &format!("read turn {i}")))
+    let user_starts: Vec<usize> = (user_idx.iter())
+        .map(|&i| token_starting_at(&offsets, spans[i].0, &format!("read turn {i}")))
         .collect::<Result<_>>()?;
     let verb_len = match dialog.mask {
         VerbMask::User if user_starts.len() >= 2 => user_starts[1] - user_starts[0],

@@ -202,9 +202,9 @@ pub fn read_vectors(
     let base_reads: Vec<&ReadPrompt> = bases.iter().collect();
     let base_patches = read_at(target, &base_reads, cfg, target_hooks)?;
     for (i, b) in masked.into_iter().zip(base_patches) {
+        // The paper's first vector (taken from position 1, before any masked turn) carries
+        // nothing the masked turns changed: zero.
         let delta = (&patches[i] - b)?; // [n_patch, d]
-                                        // The paper's first vector (taken from position 1, before any masked turn) carries
-                                        // nothing the masked turns changed: zero.
         patches[i] = match reads[i].first_from {
             Some(_) if cfg.use_first_from => {
                 let (n, d) = delta.dims2()?;
