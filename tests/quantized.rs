@@ -61,9 +61,25 @@ const TYPES: [GgmlDType; 10] = [
 /// The bound of the header for one output of an `m`-row product: `x` `[k]`, `w` a row `[k]`.
 /// Activation blocks are taken as 256 wide (an upper bound for 32-wide ones too: a larger
 /// block's max is larger).
-fn bound(x: &[f32], w: &[f32], ty: GgmlDType, split: bool) -> f32 {
+/// `offset`: the gemv forms Q4_1's blocks as `d (sum q x) + m (sum x)`, whose rounding scales
+/// with `sum (|w| + 2|m|) |x|` (`|d q| <= |w| + |m|`; `|m|`, the block's offset, is at most its
+/// largest `|w|`).
+fn bound(x: &[f32], w: &[f32], ty: GgmlDType, split: bool, offset: bool) -> f32 {
     let k = x.len() as f32;
-    let mag: f32 = x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum();
+    let mag: f32 = if offset && ty == GgmlDType::Q4_1 {
+        x.chunks(32)
+            .zip(w.chunks(32))
+            .map(|(xb, wb)| {
+                let m = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                xb.iter()
+                    .zip(wb)
+                    .map(|(a, b)| (b.abs() + 2.0 * m) * a.abs())
+                    .sum::<f32>()
+            })
+            .sum()
+    } else {
+        x.iter().zip(w).map(|(a, b)| (a * b).abs()).sum()
+    };
     // f32 sums in a different order (twice over for the two terms)
     let rounding = 2.0 * k * f32::EPSILON * mag + 1e-6;
     if !split {
@@ -125,17 +141,17 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
                     false => want.clone(),
                 };
                 let paths = [
-                    ("two-term", q.matmul_t_split(&xv, m).unwrap(), true),
-                    ("f32", q.matmul_t_f32(&xv, m).unwrap(), false),
-                    ("Linear", lin_y, true),
-                    ("gemv", gemv, false),
+                    ("two-term", q.matmul_t_split(&xv, m).unwrap(), true, false),
+                    ("f32", q.matmul_t_f32(&xv, m).unwrap(), false, false),
+                    ("Linear", lin_y, true, true),
+                    ("gemv", gemv, false, true),
                 ];
-                for (p, (what, got, split)) in paths.iter().enumerate() {
+                for (p, (what, got, split, offset)) in paths.iter().enumerate() {
                     for i in 0..m {
                         for j in 0..n {
                             let e = (got[i * n + j] - want[i * n + j]).abs();
                             let xi = &xv[i * k..(i + 1) * k];
-                            let b = bound(xi, &wdv[j * k..(j + 1) * k], ty, *split);
+                            let b = bound(xi, &wdv[j * k..(j + 1) * k], ty, *split, *offset);
                             assert!(
                                 e <= b,
                                 "{ty:?} {what} m={m} n={n} [{i},{j}]: {} vs {} (error {e}, \
@@ -158,6 +174,69 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
             worst[3],
             lqa::model::qgemv::supported(ty)
         );
+    }
+}
+
+/// lqa's f32-activation matrix-vector kernels (`lqa::model::qgemv`), with each instruction set
+/// this CPU has (AVX2 and AVX-512 on one machine), against `dequant(W) x` in f64: odd and even
+/// block counts (the kernels alternate two accumulators), row counts that leave tails of the
+/// parallel row tasks, and offsets that make Q4_1's `m (sum x)` term large. Bound as
+/// [`bound`]'s f32 rounding, with Q4_1's offset term.
+#[test]
+fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
+    use lqa::model::qgemv::{cpu_has, gemv_on, Isa};
+    let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| cpu_has(i))
+        .collect();
+    println!("qgemv instruction sets on this CPU: {isas:?}");
+    let mut checked = 0;
+    for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for &k in &[32usize, 96, 224, 576] {
+            for &n in &[1usize, 31, 33, 70] {
+                // weights with a per-row offset, so Q4_1's minimum is far from zero
+                let wv: Vec<f32> = lcg(n * k, k as u64 + n as u64)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v * 0.5 + if (i / k) % 2 == 0 { 0.75 } else { 0.0 })
+                    .collect();
+                let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+                let q = QuantWeight::new(QTensor::quantize(&w, ty).unwrap(), "w").unwrap();
+                let wd: Vec<f32> = q
+                    .dequantize()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let blocks = q.qtensor().data().unwrap();
+                let x = lcg(k, 1000 + k as u64);
+                for &isa in &isas {
+                    let mut y = vec![f32::NAN; n];
+                    gemv_on(isa, ty, &blocks, &x, &mut y, k).unwrap();
+                    for j in 0..n {
+                        let row = &wd[j * k..(j + 1) * k];
+                        let want: f64 =
+                            row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let e = (y[j] as f64 - want).abs() as f32;
+                        let b = bound(&x, row, ty, false, true);
+                        assert!(
+                            e <= b,
+                            "{ty:?} {isa:?} k={k} n={n} row {j}: {} vs {want} (error {e}, bound {b})",
+                            y[j]
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(isas.is_empty() || checked > 0);
+    // a type the kernels don't take, and a length that isn't whole blocks, are errors
+    if let Some(&isa) = isas.first() {
+        let mut y = [0f32; 1];
+        assert!(gemv_on(isa, GgmlDType::Q4K, &[0u8; 144], &[0f32; 256], &mut y, 256).is_err());
+        assert!(gemv_on(isa, GgmlDType::Q8_0, &[0u8; 34], &[0f32; 33], &mut y, 33).is_err());
     }
 }
 
@@ -722,10 +801,31 @@ fn quant_path_timing() {
             let split = time(&|| q.matmul_t_split(&x, m).unwrap());
             let f32p = time(&|| q.matmul_t_f32(&x, m).unwrap());
             let gemv = time(&|| q.matmul_t_gemv(&x, m).unwrap());
+            let gb = q.bytes() as f64 * m as f64 / 1e6;
             println!(
                 "{ty:?} [{n}, {k}] m={m}: two-term int8 {split:.3} ms, f32 {f32p:.3} ms, \
-                 gemv {gemv:.3} ms"
+                 gemv {gemv:.3} ms ({:.1} GB/s of weights)",
+                gb / gemv
             );
+            if m == 1 {
+                use lqa::model::qgemv::{cpu_has, gemv_on, Isa};
+                let data = q.qtensor().data().unwrap();
+                for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| cpu_has(i)) {
+                    // the best of 5 rounds of 200 (the machine's speed drifts)
+                    let t = (0..5)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            let mut y = vec![0f32; n];
+                            for _ in 0..200 {
+                                gemv_on(isa, ty, &data, &x, &mut y, k).unwrap();
+                                std::hint::black_box(&mut y);
+                            }
+                            t.elapsed().as_secs_f64() / 200.0 * 1e3
+                        })
+                        .fold(f64::MAX, f64::min);
+                    println!("  gemv {isa:?}: {t:.3} ms ({:.1} GB/s)", gb / t);
+                }
+            }
         }
     }
 }
