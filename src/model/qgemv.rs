@@ -165,7 +165,7 @@ mod x86 {
 
     /// Bytes ahead of the block in use that the kernels ask the cache for: decoding streams
     /// every weight from memory, and the prefetch raised the default model's `native` decode
-    /// from 61 to 80 tok/s (1024 bytes: 77, 512: 70; AMD Zen 4, 2 threads).
+    /// from 61 to 80 tok/s (1024 bytes: 77, 512: 70; an Intel Xeon with AVX-512, 2 threads).
     const PREFETCH: usize = 2048;
 
     /// `sum_b share(b)` over `nb` blocks into two accumulators (even and odd blocks, for the
