@@ -91,6 +91,7 @@ fn bench() -> anyhow::Result<()> {
             med / pt_s,
             pt["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
         );
+        common::report(bench, med, "s", peak);
         drop(opt);
     }
     Ok(())

@@ -132,14 +132,7 @@ fn bench() -> anyhow::Result<()> {
         .unwrap_or(5);
     let times: Vec<f64> = (0..runs).map(|_| step()).collect::<anyhow::Result<_>>()?;
     let peak = rss_mib("VmHWM:");
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/reference/timing_results.json"),
-    )?)?;
-    let pt = reference["results"]
-        .as_array()
-        .and_then(|a| a.iter().find(|r| r["bench"] == "train_step").cloned())
-        .unwrap_or_default();
+    let pt = common::pytorch("train_step");
     let pt_s = pt["median_s"].as_f64().unwrap_or(f64::NAN);
     let med = median(times.clone());
     println!("LIT step, batch 4: read lengths {read_lens:?}, decoder lengths {dec_lens:?}, {} label tokens, {} trainable parameters", batch.n_label_tokens(), adapter.num_parameters());
@@ -151,5 +144,6 @@ fn bench() -> anyhow::Result<()> {
         med / pt_s,
         pt["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
     );
+    common::report("train_step", med, "s", peak);
     Ok(())
 }

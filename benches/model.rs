@@ -93,19 +93,8 @@ fn bench() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let dec_peak = rss_kib("VmHWM:") as f64 / 1024.0;
 
-    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/reference/timing_results.json"),
-    )?)?;
-    let find = |bench: &str, attn: &str| {
-        reference["results"].as_array().and_then(|a| {
-            a.iter()
-                .find(|r| r["bench"] == bench && r["attn_implementation"] == attn)
-                .cloned()
-        })
-    };
-    let pt_pre = find("prefill", "sdpa").unwrap_or_default();
-    let pt_dec = find("decode", "sdpa").unwrap_or_default();
+    let pt_pre = common::pytorch("prefill");
+    let pt_dec = common::pytorch("decode");
     let pre_tps = 128.0 / median(pre);
     let dec_tps = n_new as f64 / median(dec);
     let weight_mib = m.weight_bytes().values().sum::<usize>() as f64 / (1 << 20) as f64;
@@ -124,5 +113,7 @@ fn bench() -> anyhow::Result<()> {
         dec_tps / pt_dec_tps,
         pt_dec["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
     );
+    common::report("prefill", pre_tps, "tok/s", pre_peak);
+    common::report("decode", dec_tps, "tok/s", dec_peak);
     Ok(())
 }

@@ -33,10 +33,16 @@ pub fn runs(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// One row of `../shared/reference/timing_results.json` by its `bench` name.
+/// One row of PyTorch's timing results by its `bench` name: `$LQA_BENCH_PYTORCH` (a
+/// timing.py output from the same window, as `benches/side_by_side.py` passes it), else the
+/// stored `../shared/reference/timing_results.json` (another day: context only).
 pub fn pytorch(bench: &str) -> serde_json::Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/reference/timing_results.json");
+    let path = std::env::var_os("LQA_BENCH_PYTORCH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/reference/timing_results.json")
+        });
     std::fs::read_to_string(path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -46,6 +52,15 @@ pub fn pytorch(bench: &str) -> serde_json::Value {
                 .and_then(|a| a.iter().find(|r| r["bench"] == bench).cloned())
         })
         .unwrap_or_default()
+}
+
+/// One machine-readable figure, as timing.py names its benchmarks: a line `json: {...}` that
+/// `benches/side_by_side.py` reads. `value` is seconds per step or tokens per second (`unit`).
+pub fn report(bench: &str, value: f64, unit: &str, peak_rss_mib: f64) {
+    println!(
+        "json: {}",
+        serde_json::json!({"bench": bench, "value": value, "unit": unit, "peak_rss_mib": peak_rss_mib})
+    );
 }
 
 /// Rounded run times for the table.
