@@ -9,7 +9,7 @@ LQA_BENCH_PYTORCH), and prints every round's figures, their ratios and the media
 CPU kind. Standard library only; PyTorch runs in the venv of ../shared/reference/README.md.
 
     python3 benches/side_by_side.py [--rounds 3] [--bench prefill decode train_step ...]
-        [--python /tmp/refenv/bin/python] [--weights f32|native|...] [--out FILE.json]
+        [--python /tmp/refenv/bin/python] [--weights f32|native|...] [--isa avx2] [--out FILE.json]
 
 Ratios are lqa's speed-up (PyTorch's seconds over lqa's, or lqa's tokens/s over PyTorch's) and
 lqa's peak RSS over PyTorch's.
@@ -76,6 +76,8 @@ def lqa_round(args, benches, pytorch_file):
     env = dict(os.environ, LQA_BENCH_PYTORCH=pytorch_file, LQA_BENCH_RUNS=str(args.runs))
     if args.weights:
         env["LQA_BENCH_WEIGHTS"] = args.weights
+    if args.isa:
+        env["LQA_ISA"] = args.isa
     got = {}
     for cargo_bench in sorted({LQA_BENCH[b] for b in benches}):
         out = run(["cargo", "bench", "--quiet", "--bench", cargo_bench], env=env,
@@ -101,6 +103,8 @@ def main():
     ap.add_argument("--timing", default=os.path.join(SHARED, "reference", "timing.py"))
     ap.add_argument("--model-dir", default=os.environ.get("LQA_MODEL_DIR", "/tmp/lqa-models"))
     ap.add_argument("--weights", default=None, help="lqa's `weights` load option (model bench)")
+    ap.add_argument("--isa", default=None, choices=["avx2"],
+                    help="LQA_ISA for lqa: avx2 runs lqa's own kernels with AVX2 on an AVX-512 CPU")
     ap.add_argument("--out", default=None, help="write every round's figures here (JSON)")
     args = ap.parse_args()
     if args.runs < 5:
@@ -109,7 +113,7 @@ def main():
         if not os.path.exists(path):
             sys.exit(f"{what}: {path} does not exist (see ../shared/reference/README.md)")
 
-    kind = cpu_kind()
+    kind = cpu_kind() + (f"; lqa's kernels forced to {args.isa}" if args.isa else "")
     print(f"CPU: {kind}")
     print("building the benches ...", flush=True)
     for b in sorted({LQA_BENCH[b] for b in args.bench}):

@@ -21,6 +21,7 @@
 //! Batches are left-padded; every row gets explicit position ids (`0..len` over its own tokens)
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
 
+pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;

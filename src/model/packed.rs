@@ -101,7 +101,7 @@ pub fn kernel() -> Option<&'static Kernel> {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Option<Kernel> {
-    if is_x86_feature_detected!("avx512f") {
+    if super::isa::avx512() {
         return Some(Kernel {
             ukr: &gemm_f32::microkernel::avx512f::f32::UKR,
             mr: 64,

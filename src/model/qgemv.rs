@@ -8,8 +8,8 @@
 //! product and shared by every row. Nothing is rounded to 8 bits: the result is the f32 product with the dequantized weight
 //! up to f32 rounding, whose bound `tests/quantized.rs` states (`2 k eps sum (|w_i| + 2|m|) |x_i|`,
 //! `m` a Q4_1 block's offset, at most its largest `|w_i|`).
-//! AVX-512F or AVX2+FMA (with F16C for the scales), chosen at run time; `LQA_QGEMV=avx2` forces
-//! the AVX2 kernels on an AVX-512 CPU, `LQA_QGEMV=0` turns them off (then `super::quant` takes
+//! AVX-512F or AVX2+FMA (with F16C for the scales), chosen at run time; `LQA_ISA=avx2` forces
+//! the AVX2 kernels on an AVX-512 CPU (`super::isa`), `LQA_QGEMV=0` turns them off (then `super::quant` takes
 //! its other paths, as on other CPUs and for other types).
 //!
 //! Block layouts (ggml's, `repr(C)`): Q4_0 `{d: f16, qs: [u8; 16]}` (value `(q - 8) d`), Q4_1
@@ -30,16 +30,18 @@ pub enum Isa {
     Avx512,
 }
 
-/// The kernels' instruction set on this CPU (`LQA_QGEMV` may lower it or turn it off), or
+/// The kernels' instruction set on this CPU (`LQA_ISA=avx2` lowers it, `LQA_QGEMV=0` turns it off), or
 /// `None` where they don't run.
 pub fn isa() -> Option<Isa> {
     static S: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
     *S.get_or_init(|| {
-        let best = [Isa::Avx512, Isa::Avx2].into_iter().find(|&i| cpu_has(i));
-        match std::env::var("LQA_QGEMV").unwrap_or_default().as_str() {
-            "0" => None,
-            "avx2" => cpu_has(Isa::Avx2).then_some(Isa::Avx2),
-            _ => best,
+        if std::env::var("LQA_QGEMV").is_ok_and(|v| v == "0") {
+            return None;
+        }
+        if super::isa::avx512() && cpu_has(Isa::Avx512) {
+            Some(Isa::Avx512)
+        } else {
+            cpu_has(Isa::Avx2).then_some(Isa::Avx2)
         }
     })
 }
