@@ -97,7 +97,10 @@ fn bench() -> anyhow::Result<()> {
     let pt_dec = common::pytorch("decode");
     let pre_tps = 128.0 / median(pre);
     let dec_tps = n_new as f64 / median(dec);
-    let weight_mib = m.weight_bytes().values().sum::<usize>() as f64 / (1 << 20) as f64;
+    let weight_bytes = m.weight_bytes().values().sum::<usize>();
+    let weight_mib = weight_bytes as f64 / (1 << 20) as f64;
+    let bw = common::bandwidth_gbs(weight_bytes);
+    let bound = bw * 1e9 / weight_bytes as f64;
     println!("lqa model benchmark: SmolLM2-135M-Instruct, weights {weights} ({weight_mib:.0} MiB), {} threads, load {load_s:.2}s, RSS after load {rss_loaded:.0} MiB", candle_core::utils::get_num_threads());
     println!("| benchmark | lqa | PyTorch | ratio | lqa peak RSS MiB | PyTorch peak RSS MiB |");
     println!("|---|---|---|---|---|---|");
@@ -112,6 +115,11 @@ fn bench() -> anyhow::Result<()> {
         "| greedy decode 64 tok | {dec_tps:.1} tok/s | {pt_dec_tps:.1} tok/s | {:.2}x | {dec_peak:.0} | {:.0} |",
         dec_tps / pt_dec_tps,
         pt_dec["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "memory bandwidth {bw:.1} GB/s (measured now): decode bound {bound:.1} tok/s for {weight_mib:.0} MiB \
+         of weights; decode at {:.0} % of it",
+        100.0 * dec_tps / bound
     );
     common::report("prefill", pre_tps, "tok/s", pre_peak);
     common::report("decode", dec_tps, "tok/s", dec_peak);

@@ -63,6 +63,36 @@ pub fn report(bench: &str, value: f64, unit: &str, peak_rss_mib: f64) {
     );
 }
 
+/// The memory bandwidth in GB/s, measured now: the best of 5 multi-threaded streaming reads
+/// (a sum) over a buffer of `bytes` (at least 256 MiB, so that caches don't serve it), on the
+/// compute pool. Decoding reads every weight once per token, so `bandwidth / weight bytes` is
+/// the most tokens per second it can reach.
+pub fn bandwidth_gbs(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = bytes.max(256 << 20) / 4;
+    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
+    (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            let s: f32 = buf
+                .par_chunks(1 << 16)
+                .map(|c| {
+                    // 16 independent lanes, which the compiler turns into vector adds
+                    let mut a = [0f32; 16];
+                    for ch in c.chunks_exact(16) {
+                        for (aj, v) in a.iter_mut().zip(ch) {
+                            *aj += v;
+                        }
+                    }
+                    a.iter().sum::<f32>()
+                })
+                .sum();
+            std::hint::black_box(s);
+            (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
 /// Rounded run times for the table.
 pub fn rounded(times: &[f64]) -> Vec<f64> {
     times
