@@ -46,8 +46,9 @@ const HEADROOM: usize = 128;
 
 /// Keys and values per layer, written in place into buffers that grow by doubling, so a
 /// decoding step copies only its own position (appending by concatenation copied the whole
-/// cache at every step: 9 MB per token for the default model after 200 tokens). Not `Clone`:
-/// two caches sharing buffers would write into each other.
+/// cache at every step: 9 MB per token for the default model after 200 tokens). For inference:
+/// the in-place writes record no gradients. Not `Clone`: two caches sharing buffers would write
+/// into each other.
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<Layer>>,
