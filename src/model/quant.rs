@@ -394,7 +394,7 @@ impl QuantWeight {
 }
 
 /// `x @ W^T` with a quantized frozen `W`; backward gives the gradient of `x` only.
-struct QuantMatmul(QuantWeight);
+pub(crate) struct QuantMatmul(pub(crate) QuantWeight);
 
 impl CustomOp1 for QuantMatmul {
     fn name(&self) -> &'static str {
