@@ -486,16 +486,18 @@ impl Linear {
     /// CPU (packed, quantized, or HF-layout in training), or `None` where `forward_t` takes
     /// another path.
     fn frozen_op(&self, x2: &Tensor) -> Result<Option<Box<dyn CustomOp1 + Send + Sync>>> {
-        if x2.dtype() != DType::F32 || !cpu_kernels(x2.device()) {
-            return Ok(None);
-        }
+        let f32_cpu = x2.dtype() == DType::F32 && x2.device().is_cpu();
         Ok(match &self.w {
-            Stored::Quant(q) => Some(Box::new(quant::QuantMatmul(q.clone()))),
-            Stored::Packed(p) => Some(Box::new(PackedMatmul(p.clone()))),
+            Stored::Quant(q) if f32_cpu => Some(Box::new(quant::QuantMatmul(q.clone()))),
+            Stored::Packed(p) if f32_cpu => Some(Box::new(PackedMatmul(p.clone()))),
+            // in training (the frozen-weight backward), and for the lm_head always (see
+            // FrozenMatmul's split of matrix-vector products)
             Stored::Hf(w) | Stored::Transposed(w)
                 if (x2.track_op() || matches!(self.w, Stored::Hf(_)))
+                    && f32_cpu
                     && w.dtype() == DType::F32
-                    && cpu_kernels(w.device()) =>
+                    && cpu_kernels(w.device())
+                    && cpu_kernels(x2.device()) =>
             {
                 Some(Box::new(FrozenMatmul {
                     w: w.contiguous()?,
@@ -515,25 +517,38 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_features();
         }
-        // f32 on the CPU with an adapter: `W x + h (s B)^T` as one op (see LoraLinear)
-        if let (Some(l), Some(base)) = (&self.lora, self.frozen_op(&x2)?) {
-            let (h, bs) = self.lora_factors(l, &x2, dropout)?;
-            let mut y = x2.contiguous()?.apply_op3(
-                &h.contiguous()?,
-                &bs.contiguous()?,
-                LoraLinear(base),
-            )?;
-            if let Some(b) = &self.bias {
-                y = y.broadcast_add(b)?;
+        let mut y = match (self.frozen_op(&x2)?, &self.lora) {
+            // with an adapter, `W x + h (s B)^T` as one op (see LoraLinear)
+            (Some(base), Some(l)) => {
+                let (h, bs) = self.lora_factors(l, &x2, dropout)?;
+                let mut y = x2.contiguous()?.apply_op3(
+                    &h.contiguous()?,
+                    &bs.contiguous()?,
+                    LoraLinear(base),
+                )?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                return y.reshape(out_dims);
             }
-            return y.reshape(out_dims);
+            (Some(base), None) => x2.contiguous()?.apply_op1_arc(Arc::new(base))?,
+            (None, _) => self.forward_other(&x2)?,
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
         }
-        let mut y = match &self.w {
-            // f32 activations on the CPU (anything else is an error naming the layer's type)
-            Stored::Quant(q) => q.matmul_t(&x2)?,
-            Stored::Packed(p) if x2.dtype() == DType::F32 && x2.device().is_cpu() => {
-                x2.contiguous()?.apply_op1(PackedMatmul(p.clone()))?
-            }
+        if let Some(l) = &self.lora {
+            let (h, bs) = self.lora_factors(l, &x2, dropout)?;
+            y = (y + h.matmul(&bs.t()?)?)?;
+        }
+        y.reshape(out_dims)
+    }
+
+    /// `x2 W^T` where [`Self::frozen_op`] has no custom op: other dtypes and devices.
+    fn forward_other(&self, x2: &Tensor) -> Result<Tensor> {
+        Ok(match &self.w {
+            // not f32 activations on the CPU: an error naming the layer's type
+            Stored::Quant(q) => q.matmul_t(x2)?,
             Stored::Packed(_) => x2.matmul(
                 &self
                     .weight()?
@@ -541,20 +556,6 @@ impl Linear {
                     .to_dtype(x2.dtype())?
                     .to_device(x2.device())?,
             )?,
-            // in training (the frozen-weight backward), and for the lm_head always (see
-            // FrozenMatmul's split of matrix-vector products)
-            Stored::Hf(w) | Stored::Transposed(w)
-                if (x2.track_op() || matches!(self.w, Stored::Hf(_)))
-                    && x2.dtype() == DType::F32
-                    && w.dtype() == DType::F32
-                    && cpu_kernels(w.device())
-                    && cpu_kernels(x2.device()) =>
-            {
-                x2.contiguous()?.apply_op1(FrozenMatmul {
-                    w: w.contiguous()?,
-                    transposed: matches!(self.w, Stored::Transposed(_)),
-                })?
-            }
             // training on a GPU: the same frozen-weight backward
             Stored::Hf(w) | Stored::Transposed(w)
                 if cfg!(feature = "cuda")
@@ -570,14 +571,6 @@ impl Linear {
             }
             Stored::Transposed(w) => x2.matmul(w)?,
             Stored::Hf(w) => x2.matmul(&w.t()?)?,
-        };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let (h, bs) = self.lora_factors(l, &x2, dropout)?;
-            y = (y + h.matmul(&bs.t()?)?)?;
-        }
-        y.reshape(out_dims)
+        })
     }
 }
