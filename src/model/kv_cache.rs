@@ -18,6 +18,12 @@ impl Layer {
     fn new(k: &Tensor, v: &Tensor, capacity: usize) -> Result<Self> {
         let (b, h, s, d) = k.dims4()?;
         let (bv, hv, _, dv) = v.dims4()?;
+        // a long generation grows the buffers: past the tensor limit it is an error, not an
+        // allocation failure
+        for dims in [[b, h, capacity, d], [bv, hv, capacity, dv]] {
+            crate::budget::check("KV cache", &dims, k.dtype())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        }
         let l = Layer {
             k: Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?,
             v: Tensor::zeros((bv, hv, capacity, dv), v.dtype(), v.device())?,
@@ -108,8 +114,10 @@ impl KvCache {
             _ => (k.contiguous()?, v.contiguous()?),
         };
         let s = k.dim(2)?;
-        let entry = match self.layers[layer].take() {
-            None => Layer::new(&k, &v, s + HEADROOM)?,
+        // an error (past the tensor limit, a chunk of another shape) leaves the cache as it was
+        let slot = &mut self.layers[layer];
+        let entry = match slot {
+            None => slot.insert(Layer::new(&k, &v, s + HEADROOM)?),
             Some(l) if l.len + s > l.capacity() => {
                 let (pk, pv) = l.filled()?;
                 let (pk, pv) = (pk.contiguous()?, pv.contiguous()?);
@@ -117,9 +125,10 @@ impl KvCache {
                 grown.k.slice_set(&k, 2, grown.len)?;
                 grown.v.slice_set(&v, 2, grown.len)?;
                 grown.len += s;
-                grown
+                *l = grown;
+                l
             }
-            Some(mut l) => {
+            Some(l) => {
                 l.k.slice_set(&k, 2, l.len)?;
                 l.v.slice_set(&v, 2, l.len)?;
                 l.len += s;
@@ -127,7 +136,6 @@ impl KvCache {
             }
         };
         let (k, v) = entry.filled()?;
-        self.layers[layer] = Some(entry);
         Ok((k.to_dtype(compute)?, v.to_dtype(compute)?))
     }
 }
@@ -178,6 +186,12 @@ mod tests {
                 assert_eq!(diff(&gv, &want_v), 0.0, "values at step {i}");
             }
             let n: usize = sizes.iter().sum();
+            // growing past the tensor limit is an error naming the cache, and keeps the cache
+            let _limit = crate::budget::scoped(1 << 20);
+            let big = Tensor::zeros((2, 3, 40_000, 4), DType::F32, &dev).unwrap();
+            let err = c.append(1, big.clone(), big).unwrap_err().to_string();
+            assert!(err.contains("KV cache"), "{err}");
+            drop(_limit);
             assert_eq!(c.len(), n);
             let elem = dtype.map_or(4, |d| d.size_in_bytes());
             assert_eq!(c.bytes(), 2 * (2 * 3 * n * 4) * elem);
