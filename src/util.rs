@@ -37,6 +37,8 @@ pub fn atomic_replace(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
     }
+    // a writer killed between filling its temporary file and the rename left it behind
+    remove_stale_tmp(path, true);
     let tmp = temp_path(path);
     match write(&tmp).and_then(|()| readable(&tmp)) {
         Ok(()) => std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)),
@@ -85,12 +87,14 @@ pub fn recover_dir(path: &Path) -> Result<()> {
     if !path.exists() && old.exists() {
         std::fs::rename(&old, path).map_err(|e| Error::io(path, e))?;
     }
-    remove_stale_tmp(path);
+    remove_stale_tmp(path, false);
     Ok(())
 }
 
-/// Remove `<path>.tmp<PID>` left by writers that no longer run (best effort).
-fn remove_stale_tmp(path: &Path) {
+/// Remove the temporary siblings of `path` left by writers that no longer run (best effort):
+/// [`temp_path`]'s files `.<name>.tmp<PID>` (`files`), or [`atomic_dir`]'s folders
+/// `<name>.tmp<PID>`.
+fn remove_stale_tmp(path: &Path, files: bool) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return;
     };
@@ -99,7 +103,10 @@ fn remove_stale_tmp(path: &Path) {
     } else {
         dir
     };
-    let prefix = format!("{}.tmp", name.to_string_lossy());
+    let prefix = match files {
+        true => format!(".{}.tmp", name.to_string_lossy()),
+        false => format!("{}.tmp", name.to_string_lossy()),
+    };
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -113,7 +120,11 @@ fn remove_stale_tmp(path: &Path) {
             continue;
         };
         if pid != std::process::id() && !process_alive(pid) {
-            let _ = std::fs::remove_dir_all(e.path());
+            if files {
+                let _ = std::fs::remove_file(e.path());
+            } else {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 }
@@ -172,5 +183,29 @@ pub fn tune_allocator() {
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_TOP_PAD, 256 << 20);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer killed between filling its temporary file and the rename leaves
+    /// `.<name>.tmp<PID>`: the next atomic write of the same file removes it when that process
+    /// is gone, and leaves a live writer's alone.
+    #[test]
+    fn atomic_write_removes_temp_files_of_dead_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("loss.svg");
+        let dead = dir.path().join(".loss.svg.tmp99999999"); // no such process
+        let live = dir.path().join(".loss.svg.tmp1"); // init runs
+        let other = dir.path().join(".metrics.jsonl.tmp99999999"); // another file's
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, "half").unwrap();
+        }
+        atomic_write(&out, b"<svg/>").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"<svg/>");
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
     }
 }
