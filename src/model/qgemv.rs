@@ -110,6 +110,8 @@ pub fn gemv_on(
         GgmlDType::Q4_1 => x.chunks(QK).map(|b| b.iter().sum()).collect(), // [nb]
         _ => Vec::new(),
     };
+    #[cfg(target_arch = "x86_64")]
+    use x86::{Q4_0, Q4_1, Q8_0};
     crate::threads::install(|| {
         y.par_chunks_mut(ROWS)
             .zip(w.par_chunks(ROWS * rb))
@@ -120,14 +122,12 @@ pub fn gemv_on(
                     // nb blocks of activations and `xsum` nb sums (lengths checked above).
                     unsafe {
                         *yj = match (isa, t) {
-                            (Isa::Avx512, GgmlDType::Q8_0) => x86::dot_q8_0_512(row, x),
-                            (Isa::Avx512, GgmlDType::Q4_1) => {
-                                x86::dot_q4_512::<true>(row, x, &xsum)
-                            }
-                            (Isa::Avx512, _) => x86::dot_q4_512::<false>(row, x, &xsum),
-                            (Isa::Avx2, GgmlDType::Q8_0) => x86::dot_q8_0_256(row, x),
-                            (Isa::Avx2, GgmlDType::Q4_1) => x86::dot_q4_256::<true>(row, x, &xsum),
-                            (Isa::Avx2, _) => x86::dot_q4_256::<false>(row, x, &xsum),
+                            (Isa::Avx512, GgmlDType::Q4_0) => x86::dot_512::<Q4_0>(row, x, &xsum),
+                            (Isa::Avx512, GgmlDType::Q4_1) => x86::dot_512::<Q4_1>(row, x, &xsum),
+                            (Isa::Avx512, _) => x86::dot_512::<Q8_0>(row, x, &xsum),
+                            (Isa::Avx2, GgmlDType::Q4_0) => x86::dot_256::<Q4_0>(row, x, &xsum),
+                            (Isa::Avx2, GgmlDType::Q4_1) => x86::dot_256::<Q4_1>(row, x, &xsum),
+                            (Isa::Avx2, _) => x86::dot_256::<Q8_0>(row, x, &xsum),
                         };
                     }
                     #[cfg(not(target_arch = "x86_64"))]
@@ -308,34 +308,43 @@ mod x86 {
         _mm512_fmadd_ps(f16x(q1), _mm512_loadu_ps(x.add(16)), s)
     }
 
-    /// One row of Q4_0 or Q4_1 (`MIN`) blocks against `x`: `sum_b d_b (sum q x)_b + m_b xsum_b`
-    /// (Q4_0's `- 8` is taken on the integers), 8 lanes.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are available; `row` is whole blocks, `x` has 32 values and `xsum`
-    /// one per block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_256<const MIN: bool>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let (bsize, qoff) = if MIN { (20, 4) } else { (18, 2) };
-        let nb = row.len() / bsize;
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let (acc0, acc1) = two_acc!(nb, _mm256_setzero_ps(), |b, acc| {
-            let blk = p.add(b * bsize);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let (q0, q1) = nibbles::<MIN>(blk.add(qoff));
-            let s = block_256(q0, q1, xp.add(b * QK));
-            _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk)), s, acc)
-        });
-        hsum(_mm256_add_ps(acc0, acc1)) + offsets::<MIN>(p, bsize, xsum)
+    /// Block kinds, as the kernels' const parameter.
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    /// Bytes per block of kind `K`.
+    const fn block_bytes<const K: u8>() -> usize {
+        match K {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
     }
 
-    /// `sum_b m_b xsum_b` over a Q4_1 row's blocks (zero for Q4_0).
+    /// A block's 32 integers as two registers of signed bytes (elements 0-15, 16-31): Q4_0's
+    /// `q - 8`, Q4_1's `q`, Q8_0's `q`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn ints<const K: u8>(blk: *const u8) -> (__m128i, __m128i) {
+        match K {
+            Q4_0 => nibbles::<false>(blk.add(2)),
+            Q4_1 => nibbles::<true>(blk.add(4)),
+            _ => (
+                _mm_loadu_si128(blk.add(2) as *const __m128i),
+                _mm_loadu_si128(blk.add(18) as *const __m128i),
+            ),
+        }
+    }
+
+    /// `sum_b m_b xsum_b` over a Q4_1 row's blocks (zero for the other kinds).
     #[inline]
     #[target_feature(enable = "f16c")]
-    unsafe fn offsets<const MIN: bool>(p: *const u8, bsize: usize, xsum: &[f32]) -> f32 {
-        if !MIN {
+    unsafe fn offsets<const K: u8>(p: *const u8, xsum: &[f32]) -> f32 {
+        if K != Q4_1 {
             return 0.0;
         }
+        let bsize = block_bytes::<K>();
         let (mut s0, mut s1) = (0f32, 0f32);
         for (b, xs) in xsum.chunks(2).enumerate() {
             s0 += f16_at(p.add(2 * b * bsize + 2)) * xs[0];
@@ -346,60 +355,43 @@ mod x86 {
         s0 + s1
     }
 
-    /// One row of Q4_0 or Q4_1 (`MIN`) blocks against `x`, 16 lanes.
+    /// One row of blocks of kind `K` against `x`: `sum_b d_b (sum q x)_b (+ m_b xsum_b for
+    /// Q4_1)`, 8 lanes.
     ///
     /// # Safety
-    /// As [`dot_q4_256`], and AVX-512F is available.
+    /// AVX2, FMA and F16C are available; `row` is whole blocks, `x` has 32 values per block
+    /// and, for Q4_1, `xsum` one per block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_256<const K: u8>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let bsize = block_bytes::<K>();
+        let nb = row.len() / bsize;
+        let (p, xp) = (row.as_ptr(), x.as_ptr());
+        let (acc0, acc1) = two_acc!(nb, _mm256_setzero_ps(), |b, acc| {
+            let blk = p.add(b * bsize);
+            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+            let (q0, q1) = ints::<K>(blk);
+            let s = block_256(q0, q1, xp.add(b * QK));
+            _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk)), s, acc)
+        });
+        hsum(_mm256_add_ps(acc0, acc1)) + offsets::<K>(p, xsum)
+    }
+
+    /// The same with 16 lanes.
+    ///
+    /// # Safety
+    /// As [`dot_256`], and AVX-512F is available.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn dot_q4_512<const MIN: bool>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let (bsize, qoff) = if MIN { (20, 4) } else { (18, 2) };
+    pub unsafe fn dot_512<const K: u8>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
+        let bsize = block_bytes::<K>();
         let nb = row.len() / bsize;
         let (p, xp) = (row.as_ptr(), x.as_ptr());
         let (acc0, acc1) = two_acc!(nb, _mm512_setzero_ps(), |b, acc| {
             let blk = p.add(b * bsize);
             _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let (q0, q1) = nibbles::<MIN>(blk.add(qoff));
+            let (q0, q1) = ints::<K>(blk);
             let s = block_512(q0, q1, xp.add(b * QK));
             _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc)
         });
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offsets::<MIN>(p, bsize, xsum)
-    }
-
-    /// One row of Q8_0 blocks against `x`: `sum_b d_b (sum q x)_b`, 8 lanes.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C are available; `row` is whole blocks and `x` has 32 values per block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_256(row: &[u8], x: &[f32]) -> f32 {
-        let nb = row.len() / 34;
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let (acc0, acc1) = two_acc!(nb, _mm256_setzero_ps(), |b, acc| {
-            let blk = p.add(b * 34);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
-            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-            let s = block_256(q0, q1, xp.add(b * QK));
-            _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk)), s, acc)
-        });
-        hsum(_mm256_add_ps(acc0, acc1))
-    }
-
-    /// One row of Q8_0 blocks against `x`, 16 lanes.
-    ///
-    /// # Safety
-    /// As [`dot_q8_0_256`], and AVX-512F is available.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_512(row: &[u8], x: &[f32]) -> f32 {
-        let nb = row.len() / 34;
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let (acc0, acc1) = two_acc!(nb, _mm512_setzero_ps(), |b, acc| {
-            let blk = p.add(b * 34);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
-            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
-            let s = block_512(q0, q1, xp.add(b * QK));
-            _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc)
-        });
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offsets::<K>(p, xsum)
     }
 }
