@@ -102,8 +102,8 @@ fn bound(x: &[f32], w: &[f32], ty: GgmlDType, split: bool, offset: bool) -> f32 
     b + rounding
 }
 
-/// (a) Every forward path (the two-term 8-bit kernel, the f32 one, lqa's f32-activation gemv
-/// where this CPU runs it) and `Linear` (which picks one by rows and type) against `x @ dequant(W)^T` in f32, for every type, at several
+/// (a) Every forward path (candle's two-term 8-bit kernel, the f32 one, lqa's two-term panel
+/// gemv where this CPU runs it) and `Linear` (which picks one by rows and type) against `x @ dequant(W)^T` in f32, for every type, at several
 /// row counts m and output sizes n that leave 1-3 columns after the kernel's quads.
 #[test]
 fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
@@ -135,8 +135,8 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                // lqa's f32-activation gemv where this CPU runs it (f32 bound)
-                let gemv = match lqa::model::qgemv::supported(ty) {
+                // lqa's two-term panel gemv where this CPU runs it
+                let gemv = match q.is_panels() {
                     true => q.matmul_t_gemv(&xv, m).unwrap(),
                     false => want.clone(),
                 };
@@ -144,7 +144,7 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
                     ("two-term", q.matmul_t_split(&xv, m).unwrap(), true, false),
                     ("f32", q.matmul_t_f32(&xv, m).unwrap(), false, false),
                     ("Linear", lin_y, true, true),
-                    ("gemv", gemv, false, true),
+                    ("gemv", gemv, true, true),
                 ];
                 for (p, (what, got, split, offset)) in paths.iter().enumerate() {
                     for i in 0..m {
@@ -167,7 +167,7 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
         }
         println!(
             "{ty:?}: largest error / bound: two-term 8-bit {:.3}, f32 path {:.3}, Linear {:.3}, \
-             f32-activation gemv {:.3} (run: {})",
+             panel gemv {:.3} (run: {})",
             worst[0],
             worst[1],
             worst[2],
@@ -177,14 +177,15 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
     }
 }
 
-/// lqa's f32-activation matrix-vector kernels (`lqa::model::qgemv`), with each instruction set
-/// this CPU has (AVX2 and AVX-512 on one machine), against `dequant(W) x` in f64: odd and even
-/// block counts (the kernels alternate two accumulators), row counts that leave tails of the
-/// parallel row tasks, and offsets that make Q4_1's `m (sum x)` term large. Bound as
-/// [`bound`]'s f32 rounding, with Q4_1's offset term.
+/// lqa's panel matrix-vector kernels (`lqa::model::qgemv`), with each instruction set this CPU
+/// has (AVX2 and AVX-512 VNNI on one machine), against `dequant(W) x` in f64: odd and even
+/// block counts, row counts around the 16-row panels and the 64-row tasks, activation blocks of
+/// zeros and of very different magnitudes (each block has its own 8-bit scale), and offsets
+/// that make Q4_1's `m (sum x)` term large. Bound as [`bound`]'s two-term one. The panels give
+/// back the file's blocks exactly.
 #[test]
 fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
-    use lqa::model::qgemv::{cpu_has, gemv_on, Isa};
+    use lqa::model::qgemv::{cpu_has, Isa, Panels};
     let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
         .into_iter()
         .filter(|&i| cpu_has(i))
@@ -193,7 +194,7 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
     let mut checked = 0;
     for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for &k in &[32usize, 96, 224, 576] {
-            for &n in &[1usize, 31, 33, 70] {
+            for &n in &[1usize, 15, 16, 17, 31, 33, 70] {
                 // weights with a per-row offset, so Q4_1's minimum is far from zero
                 let wv: Vec<f32> = lcg(n * k, k as u64 + n as u64)
                     .iter()
@@ -201,25 +202,33 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
                     .map(|(i, v)| v * 0.5 + if (i / k) % 2 == 0 { 0.75 } else { 0.0 })
                     .collect();
                 let w = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
-                let q = QuantWeight::new(QTensor::quantize(&w, ty).unwrap(), "w").unwrap();
-                let wd: Vec<f32> = q
-                    .dequantize()
+                let qt = QTensor::quantize(&w, ty).unwrap();
+                let blocks = qt.data().unwrap().to_vec();
+                let p = Panels::pack(ty, &blocks, n, k).unwrap();
+                assert_eq!(p.unpack_rows(0, n), blocks, "{ty:?} [{n}, {k}] round trip");
+                assert_eq!(p.unpack_rows(n / 2, n), blocks[n / 2 * blocks.len() / n..]);
+                let wd: Vec<f32> = qt
+                    .dequantize(&Device::Cpu)
                     .unwrap()
                     .flatten_all()
                     .unwrap()
                     .to_vec1()
                     .unwrap();
-                let blocks = q.qtensor().data().unwrap();
-                let x = lcg(k, 1000 + k as u64);
+                // block 0 zeros, block 1 a hundred times larger than the rest
+                let mut x = lcg(k, 1000 + k as u64);
+                if k >= 96 {
+                    x[..32].fill(0.0);
+                    x[32..64].iter_mut().for_each(|v| *v *= 100.0);
+                }
                 for &isa in &isas {
                     let mut y = vec![f32::NAN; n];
-                    gemv_on(isa, ty, &blocks, &x, &mut y, k).unwrap();
+                    p.gemv_on(isa, &x, &mut y).unwrap();
                     for j in 0..n {
                         let row = &wd[j * k..(j + 1) * k];
                         let want: f64 =
                             row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let e = (y[j] as f64 - want).abs() as f32;
-                        let b = bound(&x, row, ty, false, true);
+                        let b = bound(&x, row, ty, true, true);
                         assert!(
                             e <= b,
                             "{ty:?} {isa:?} k={k} n={n} row {j}: {} vs {want} (error {e}, bound {b})",
@@ -232,11 +241,15 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
         }
     }
     assert!(isas.is_empty() || checked > 0);
-    // a type the kernels don't take, and a length that isn't whole blocks, are errors
+    // a type the kernels don't take, a length that isn't whole blocks, a wrong x: errors
+    assert!(Panels::pack(GgmlDType::Q4K, &[0u8; 144], 1, 256).is_err());
+    assert!(Panels::pack(GgmlDType::Q8_0, &[0u8; 34], 1, 33).is_err());
     if let Some(&isa) = isas.first() {
+        let p = Panels::pack(GgmlDType::Q8_0, &[0u8; 34], 1, 32).unwrap();
         let mut y = [0f32; 1];
-        assert!(gemv_on(isa, GgmlDType::Q4K, &[0u8; 144], &[0f32; 256], &mut y, 256).is_err());
-        assert!(gemv_on(isa, GgmlDType::Q8_0, &[0u8; 34], &[0f32; 33], &mut y, 33).is_err());
+        assert!(p.gemv_on(isa, &[0f32; 33], &mut y).is_err());
+        p.gemv_on(isa, &[1f32; 32], &mut y).unwrap();
+        assert_eq!(y[0], 0.0);
     }
 }
 
@@ -807,9 +820,8 @@ fn quant_path_timing() {
                  gemv {gemv:.3} ms ({:.1} GB/s of weights)",
                 gb / gemv
             );
-            if m == 1 {
-                use lqa::model::qgemv::{cpu_has, gemv_on, Isa};
-                let data = q.qtensor().data().unwrap();
+            if let (1, Some(p)) = (m, q.panels()) {
+                use lqa::model::qgemv::{cpu_has, Isa};
                 for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| cpu_has(i)) {
                     // the best of 5 rounds of 200 (the machine's speed drifts)
                     let t = (0..5)
@@ -817,7 +829,7 @@ fn quant_path_timing() {
                             let t = std::time::Instant::now();
                             let mut y = vec![0f32; n];
                             for _ in 0..200 {
-                                gemv_on(isa, ty, &data, &x, &mut y, k).unwrap();
+                                p.gemv_on(isa, &x, &mut y).unwrap();
                                 std::hint::black_box(&mut y);
                             }
                             t.elapsed().as_secs_f64() / 200.0 * 1e3

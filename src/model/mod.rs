@@ -785,7 +785,7 @@ impl Model {
         let x = match &self.embed {
             EmbedTable::Dense(t) => t.index_select(&flat, 0)?,
             // [b * s, d] f32, rows dequantized as gathered (an id out of range is an error)
-            EmbedTable::Quant(q) => q.qtensor().embedding(&flat)?,
+            EmbedTable::Quant(q) => q.embedding(&flat.to_dtype(DType::U32)?.to_vec1::<u32>()?)?,
         }
         .reshape((b, s, self.cfg.hidden_size))?;
         Ok(match self.cfg.embed_scale {

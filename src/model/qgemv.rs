@@ -1,18 +1,31 @@
-//! Matrix-vector products straight from quantized blocks, activations kept in f32 (decoding:
-//! one row against a whole weight), and the blocks' dequantization for the prefill's f32 path.
+//! Matrix-vector products straight from quantized blocks (decoding: one activation row against
+//! a whole weight), with integer dot products, and the blocks' dequantization for the prefill's
+//! f32 path.
 //!
-//! A block of 32 weights is `d q_i + m` (Q4_1; Q4_0 is `d (q_i - 8)`, i.e. `m = -8 d`; Q8_0 is
-//! `d q_i`, `m = 0`), so its share of a dot product with `x` is `d (sum q_i x_i) + m (sum x_i)`:
-//! the integers (Q4_0's `q - 8` formed as bytes) are widened to f32 in registers and multiplied
-//! into `x` with FMAs, scaled once per block by `d`; Q4_1's block sums of `x` are taken once per
-//! product and shared by every row. Nothing is rounded to 8 bits: the result is the f32 product with the dequantized weight
-//! up to f32 rounding, whose bound `tests/quantized.rs` states (`2 k eps sum (|w_i| + 2|m|) |x_i|`,
-//! `m` a Q4_1 block's offset, at most its largest `|w_i|`).
-//! AVX-512F or AVX2+FMA (with F16C for the scales), chosen at run time; `LQA_ISA=avx2` forces
-//! the AVX2 kernels on an AVX-512 CPU (`super::isa`), `LQA_QGEMV=0` turns them off (then `super::quant` takes
-//! its other paths, as on other CPUs and for other types).
+//! **Panels.** A weight kept for these kernels is repacked once, at load, into panels of
+//! [`R`] = 16 rows: for each block column, the 16 rows' f16 scales `d` (and Q4_1's offsets
+//! `m`) side by side, then the rows' quant bytes interleaved four at a time (group `g`, lane
+//! `r`: bytes `4g..4g + 4` of row `r`'s block). One 64-byte load then holds four bytes of each
+//! of 16 rows, so a single `vpdpbusd` (u8 x i8 into i32, AVX-512 VNNI) advances 16 rows' dot
+//! products at once, each i32 lane one row; AVX2 does the same with `pmaddubsw`/`pmaddwd` on
+//! two halves. The bytes are ggml's own, only moved: a panel weight takes the blocks' memory
+//! and gives them back exactly ([`Panels::unpack_rows`]).
 //!
-//! Block layouts (ggml's, `repr(C)`): Q4_0 `{d: f16, qs: [u8; 16]}` (value `(q - 8) d`), Q4_1
+//! **Arithmetic.** A block of 32 weights is `d u_i + m` with `u` the stored unsigned integer
+//! (Q4_1: `u` the nibble, `m` stored; Q4_0: `m = -8 d`; Q8_0 on VNNI: `u = q + 128`,
+//! `m = -128 d`). The activation row is split into two 8-bit terms per 32-block, `x ~ s (a +
+//! b/254)` with `s = max|x| / 127`, `a = round(x / s)`, `b = round(254 (x - s a) / s)`, so
+//! `|x - x^| <= max|x| / (127 * 508)` (~254 times below llama.cpp's one 8-bit term). A block's
+//! share is `s (d (sum u a - c sum a) + d (sum u b - c sum b) / 254) [+ m s (sum a + sum b /
+//! 254)]`, the integer parts exact, `c` the type's integer offset (8, 0, 128). The result is
+//! `sum_i w_i x^_i` up to f32 rounding: its error against the f32 product is at most
+//! `sum_b max|x|_b / (127 * 508) sum_{i in b} |w_i|` plus rounding (`tests/quantized.rs`
+//! states it). AVX-512 (F, BW, VNNI) or AVX2+FMA+F16C, chosen at run time; `LQA_ISA=avx2`
+//! forces the AVX2 kernels on an AVX-512 CPU (`super::isa`), `LQA_QGEMV=0` turns panels off
+//! (then `super::quant` keeps ggml's blocks and takes its other paths, as on other CPUs and for
+//! other types).
+//!
+//! ggml's block layouts (`repr(C)`): Q4_0 `{d: f16, qs: [u8; 16]}` (value `(q - 8) d`), Q4_1
 //! `{d: f16, m: f16, qs: [u8; 16]}` (value `q d + m`), Q8_0 `{d: f16, qs: [i8; 32]}` (value
 //! `q d`); a nibble byte `i` holds element `i` (low) and `i + 16` (high).
 
@@ -21,12 +34,15 @@ use candle_core::quantized::GgmlDType;
 /// Elements per block of the types here.
 const QK: usize = 32;
 
+/// Rows per panel (the i32 lanes of a 512-bit register).
+pub const R: usize = 16;
+
 /// The instruction set the kernels run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX2, FMA and F16C: 8 lanes.
+    /// AVX2, FMA and F16C: 8 lanes, `pmaddubsw`.
     Avx2,
-    /// AVX-512F (and the above): 16 lanes.
+    /// AVX-512 F, BW and VNNI (and the above): 16 lanes, `vpdpbusd`.
     Avx512,
 }
 
@@ -46,21 +62,9 @@ pub fn isa() -> Option<Isa> {
     })
 }
 
-/// Can [`gemv`] run this type on this CPU?
+/// Are weights of this type kept as [`Panels`] and multiplied here on this CPU?
 pub fn supported(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0) && isa().is_some()
-}
-
-/// Rows of `W` per parallel task.
-const ROWS: usize = 32;
-
-/// `y = W x` for `W` `[n, k]` given as its blocks (`w`, row-major, a whole number of blocks per
-/// row) of type `t`, `x` `[k]`, `y` `[n]`. The caller checks [`supported`].
-pub fn gemv(t: GgmlDType, w: &[u8], x: &[f32], y: &mut [f32], k: usize) -> candle_core::Result<()> {
-    match isa() {
-        Some(isa) => gemv_on(isa, t, w, x, y, k),
-        None => candle_core::bail!("qgemv: no kernel on this CPU"),
-    }
 }
 
 /// Can this CPU run the kernels of `isa` (whatever `LQA_QGEMV` says)?
@@ -72,7 +76,11 @@ pub fn cpu_has(isa: Isa) -> bool {
             && is_x86_feature_detected!("f16c");
         match isa {
             Isa::Avx2 => avx2,
-            Isa::Avx512 => avx2 && is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => {
+                avx2 && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -82,67 +90,224 @@ pub fn cpu_has(isa: Isa) -> bool {
     }
 }
 
-/// [`gemv`] with the kernels of `isa` (tests and benchmarks compare the two on one CPU).
-pub fn gemv_on(
-    isa: Isa,
+/// Panels of a task (64 rows).
+const TASK_PANELS: usize = 4;
+
+/// A weight `[n, k]` of Q4_0, Q4_1 or Q8_0 repacked into panels of [`R`] rows (module doc).
+/// Rows past `n` in the last panel are zero blocks.
+pub struct Panels {
     t: GgmlDType,
-    w: &[u8],
-    x: &[f32],
-    y: &mut [f32],
+    n: usize,
     k: usize,
-) -> candle_core::Result<()> {
-    use rayon::prelude::*;
-    if !cpu_has(isa) {
-        candle_core::bail!("qgemv: this CPU has no {isa:?}");
-    }
-    let known = matches!(t, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
-    if !known || !k.is_multiple_of(QK) || x.len() != k {
-        candle_core::bail!("qgemv: {t:?} with k = {k}, x of {}", x.len());
-    }
-    let nb = k / QK;
-    let bsize = t.type_size();
-    let rb = nb * bsize;
-    if w.len() != y.len() * rb {
-        candle_core::bail!("qgemv: {} bytes for {} rows of {rb}", w.len(), y.len());
-    }
-    // sum of x over each block, for Q4_1's `m` term
-    let xsum: Vec<f32> = match t {
-        GgmlDType::Q4_1 => x.chunks(QK).map(|b| b.iter().sum()).collect(), // [nb]
-        _ => Vec::new(),
-    };
-    #[cfg(target_arch = "x86_64")]
-    use x86::{Q4_0, Q4_1, Q8_0};
-    crate::threads::install(|| {
-        y.par_chunks_mut(ROWS)
-            .zip(w.par_chunks(ROWS * rb))
-            .for_each(|(ys, ws)| {
-                for (yj, row) in ys.iter_mut().zip(ws.chunks(rb)) {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `cpu_has` checked the features; `row` holds nb blocks of `t`, `x`
-                    // nb blocks of activations and `xsum` nb sums (lengths checked above).
-                    unsafe {
-                        *yj = match (isa, t) {
-                            (Isa::Avx512, GgmlDType::Q4_0) => x86::dot_512::<Q4_0>(row, x, &xsum),
-                            (Isa::Avx512, GgmlDType::Q4_1) => x86::dot_512::<Q4_1>(row, x, &xsum),
-                            (Isa::Avx512, _) => x86::dot_512::<Q8_0>(row, x, &xsum),
-                            (Isa::Avx2, GgmlDType::Q4_0) => x86::dot_256::<Q4_0>(row, x, &xsum),
-                            (Isa::Avx2, GgmlDType::Q4_1) => x86::dot_256::<Q4_1>(row, x, &xsum),
-                            (Isa::Avx2, _) => x86::dot_256::<Q8_0>(row, x, &xsum),
-                        };
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        let _ = (row, &xsum, isa);
-                        *yj = 0.0;
-                    }
-                }
-            });
-    });
-    Ok(())
+    bytes: Vec<u8>,
 }
 
-/// Dequantize whole blocks `w` of type `t` into `out` (one f32 per element), exactly as
-/// candle's `dequantize` does (the same roundings), with AVX2. The caller checks [`supported`].
+/// Bytes of a block's header (the scale, and Q4_1's offset) and of its quants.
+fn header_bytes(t: GgmlDType) -> usize {
+    match t {
+        GgmlDType::Q4_1 => 4,
+        _ => 2,
+    }
+}
+
+impl Panels {
+    /// Repack `n` rows of `k` values given as ggml's row-major blocks of type `t`.
+    pub fn pack(t: GgmlDType, blocks: &[u8], n: usize, k: usize) -> candle_core::Result<Self> {
+        let known = matches!(t, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        let bsize = t.type_size();
+        if !known || !k.is_multiple_of(QK) || blocks.len() != n * k / QK * bsize {
+            candle_core::bail!("panels: {} bytes are not [{n}, {k}] of {t:?}", blocks.len());
+        }
+        let nb = k / QK;
+        let (hb, rb) = (header_bytes(t), nb * bsize);
+        let mut bytes = vec![0u8; n.div_ceil(R) * nb * R * bsize];
+        for (p, panel) in bytes.chunks_mut(nb * R * bsize).enumerate() {
+            for (b, col) in panel.chunks_mut(R * bsize).enumerate() {
+                for r in 0..R.min(n - p * R) {
+                    let blk = &blocks[(p * R + r) * rb + b * bsize..][..bsize];
+                    col[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                    if hb == 4 {
+                        col[2 * R + 2 * r..2 * R + 2 * r + 2].copy_from_slice(&blk[2..4]);
+                    }
+                    for (g, q) in blk[hb..].chunks(4).enumerate() {
+                        let at = hb * R + g * 4 * R + 4 * r;
+                        col[at..at + 4].copy_from_slice(q);
+                    }
+                }
+            }
+        }
+        Ok(Panels { t, n, k, bytes })
+    }
+
+    /// Rows `[r0, r1)` back as ggml's row-major blocks (exact).
+    pub fn unpack_rows(&self, r0: usize, r1: usize) -> Vec<u8> {
+        let bsize = self.t.type_size();
+        let nb = self.k / QK;
+        let hb = header_bytes(self.t);
+        let mut out = vec![0u8; (r1 - r0) * nb * bsize];
+        for (i, row) in out.chunks_mut(nb * bsize).enumerate() {
+            let (p, r) = ((r0 + i) / R, (r0 + i) % R);
+            for (b, blk) in row.chunks_mut(bsize).enumerate() {
+                let col = &self.bytes[(p * nb + b) * R * bsize..][..R * bsize];
+                blk[..2].copy_from_slice(&col[2 * r..2 * r + 2]);
+                if hb == 4 {
+                    blk[2..4].copy_from_slice(&col[2 * R + 2 * r..2 * R + 2 * r + 2]);
+                }
+                for (g, q) in blk[hb..].chunks_mut(4).enumerate() {
+                    let at = hb * R + g * 4 * R + 4 * r;
+                    q.copy_from_slice(&col[at..at + 4]);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.t
+    }
+    /// Bytes held (the blocks, and the last panel's padding rows).
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// `y = W x`, `x` `[k]`, `y` `[n]`, with the kernels of this CPU ([`isa`]).
+    pub fn gemv(&self, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        match isa() {
+            Some(isa) => self.gemv_on(isa, x, y),
+            None => candle_core::bail!("qgemv: no kernel on this CPU"),
+        }
+    }
+
+    /// [`Panels::gemv`] with the kernels of `isa` (tests and benchmarks compare the two on one CPU).
+    pub fn gemv_on(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        if !cpu_has(isa) {
+            candle_core::bail!("qgemv: this CPU has no {isa:?}");
+        }
+        if x.len() != self.k || y.len() != self.n {
+            candle_core::bail!(
+                "qgemv: x of {} and y of {} for W [{}, {}]",
+                x.len(),
+                y.len(),
+                self.n,
+                self.k
+            );
+        }
+        // the integer offset `c` of the kernel's unsigned quants (module doc)
+        let c = match (self.t, isa) {
+            (GgmlDType::Q4_0, _) => 8,
+            (GgmlDType::Q8_0, Isa::Avx512) => 128,
+            _ => 0,
+        };
+        let xq = Split::new(x, c);
+        let nb = self.k / QK;
+        let pbytes = nb * R * self.t.type_size();
+        crate::threads::install(|| {
+            y.par_chunks_mut(TASK_PANELS * R)
+                .zip(self.bytes.par_chunks(TASK_PANELS * pbytes))
+                .for_each(|(ys, ws)| {
+                    for (yp, panel) in ys.chunks_mut(R).zip(ws.chunks(pbytes)) {
+                        let mut out = [0f32; R];
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `cpu_has` checked the features; `panel` holds nb block
+                        // columns of R rows of `t`, and `xq` nb blocks (built from `x` of k).
+                        unsafe {
+                            use x86::{Q4_0, Q4_1, Q8_0};
+                            match (isa, self.t) {
+                                (Isa::Avx512, GgmlDType::Q4_0) => {
+                                    x86::panel_512::<Q4_0>(panel, &xq, &mut out)
+                                }
+                                (Isa::Avx512, GgmlDType::Q4_1) => {
+                                    x86::panel_512::<Q4_1>(panel, &xq, &mut out)
+                                }
+                                (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, &xq, &mut out),
+                                (Isa::Avx2, GgmlDType::Q4_0) => {
+                                    x86::panel_256::<Q4_0>(panel, &xq, &mut out)
+                                }
+                                (Isa::Avx2, GgmlDType::Q4_1) => {
+                                    x86::panel_256::<Q4_1>(panel, &xq, &mut out)
+                                }
+                                (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, &xq, &mut out),
+                            }
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (panel, &xq);
+                        yp.copy_from_slice(&out[..yp.len()]);
+                    }
+                });
+        });
+        Ok(())
+    }
+}
+
+/// `v` to the nearest integer, halves away from zero (`f32::round` is a libm call).
+#[inline]
+fn round(v: f32) -> i32 {
+    (v + 0.5f32.copysign(v)) as i32
+}
+
+/// An activation row in two 8-bit terms per 32-block (module doc), with the per-block sums
+/// the kernels need.
+struct Split {
+    /// `a` and `b`, 32 per block, as little-endian 4-byte words (the kernels broadcast them).
+    a: Vec<i32>,
+    b: Vec<i32>,
+    /// `s` per block.
+    s: Vec<f32>,
+    /// `c sum a`, `c sum b` per block (the integer offset of the weight's quants).
+    off_a: Vec<i32>,
+    off_b: Vec<i32>,
+    /// `sum x^ = s (sum a + sum b / 254)` per block (Q4_1's offset term).
+    sum: Vec<f32>,
+}
+
+impl Split {
+    fn new(x: &[f32], c: i32) -> Self {
+        let nb = x.len() / QK;
+        let mut a8 = vec![0i8; x.len()];
+        let mut b8 = vec![0i8; x.len()];
+        let (mut s, mut off_a, mut off_b, mut sum) = (
+            Vec::with_capacity(nb),
+            Vec::with_capacity(nb),
+            Vec::with_capacity(nb),
+            Vec::with_capacity(nb),
+        );
+        for ((xb, ab), bb) in x.chunks(QK).zip(a8.chunks_mut(QK)).zip(b8.chunks_mut(QK)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (mut sa, mut sb) = (0i32, 0i32);
+            let d = amax / 127.0;
+            if amax > 0.0 && amax.is_finite() {
+                let inv = 127.0 / amax;
+                for ((&v, qa), qb) in xb.iter().zip(ab.iter_mut()).zip(bb.iter_mut()) {
+                    let a = round(v * inv).clamp(-127, 127);
+                    let b = round((v - d * a as f32) * inv * 254.0).clamp(-127, 127);
+                    (*qa, *qb) = (a as i8, b as i8);
+                    (sa, sb) = (sa + a, sb + b);
+                }
+            }
+            s.push(if amax.is_finite() { d } else { amax });
+            off_a.push(c * sa);
+            off_b.push(c * sb);
+            sum.push(d * (sa as f32 + sb as f32 / 254.0));
+        }
+        let words = |v: Vec<i8>| -> Vec<i32> {
+            v.chunks(4)
+                .map(|w| i32::from_le_bytes([w[0] as u8, w[1] as u8, w[2] as u8, w[3] as u8]))
+                .collect()
+        };
+        Split {
+            a: words(a8),
+            b: words(b8),
+            s,
+            off_a,
+            off_b,
+            sum,
+        }
+    }
+}
+
+/// Dequantize whole blocks `w` of type `t` (ggml's layout) into `out` (one f32 per element),
+/// exactly as candle's `dequantize` does (the same roundings), with AVX2.
 pub fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) -> candle_core::Result<()> {
     let bsize = t.type_size();
     if !supported(t) || !w.len().is_multiple_of(bsize) || out.len() != w.len() / bsize * QK {
@@ -162,41 +327,14 @@ pub fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) -> candle_core::Resul
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{GgmlDType, QK};
+    use super::{GgmlDType, Split, QK, R};
     use std::arch::x86_64::*;
 
-    /// Bytes ahead of the block in use that the kernels ask the cache for: decoding streams
-    /// every weight from memory, and the prefetch raised the default model's `native` decode
-    /// from 61 to 80 tok/s (1024 bytes: 77, 512: 70; an Intel Xeon with AVX-512, 2 threads).
-    const PREFETCH: usize = 2048;
-
-    /// `sum_b share(b)` over `nb` blocks into two accumulators (even and odd blocks, for the
-    /// FMA latency), `share!(b, acc)` giving `acc` plus block `b`'s share. A macro, not a
-    /// closure: closures are not inlined into `target_feature` functions.
-    macro_rules! two_acc {
-        ($nb:expr, $zero:expr, |$b:ident, $acc:ident| $share:expr) => {{
-            let (mut a0, mut a1) = ($zero, $zero);
-            let mut b = 0;
-            while b + 2 <= $nb {
-                a0 = {
-                    let ($b, $acc) = (b, a0);
-                    $share
-                };
-                a1 = {
-                    let ($b, $acc) = (b + 1, a1);
-                    $share
-                };
-                b += 2;
-            }
-            if b < $nb {
-                a0 = {
-                    let ($b, $acc) = (b, a0);
-                    $share
-                };
-            }
-            (a0, a1)
-        }};
-    }
+    /// Bytes ahead of the block column in use that the kernels ask the cache for, every line
+    /// of it (decoding streams every weight from memory; the default model's `native` decode:
+    /// none 39-47 tok/s, one line per column 52, every line 1024 ahead 75-84, 2048 ahead 61-71;
+    /// an Intel Xeon with AVX-512, 2 threads, alternating).
+    const PREFETCH: usize = 1024;
 
     /// The little-endian f16 at `p` as f32 (exact: every f16 is an f32).
     #[inline]
@@ -204,16 +342,6 @@ mod x86 {
     unsafe fn f16_at(p: *const u8) -> f32 {
         let h = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
-
-    /// Sum of the 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
     }
 
     /// A Q4 block's 16 nibble bytes as two registers of signed bytes, elements 0-15 and
@@ -238,13 +366,6 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     unsafe fn f8(q: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
-    }
-
-    /// Sixteen signed bytes as f32.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn f16x(q: __m128i) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
     }
 
     /// Blocks of Q4_0, Q4_1 or Q8_0 to f32 as candle's `to_float` forms them (`(q - 8) d`,
@@ -288,110 +409,182 @@ mod x86 {
         }
     }
 
-    /// `sum q_i x_i` over one block of 32 signed integers (`q0`: elements 0-15, `q1`: 16-31)
-    /// and `x` (8 lanes).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_256(q0: __m128i, q1: __m128i, x: *const f32) -> __m256 {
-        let s0 = _mm256_mul_ps(f8(q0), _mm256_loadu_ps(x));
-        let s1 = _mm256_mul_ps(f8(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(x.add(8)));
-        let s0 = _mm256_fmadd_ps(f8(q1), _mm256_loadu_ps(x.add(16)), s0);
-        let s1 = _mm256_fmadd_ps(f8(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(x.add(24)), s1);
-        _mm256_add_ps(s0, s1)
-    }
-
-    /// The same with 16 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block_512(q0: __m128i, q1: __m128i, x: *const f32) -> __m512 {
-        let s = _mm512_mul_ps(f16x(q0), _mm512_loadu_ps(x));
-        _mm512_fmadd_ps(f16x(q1), _mm512_loadu_ps(x.add(16)), s)
-    }
-
     /// Block kinds, as the kernels' const parameter.
     pub const Q4_0: u8 = 0;
     pub const Q4_1: u8 = 1;
     pub const Q8_0: u8 = 2;
 
-    /// Bytes per block of kind `K`.
-    const fn block_bytes<const K: u8>() -> usize {
+    /// Bytes per block of kind `K`, and of its header.
+    const fn block_bytes<const K: u8>() -> (usize, usize) {
         match K {
-            Q4_0 => 18,
-            Q4_1 => 20,
-            _ => 34,
+            Q4_0 => (18, 2),
+            Q4_1 => (20, 4),
+            _ => (34, 2),
         }
     }
 
-    /// A block's 32 integers as two registers of signed bytes (elements 0-15, 16-31): Q4_0's
-    /// `q - 8`, Q4_1's `q`, Q8_0's `q`.
+    /// Ask for the cache lines of the block column `PREFETCH` bytes ahead of `c`.
     #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn ints<const K: u8>(blk: *const u8) -> (__m128i, __m128i) {
-        match K {
-            Q4_0 => nibbles::<false>(blk.add(2)),
-            Q4_1 => nibbles::<true>(blk.add(4)),
-            _ => (
-                _mm_loadu_si128(blk.add(2) as *const __m128i),
-                _mm_loadu_si128(blk.add(18) as *const __m128i),
-            ),
+    #[target_feature(enable = "sse")]
+    unsafe fn prefetch(c: *const u8, col: usize) {
+        let mut l = 0;
+        while l < col {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(PREFETCH + l) as *const i8);
+            l += 64;
         }
     }
 
-    /// `sum_b m_b xsum_b` over a Q4_1 row's blocks (zero for the other kinds).
-    #[inline]
-    #[target_feature(enable = "f16c")]
-    unsafe fn offsets<const K: u8>(p: *const u8, xsum: &[f32]) -> f32 {
-        if K != Q4_1 {
-            return 0.0;
-        }
-        let bsize = block_bytes::<K>();
-        let (mut s0, mut s1) = (0f32, 0f32);
-        for (b, xs) in xsum.chunks(2).enumerate() {
-            s0 += f16_at(p.add(2 * b * bsize + 2)) * xs[0];
-            if let Some(x1) = xs.get(1) {
-                s1 += f16_at(p.add((2 * b + 1) * bsize + 2)) * x1;
+    /// One panel of kind `K` (nb block columns of [`R`] rows) against `x`: the 16 rows' dot
+    /// products into `out`, each row an i32 lane of `vpdpbusd`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI, AVX2, FMA and F16C are available; `panel` is whole block columns of
+    /// kind `K` and `x` has one block per column.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn panel_512<const K: u8>(panel: &[u8], x: &Split, out: &mut [f32; R]) {
+        let (bsize, hb) = block_bytes::<K>();
+        let col = R * bsize;
+        let nb = panel.len() / col;
+        let p = panel.as_ptr();
+        let (xa, xb) = (x.a.as_ptr(), x.b.as_ptr());
+        let low = _mm512_set1_epi8(0x0F);
+        let flip = _mm512_set1_epi8(-128);
+        let inv254 = _mm512_set1_ps(1.0 / 254.0);
+        let (mut y0, mut y1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for b in 0..nb {
+            let c = p.add(b * col);
+            prefetch(c, col);
+            let q = c.add(hb * R);
+            // this block's activation words: 8 of `a`, 8 of `b`
+            let (wa, wb) = (xa.add(8 * b), xb.add(8 * b));
+            let z = _mm512_setzero_si512();
+            // [16] i32 each: sum u a (two halves), sum u b (two halves)
+            let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
+            if K == Q8_0 {
+                for g in (0..8).step_by(2) {
+                    let v0 = _mm512_xor_si512(_mm512_loadu_si512(q.add(64 * g) as _), flip);
+                    let v1 = _mm512_xor_si512(_mm512_loadu_si512(q.add(64 * g + 64) as _), flip);
+                    a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_set1_epi32(*wa.add(g)));
+                    a1 = _mm512_dpbusd_epi32(a1, v1, _mm512_set1_epi32(*wa.add(g + 1)));
+                    b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_set1_epi32(*wb.add(g)));
+                    b1 = _mm512_dpbusd_epi32(b1, v1, _mm512_set1_epi32(*wb.add(g + 1)));
+                }
+            } else {
+                for g in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(64 * g) as _);
+                    // elements 4g..4g+4 (low nibbles) and 16+4g.. (high) of each row
+                    let lo = _mm512_and_si512(v, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    a0 = _mm512_dpbusd_epi32(a0, lo, _mm512_set1_epi32(*wa.add(g)));
+                    a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_set1_epi32(*wa.add(4 + g)));
+                    b0 = _mm512_dpbusd_epi32(b0, lo, _mm512_set1_epi32(*wb.add(g)));
+                    b1 = _mm512_dpbusd_epi32(b1, hi, _mm512_set1_epi32(*wb.add(4 + g)));
+                }
+            }
+            let ia = _mm512_sub_epi32(
+                _mm512_add_epi32(a0, a1),
+                _mm512_set1_epi32(*x.off_a.get_unchecked(b)),
+            );
+            let ib = _mm512_sub_epi32(
+                _mm512_add_epi32(b0, b1),
+                _mm512_set1_epi32(*x.off_b.get_unchecked(b)),
+            );
+            // sum u x^ - c sum x^, over s
+            let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib), inv254, _mm512_cvtepi32_ps(ia));
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(c as *const __m256i));
+            let s = _mm512_set1_ps(*x.s.get_unchecked(b));
+            y0 = _mm512_fmadd_ps(d, _mm512_mul_ps(t, s), y0);
+            if K == Q4_1 {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(c.add(2 * R) as *const __m256i));
+                y1 = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.sum.get_unchecked(b)), y1);
             }
         }
-        s0 + s1
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(y0, y1));
     }
 
-    /// One row of blocks of kind `K` against `x`: `sum_b d_b (sum q x)_b (+ m_b xsum_b for
-    /// Q4_1)`, 8 lanes.
+    /// `sum_j u_j v_j` over groups of four bytes into i32 lanes (`u` unsigned, `v` signed, no
+    /// pair over `i16::MAX`: `u <= 128`, `|v| <= 127`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot4(u: __m256i, v: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), _mm256_set1_epi16(1))
+    }
+
+    /// The activation word at `w`, broadcast, with the signs of `v`'s bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sgn(w: *const i32, v: __m256i) -> __m256i {
+        _mm256_sign_epi8(_mm256_set1_epi32(*w), v)
+    }
+
+    /// [`panel_512`] with AVX2: the panel's two halves of 8 rows, `pmaddubsw`/`pmaddwd`
+    /// (Q8_0's signed quants by their magnitude, the activation taking their sign: `c` = 0).
     ///
     /// # Safety
-    /// AVX2, FMA and F16C are available; `row` is whole blocks, `x` has 32 values per block
-    /// and, for Q4_1, `xsum` one per block.
+    /// AVX2, FMA and F16C are available; `panel` is whole block columns of kind `K` and `x`
+    /// has one block per column.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_256<const K: u8>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let bsize = block_bytes::<K>();
-        let nb = row.len() / bsize;
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let (acc0, acc1) = two_acc!(nb, _mm256_setzero_ps(), |b, acc| {
-            let blk = p.add(b * bsize);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let (q0, q1) = ints::<K>(blk);
-            let s = block_256(q0, q1, xp.add(b * QK));
-            _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk)), s, acc)
-        });
-        hsum(_mm256_add_ps(acc0, acc1)) + offsets::<K>(p, xsum)
-    }
-
-    /// The same with 16 lanes.
-    ///
-    /// # Safety
-    /// As [`dot_256`], and AVX-512F is available.
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    pub unsafe fn dot_512<const K: u8>(row: &[u8], x: &[f32], xsum: &[f32]) -> f32 {
-        let bsize = block_bytes::<K>();
-        let nb = row.len() / bsize;
-        let (p, xp) = (row.as_ptr(), x.as_ptr());
-        let (acc0, acc1) = two_acc!(nb, _mm512_setzero_ps(), |b, acc| {
-            let blk = p.add(b * bsize);
-            _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-            let (q0, q1) = ints::<K>(blk);
-            let s = block_512(q0, q1, xp.add(b * QK));
-            _mm512_fmadd_ps(_mm512_set1_ps(f16_at(blk)), s, acc)
-        });
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + offsets::<K>(p, xsum)
+    pub unsafe fn panel_256<const K: u8>(panel: &[u8], x: &Split, out: &mut [f32; R]) {
+        let (bsize, hb) = block_bytes::<K>();
+        let col = R * bsize;
+        let nb = panel.len() / col;
+        let p = panel.as_ptr();
+        let (xa, xb) = (x.a.as_ptr(), x.b.as_ptr());
+        let low = _mm256_set1_epi8(0x0F);
+        let inv254 = _mm256_set1_ps(1.0 / 254.0);
+        let zf = _mm256_setzero_ps();
+        // [2 halves] of [8] f32: the scale term and Q4_1's offset term
+        let mut y0 = [zf, zf];
+        let mut y1 = [zf, zf];
+        for b in 0..nb {
+            let c = p.add(b * col);
+            prefetch(c, col);
+            let q = c.add(hb * R);
+            let (wa, wb) = (xa.add(8 * b), xb.add(8 * b));
+            let s = _mm256_set1_ps(*x.s.get_unchecked(b));
+            for h in 0..2 {
+                let z = _mm256_setzero_si256();
+                let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
+                if K == Q8_0 {
+                    for g in (0..8).step_by(2) {
+                        let v0 = _mm256_loadu_si256(q.add(64 * g + 32 * h) as _);
+                        let v1 = _mm256_loadu_si256(q.add(64 * g + 64 + 32 * h) as _);
+                        let (u0, u1) = (_mm256_abs_epi8(v0), _mm256_abs_epi8(v1));
+                        a0 = _mm256_add_epi32(a0, dot4(u0, sgn(wa.add(g), v0)));
+                        a1 = _mm256_add_epi32(a1, dot4(u1, sgn(wa.add(g + 1), v1)));
+                        b0 = _mm256_add_epi32(b0, dot4(u0, sgn(wb.add(g), v0)));
+                        b1 = _mm256_add_epi32(b1, dot4(u1, sgn(wb.add(g + 1), v1)));
+                    }
+                } else {
+                    for g in 0..4 {
+                        let v = _mm256_loadu_si256(q.add(64 * g + 32 * h) as _);
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        a0 = _mm256_add_epi32(a0, dot4(lo, _mm256_set1_epi32(*wa.add(g))));
+                        a1 = _mm256_add_epi32(a1, dot4(hi, _mm256_set1_epi32(*wa.add(4 + g))));
+                        b0 = _mm256_add_epi32(b0, dot4(lo, _mm256_set1_epi32(*wb.add(g))));
+                        b1 = _mm256_add_epi32(b1, dot4(hi, _mm256_set1_epi32(*wb.add(4 + g))));
+                    }
+                }
+                let ia = _mm256_sub_epi32(
+                    _mm256_add_epi32(a0, a1),
+                    _mm256_set1_epi32(*x.off_a.get_unchecked(b)),
+                );
+                let ib = _mm256_sub_epi32(
+                    _mm256_add_epi32(b0, b1),
+                    _mm256_set1_epi32(*x.off_b.get_unchecked(b)),
+                );
+                let t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ib), inv254, _mm256_cvtepi32_ps(ia));
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(16 * h) as *const __m128i));
+                y0[h] = _mm256_fmadd_ps(d, _mm256_mul_ps(t, s), y0[h]);
+                if K == Q4_1 {
+                    let m = _mm256_cvtph_ps(_mm_loadu_si128(c.add(2 * R + 16 * h) as _));
+                    y1[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(*x.sum.get_unchecked(b)), y1[h]);
+                }
+            }
+        }
+        for h in 0..2 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_add_ps(y0[h], y1[h]));
+        }
     }
 }

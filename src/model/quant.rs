@@ -1,15 +1,18 @@
 //! Quantized frozen weights: a linear layer's `W` `[out, in]` kept in a GGUF block type
-//! (Q4_0 ... Q8_0, Q2_K ... Q6_K) as a candle `QTensor`, never as an f32 copy.
+//! (Q4_0 ... Q8_0, Q2_K ... Q6_K), never as an f32 copy: Q4_0/Q4_1/Q8_0 repacked into
+//! `super::qgemv`'s panels where its kernels run, the others as a candle `QTensor`.
 //!
 //! Forward `x @ W^T` with f32 activations, two ways by the number of rows (see
 //! [`EXACT_MIN_ROWS`]): from two rows on, `W` is dequantized a block of rows at a time into an f32
 //! matmul (the f32 path's products); one row (decoding) reads `W` once in its blocks: lqa's
-//! f32-activation kernel (`super::qgemv`) for Q4_0/Q4_1/Q8_0 on AVX2, else candle's integer
-//! kernel where it is vectorised (the K types), which quantizes activations to 8 bits like
-//! llama.cpp, on the row split into two 8-bit terms so that the rounding is ~254 times smaller. Backward gives only the input's gradient `dy @ W` (QLoRA:
-//! the frozen base gets none), dequantizing `W` a bounded block of rows at a time.
+//! panel kernels (`super::qgemv`) for Q4_0/Q4_1/Q8_0 on AVX2 or AVX-512 VNNI, else candle's
+//! integer kernel where it is vectorised (the K types). Both quantize the activation row to
+//! 8 bits like llama.cpp, but in two 8-bit terms, so that the rounding is ~254 times smaller.
+//! Backward gives only the input's gradient `dy @ W` (QLoRA: the frozen base gets none),
+//! dequantizing `W` a bounded block of rows at a time.
 
 use super::ops::f32_slice;
+use super::qgemv::Panels;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use std::borrow::Cow;
@@ -107,10 +110,9 @@ pub fn type_name(t: GgmlDType) -> &'static str {
 
 /// Activation rows from which `W` is dequantized a block of [`FWD_ROWS`] rows at a time (in
 /// parallel) into an f32 matmul, the same arithmetic as the f32 path up to summation order.
-/// Below it (decode: one row per sequence) `W` is read once, in its blocks: by lqa's
-/// f32-activation matrix-vector kernel (`super::qgemv`: Q4_0, Q4_1, Q8_0 on AVX2), else by
-/// candle's integer kernel where it is vectorised ([`simd_dot`]), on two 8-bit terms of the
-/// row. With two rows or more a dequantized block is reused
+/// Below it (decode: one row per sequence) `W` is read once, in its blocks: by lqa's panel
+/// kernels (`super::qgemv`: Q4_0, Q4_1, Q8_0), else by candle's integer kernel where it is
+/// vectorised ([`simd_dot`]), both on two 8-bit terms of the row. With two rows or more a dequantized block is reused
 /// across the rows and the matmul is compute-bound, which is where llama.cpp too hands batches
 /// to f32 BLAS.
 pub const EXACT_MIN_ROWS: usize = 2;
@@ -124,7 +126,7 @@ pub fn simd_dot(t: GgmlDType) -> bool {
     matches!(t, Q4_0 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K)
 }
 
-/// Rows of a weight dequantized per task in the f32-activation forward (64 rows of a
+/// Rows of a weight dequantized per task in the f32 forward (64 rows of a
 /// 14336-wide weight is 3.5 MiB per thread).
 const FWD_ROWS: usize = 64;
 
@@ -135,9 +137,18 @@ const GRAD_ROWS: usize = 256;
 /// A frozen weight `[out, in]` (`[n, k]`) in a block type, on the CPU. Cloning shares it.
 #[derive(Clone)]
 pub struct QuantWeight {
-    q: Arc<QTensor>,
+    store: Store,
     n: usize,
     k: usize,
+}
+
+/// Where a quantized weight's blocks live.
+#[derive(Clone)]
+enum Store {
+    /// ggml's row-major blocks, as the file holds them (types and CPUs without lqa's kernels).
+    Blocks(Arc<QTensor>),
+    /// The same bytes repacked for lqa's matrix-vector kernels (`super::qgemv`).
+    Panels(Arc<Panels>),
 }
 
 impl std::fmt::Debug for QuantWeight {
@@ -168,11 +179,17 @@ impl QuantWeight {
         if !q.device().is_cpu() {
             candle_core::bail!("tensor `{name}`: quantized weights live on the CPU");
         }
-        Ok(QuantWeight {
-            q: Arc::new(q),
-            n,
-            k,
-        })
+        Self::keep(q, n, k)
+    }
+
+    /// Keep `q`'s blocks: as panels where lqa's kernels run this type, else as they are.
+    fn keep(q: QTensor, n: usize, k: usize) -> Result<Self> {
+        let store = if super::qgemv::supported(q.dtype()) {
+            Store::Panels(Arc::new(Panels::pack(q.dtype(), &q.data()?, n, k)?))
+        } else {
+            Store::Blocks(Arc::new(q))
+        };
+        Ok(QuantWeight { store, n, k })
     }
 
     /// Quantize an f32 (or bf16/f16) weight `[out, in]` to `ty`; a row length that is not a
@@ -200,18 +217,59 @@ impl QuantWeight {
         self.k
     }
     pub fn dtype(&self) -> GgmlDType {
-        self.q.dtype()
+        match &self.store {
+            Store::Blocks(q) => q.dtype(),
+            Store::Panels(p) => p.dtype(),
+        }
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.q.storage_size_in_bytes()
+        match &self.store {
+            Store::Blocks(q) => q.storage_size_in_bytes(),
+            Store::Panels(p) => p.bytes(),
+        }
     }
     /// Do the two share their blocks (a tied embedding and lm_head)?
     pub fn same(&self, other: &QuantWeight) -> bool {
-        Arc::ptr_eq(&self.q, &other.q)
+        match (&self.store, &other.store) {
+            (Store::Blocks(a), Store::Blocks(b)) => Arc::ptr_eq(a, b),
+            (Store::Panels(a), Store::Panels(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.q
+    /// Are the blocks repacked for lqa's matrix-vector kernels?
+    pub fn is_panels(&self) -> bool {
+        matches!(self.store, Store::Panels(_))
+    }
+
+    /// Rows `[r0, r1)` as ggml's row-major blocks (borrowed where the weight keeps them so).
+    pub fn blocks(&self, r0: usize, r1: usize) -> Result<Cow<'_, [u8]>> {
+        if r0 > r1 || r1 > self.n {
+            candle_core::bail!("rows {r0}..{r1} of a {self:?}");
+        }
+        Ok(match &self.store {
+            Store::Blocks(q) => {
+                let rb = self.row_bytes();
+                match q.data()? {
+                    Cow::Borrowed(d) => Cow::Borrowed(&d[r0 * rb..r1 * rb]),
+                    Cow::Owned(d) => Cow::Owned(d[r0 * rb..r1 * rb].to_vec()),
+                }
+            }
+            Store::Panels(p) => Cow::Owned(p.unpack_rows(r0, r1)),
+        })
+    }
+
+    /// Rows `ids` dequantized, `[ids.len(), k]` (an embedding lookup).
+    pub fn embedding(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(ids.len() * self.k);
+        for &i in ids {
+            let i = i as usize;
+            if i >= self.n {
+                candle_core::bail!("token id {i} is outside the embedding table of {}", self.n);
+            }
+            out.extend(self.dequantize_rows(i, i + 1)?);
+        }
+        Tensor::from_vec(out, (ids.len(), self.k), &Device::Cpu)
     }
 
     /// Bytes of one row (a whole number of blocks).
@@ -233,14 +291,8 @@ impl QuantWeight {
         if at + rows > self.n {
             candle_core::bail!("rows {at}..{} of a {self:?}", at + rows);
         }
-        let rb = self.row_bytes();
-        let data = self.q.data()?;
-        let q = Self::from_bytes(&data[at * rb..(at + rows) * rb], self.dtype(), rows, self.k)?;
-        Ok(QuantWeight {
-            q: Arc::new(q),
-            n: rows,
-            k: self.k,
-        })
+        let q = Self::from_bytes(&self.blocks(at, at + rows)?, self.dtype(), rows, self.k)?;
+        Self::keep(q, rows, self.k)
     }
 
     /// The weight with its rows reordered: row `i` of the result is row `from[i]` of this one
@@ -250,7 +302,7 @@ impl QuantWeight {
             candle_core::bail!("a bad row permutation of a {self:?}");
         }
         let rb = self.row_bytes();
-        let data = self.q.data()?;
+        let data = self.blocks(0, self.n)?;
         // u64 words so that the buffer is aligned for every block type
         let mut words = vec![0u64; (self.n * rb).div_ceil(8)];
         // SAFETY: `words` holds at least n * rb bytes, initialised, and u8 has no alignment.
@@ -260,30 +312,30 @@ impl QuantWeight {
             out[i * rb..(i + 1) * rb].copy_from_slice(&data[r * rb..(r + 1) * rb]);
         }
         let q = Self::from_bytes(out, self.dtype(), self.n, self.k)?;
-        Ok(QuantWeight {
-            q: Arc::new(q),
-            n: self.n,
-            k: self.k,
-        })
+        Self::keep(q, self.n, self.k)
     }
 
     /// The whole weight dequantized, `[n, k]` f32 (a copy; for callers that need it).
     pub fn dequantize(&self) -> Result<Tensor> {
-        self.q.dequantize(&Device::Cpu)
+        match &self.store {
+            Store::Blocks(q) => q.dequantize(&Device::Cpu),
+            Store::Panels(_) => Tensor::from_vec(
+                self.dequantize_rows(0, self.n)?,
+                (self.n, self.k),
+                &Device::Cpu,
+            ),
+        }
     }
 
     /// Rows `[r0, r1)` dequantized, row-major `[r1 - r0, k]`.
     pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Result<Vec<f32>> {
-        let rb = self.row_bytes();
-        let data = self.q.data()?;
+        let data = self.blocks(r0, r1)?;
         if super::qgemv::supported(self.dtype()) {
             let mut out = vec![0f32; (r1 - r0) * self.k];
-            super::qgemv::dequantize(self.dtype(), &data[r0 * rb..r1 * rb], &mut out)?;
+            super::qgemv::dequantize(self.dtype(), &data, &mut out)?;
             return Ok(out);
         }
-        let blocks = self
-            .dtype()
-            .from_data(Cow::Borrowed(&data[r0 * rb..r1 * rb]));
+        let blocks = self.dtype().from_data(Cow::Borrowed(&data[..]));
         match blocks.dequantize((r1 - r0) * self.k)? {
             CpuStorage::F32(v) => Ok(v),
             _ => candle_core::bail!("dequantize gave no f32"),
@@ -291,19 +343,29 @@ impl QuantWeight {
     }
 
     /// `x @ W^T` for a few rows `x` `[m, k]`, each row a matrix-vector product straight from
-    /// the blocks with f32 activations (`super::qgemv`; Q4_0, Q4_1, Q8_0 on AVX2). Returns
-    /// `[m, n]`.
+    /// the panels, on two 8-bit terms of the row (`super::qgemv`; Q4_0, Q4_1, Q8_0 on AVX2 or
+    /// AVX-512 VNNI). Returns `[m, n]`.
     pub fn matmul_t_gemv(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         let (n, k) = (self.n, self.k);
         if x.len() != m * k {
             candle_core::bail!("quant-matmul: x has {} values, not [{m}, {k}]", x.len());
         }
-        let data = self.q.data()?;
+        let Store::Panels(p) = &self.store else {
+            candle_core::bail!("quant-matmul: {self:?} is not kept in panels");
+        };
         let mut y = vec![0f32; m * n];
         for (xi, yi) in x.chunks(k).zip(y.chunks_mut(n)) {
-            super::qgemv::gemv(self.dtype(), &data, xi, yi, k)?;
+            p.gemv(xi, yi)?;
         }
         Ok(y)
+    }
+
+    /// The panels, for the kernels' tests and benchmarks.
+    pub fn panels(&self) -> Option<&Panels> {
+        match &self.store {
+            Store::Panels(p) => Some(p),
+            Store::Blocks(_) => None,
+        }
     }
 
     /// `x @ W^T` for a few rows `x` `[m, k]` by candle's integer kernel, activations in two
@@ -314,8 +376,15 @@ impl QuantWeight {
     pub fn matmul_t_split(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
         use candle_core::quantized::k_quants::*;
         use GgmlDType as D;
-        let data = self.q.data()?;
         let (n, k) = (self.n, self.k);
+        // ggml's blocks in candle's aligned storage
+        let q = match &self.store {
+            Store::Blocks(q) => q.clone(),
+            Store::Panels(_) => {
+                Arc::new(Self::from_bytes(&self.blocks(0, n)?, self.dtype(), n, k)?)
+            }
+        };
+        let data = q.data()?;
         match self.dtype() {
             D::Q4_0 => split_matmul::<BlockQ4_0>(&data, x, m, k, n),
             D::Q4_1 => split_matmul::<BlockQ4_1>(&data, x, m, k, n),
@@ -408,7 +477,7 @@ impl CustomOp1 for QuantMatmul {
         }
         let x = f32_slice(storage, layout, "quant-matmul")?;
         let ty = self.0.dtype();
-        let y = if m < EXACT_MIN_ROWS && super::qgemv::supported(ty) {
+        let y = if m < EXACT_MIN_ROWS && self.0.is_panels() {
             self.0.matmul_t_gemv(x, m)?
         } else if m < EXACT_MIN_ROWS && simd_dot(ty) {
             self.0.matmul_t_split(x, m)?
