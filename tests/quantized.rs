@@ -223,6 +223,15 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
                 for &isa in &isas {
                     let mut y = vec![f32::NAN; n];
                     p.gemv_on(isa, &x, &mut y).unwrap();
+                    // three rows at once: each row exactly as alone
+                    let x3: Vec<f32> = [lcg(k, 5), x.clone(), lcg(k, 6)].concat();
+                    let mut y3 = vec![f32::NAN; 3 * n];
+                    p.gemm_on(isa, &x3, 3, &mut y3).unwrap();
+                    assert_eq!(
+                        &y3[n..2 * n],
+                        &y[..],
+                        "{ty:?} {isa:?} [{n}, {k}] gemm row 1"
+                    );
                     for j in 0..n {
                         let row = &wd[j * k..(j + 1) * k];
                         let want: f64 =
@@ -694,7 +703,7 @@ fn script_native_model_generates_and_takes_hooks() {
 }
 
 /// One LoRA training step (forward, loss, backward) on the default model: on `native` weights
-/// the adapter's gradients equal the f32 model's (the prompt's rows run the f32 path, and the
+/// the adapter's gradients equal the f32 model's (the prompt's 20 rows run the f32 path, and the
 /// input gradients go through `dequant(W)` exactly), to 1e-3 of each gradient's scale. The
 /// step's time on both is printed.
 #[test]
@@ -718,7 +727,10 @@ fn lora_training_step_on_native_weights_matches_f32() {
     let (mut fa, mut qa) = (f.clone(), q.clone());
     ad.attach(&mut fa).unwrap();
     ad.attach(&mut qa).unwrap();
-    let ids: Vec<u32> = vec![1, 504, 3458, 314, 3575, 28, 655, 253, 1345, 30];
+    // more rows than `PANEL_MAX_ROWS`, so that the prompt runs the f32 path (shorter ones run
+    // the panel kernels, whose two-term rounding `quant_forward_...` bounds)
+    let ids: Vec<u32> = [1, 504, 3458, 314, 3575, 28, 655, 253, 1345, 30].repeat(2);
+    assert!(ids.len() > lqa::model::quant::PANEL_MAX_ROWS);
     let step = |m: &lqa::model::Model| {
         let t = std::time::Instant::now();
         let mut input = Input::left_padded(std::slice::from_ref(&ids), 2, &Device::Cpu)

@@ -172,25 +172,35 @@ impl Panels {
 
     /// `y = W x`, `x` `[k]`, `y` `[n]`, with the kernels of this CPU ([`isa`]).
     pub fn gemv(&self, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        self.gemm(x, 1, y)
+    }
+
+    /// `y = x W^T` for a few rows, `x` `[m, k]`, `y` `[m, n]`: each panel is read from memory
+    /// once and multiplied into every row while it is in the cache.
+    pub fn gemm(&self, x: &[f32], m: usize, y: &mut [f32]) -> candle_core::Result<()> {
         match isa() {
-            Some(isa) => self.gemv_on(isa, x, y),
+            Some(isa) => self.gemm_on(isa, x, m, y),
             None => candle_core::bail!("qgemv: no kernel on this CPU"),
         }
     }
 
     /// [`Panels::gemv`] with the kernels of `isa` (tests and benchmarks compare the two on one CPU).
     pub fn gemv_on(&self, isa: Isa, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+        self.gemm_on(isa, x, 1, y)
+    }
+
+    /// [`Panels::gemm`] with the kernels of `isa`.
+    pub fn gemm_on(&self, isa: Isa, x: &[f32], m: usize, y: &mut [f32]) -> candle_core::Result<()> {
         use rayon::prelude::*;
         if !cpu_has(isa) {
             candle_core::bail!("qgemv: this CPU has no {isa:?}");
         }
-        if x.len() != self.k || y.len() != self.n {
+        let (n, k) = (self.n, self.k);
+        if x.len() != m * k || y.len() != m * n {
             candle_core::bail!(
-                "qgemv: x of {} and y of {} for W [{}, {}]",
+                "qgemv: x of {} and y of {} for {m} rows and W [{n}, {k}]",
                 x.len(),
                 y.len(),
-                self.n,
-                self.k
             );
         }
         // the integer offset `c` of the kernel's unsigned quants (module doc)
@@ -199,40 +209,49 @@ impl Panels {
             (GgmlDType::Q8_0, Isa::Avx512) => 128,
             _ => 0,
         };
-        let xq = Split::new(x, c);
-        let nb = self.k / QK;
-        let pbytes = nb * R * self.t.type_size();
+        let xq: Vec<Split> = x.chunks(k).map(|xi| Split::new(xi, c)).collect();
+        let pbytes = k / QK * R * self.t.type_size();
+        let out = super::packed::Shared(y.as_mut_ptr());
         crate::threads::install(|| {
-            y.par_chunks_mut(TASK_PANELS * R)
-                .zip(self.bytes.par_chunks(TASK_PANELS * pbytes))
-                .for_each(|(ys, ws)| {
-                    for (yp, panel) in ys.chunks_mut(R).zip(ws.chunks(pbytes)) {
-                        let mut out = [0f32; R];
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `cpu_has` checked the features; `panel` holds nb block
-                        // columns of R rows of `t`, and `xq` nb blocks (built from `x` of k).
-                        unsafe {
-                            use x86::{Q4_0, Q4_1, Q8_0};
-                            match (isa, self.t) {
-                                (Isa::Avx512, GgmlDType::Q4_0) => {
-                                    x86::panel_512::<Q4_0>(panel, &xq, &mut out)
+            self.bytes
+                .par_chunks(TASK_PANELS * pbytes)
+                .enumerate()
+                .for_each(|(task, ws)| {
+                    for (pi, panel) in ws.chunks(pbytes).enumerate() {
+                        let r0 = (task * TASK_PANELS + pi) * R;
+                        let rows = R.min(n - r0);
+                        for (i, xi) in xq.iter().enumerate() {
+                            let mut o = [0f32; R];
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: `cpu_has` checked the features; `panel` holds k / 32
+                            // block columns of R rows of `t`, and `xi` k / 32 blocks.
+                            unsafe {
+                                use x86::{Q4_0, Q4_1, Q8_0};
+                                match (isa, self.t) {
+                                    (Isa::Avx512, GgmlDType::Q4_0) => {
+                                        x86::panel_512::<Q4_0>(panel, xi, &mut o)
+                                    }
+                                    (Isa::Avx512, GgmlDType::Q4_1) => {
+                                        x86::panel_512::<Q4_1>(panel, xi, &mut o)
+                                    }
+                                    (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, xi, &mut o),
+                                    (Isa::Avx2, GgmlDType::Q4_0) => {
+                                        x86::panel_256::<Q4_0>(panel, xi, &mut o)
+                                    }
+                                    (Isa::Avx2, GgmlDType::Q4_1) => {
+                                        x86::panel_256::<Q4_1>(panel, xi, &mut o)
+                                    }
+                                    (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, xi, &mut o),
                                 }
-                                (Isa::Avx512, GgmlDType::Q4_1) => {
-                                    x86::panel_512::<Q4_1>(panel, &xq, &mut out)
-                                }
-                                (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, &xq, &mut out),
-                                (Isa::Avx2, GgmlDType::Q4_0) => {
-                                    x86::panel_256::<Q4_0>(panel, &xq, &mut out)
-                                }
-                                (Isa::Avx2, GgmlDType::Q4_1) => {
-                                    x86::panel_256::<Q4_1>(panel, &xq, &mut out)
-                                }
-                                (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, &xq, &mut out),
+                            }
+                            #[cfg(not(target_arch = "x86_64"))]
+                            let _ = (panel, xi);
+                            // SAFETY: y is [m, n]; this task alone writes its rows r0..r0 + rows
+                            // of each output row i.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(o.as_ptr(), out.at(i * n + r0), rows);
                             }
                         }
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let _ = (panel, &xq);
-                        yp.copy_from_slice(&out[..yp.len()]);
                     }
                 });
         });
