@@ -182,7 +182,7 @@ fn quant_forward_matches_dequantize_then_matmul_for_every_type() {
 /// block counts, row counts around the 16-row panels and the 64-row tasks, activation blocks of
 /// zeros and of very different magnitudes (each block has its own 8-bit scale), and offsets
 /// that make Q4_1's `m (sum x)` term large. Bound as [`bound`]'s two-term one. The panels give
-/// back the file's blocks exactly.
+/// back the file's blocks exactly, and dequantize (k-major, for the prefill) to their values.
 #[test]
 fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
     use lqa::model::qgemv::{cpu_has, Isa, Panels};
@@ -214,6 +214,20 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
                     .unwrap()
                     .to_vec1()
                     .unwrap();
+                // the prefill's k-major dequantization: exactly the blocks' values
+                for r0 in [0, 16].into_iter().filter(|&r| r < n) {
+                    let (t, ld) = p.dequantize_rows_t(r0, n).unwrap();
+                    assert_eq!(ld, (n - r0).div_ceil(16) * 16);
+                    for i in 0..n - r0 {
+                        for c in 0..k {
+                            assert_eq!(
+                                t[c * ld + i],
+                                wd[(r0 + i) * k + c],
+                                "{ty:?} row {i} col {c}"
+                            );
+                        }
+                    }
+                }
                 // block 0 zeros, block 1 a hundred times larger than the rest
                 let mut x = lcg(k, 1000 + k as u64);
                 if k >= 96 {

@@ -162,6 +162,29 @@ impl Panels {
         out
     }
 
+    /// Rows `[r0, r1)` (`r0` a multiple of [`R`]) dequantized k-major: returns `(out, ld)`
+    /// with row `r0 + i`, column `c` at `out[c * ld + i]` (`ld`: the rows rounded up to
+    /// whole panels). Exactly the values of the blocks' [`dequantize`].
+    pub fn dequantize_rows_t(
+        &self,
+        r0: usize,
+        r1: usize,
+    ) -> candle_core::Result<(Vec<f32>, usize)> {
+        if !r0.is_multiple_of(R) || r0 > r1 || r1 > self.n || isa().is_none() {
+            candle_core::bail!("panels: rows {r0}..{r1} of [{}, {}]", self.n, self.k);
+        }
+        let (p0, p1) = (r0 / R, r1.div_ceil(R));
+        let ld = (p1 - p0) * R;
+        let mut out = vec![0f32; self.k * ld];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` found AVX2, FMA and F16C; panels p0..p1 exist (r1 <= n), `out` is
+        // k * ld.
+        unsafe {
+            x86::dequantize_panels_t(self.t, &self.bytes, self.k, (p0, p1), &mut out, ld);
+        }
+        Ok((out, ld))
+    }
+
     pub fn dtype(&self) -> GgmlDType {
         self.t
     }
@@ -387,44 +410,129 @@ mod x86 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
     }
 
-    /// Blocks of Q4_0, Q4_1 or Q8_0 to f32 as candle's `to_float` forms them (`(q - 8) d`,
-    /// `q d + m`, `q d`: the same roundings).
+    /// One block of Q4_0, Q4_1 or Q8_0 at `p` to 32 f32 at `o` as candle's `to_float` forms
+    /// them (`(q - 8) d`, `q d + m`, `q d`: the same roundings).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dequantize_block(t: GgmlDType, p: *const u8, o: *mut f32) {
+        let d = _mm256_set1_ps(f16_at(p));
+        let (q0, q1, m) = match t {
+            GgmlDType::Q8_0 => (
+                _mm_loadu_si128(p.add(2) as *const __m128i),
+                _mm_loadu_si128(p.add(18) as *const __m128i),
+                None,
+            ),
+            GgmlDType::Q4_1 => {
+                let (lo, hi) = nibbles::<true>(p.add(4));
+                (lo, hi, Some(_mm256_set1_ps(f16_at(p.add(2)))))
+            }
+            _ => {
+                let (lo, hi) = nibbles::<false>(p.add(2));
+                (lo, hi, None)
+            }
+        };
+        let w = |q: __m128i| {
+            let v = _mm256_mul_ps(f8(q), d);
+            match m {
+                Some(m) => _mm256_add_ps(v, m),
+                None => v,
+            }
+        };
+        _mm256_storeu_ps(o, w(q0));
+        _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(q0, 8)));
+        _mm256_storeu_ps(o.add(16), w(q1));
+        _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(q1, 8)));
+    }
+
+    /// Blocks of Q4_0, Q4_1 or Q8_0 (ggml's layout) to f32, as [`dequantize_block`].
     ///
     /// # Safety
     /// AVX2, FMA and F16C are available; `out` has 32 values per block of `w`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dequantize(t: GgmlDType, w: &[u8], out: &mut [f32]) {
+        for (blk, o) in w.chunks_exact(t.type_size()).zip(out.chunks_exact_mut(QK)) {
+            dequantize_block(t, blk.as_ptr(), o.as_mut_ptr());
+        }
+    }
+
+    /// Panels `p0..p1` of `bytes` (`[n, k]` of type `t`) to f32, k-major: the value of row
+    /// `16 (p - p0) + r`, column `c` at `out[c * ld + 16 (p - p0) + r]` (`ld` at least
+    /// `16 (p1 - p0)`). Lanes are rows, so no byte is gathered: each four-byte group of 8 rows
+    /// gives 8 columns of them. The same roundings as [`dequantize_block`].
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are available; `bytes` holds panels up to `p1`, `out` `k ld` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize_panels_t(
+        t: GgmlDType,
+        bytes: &[u8],
+        k: usize,
+        (p0, p1): (usize, usize),
+        out: &mut [f32],
+        ld: usize,
+    ) {
         let bsize = t.type_size();
-        for (blk, o) in w.chunks_exact(bsize).zip(out.chunks_exact_mut(QK)) {
-            let p = blk.as_ptr();
-            let d = _mm256_set1_ps(f16_at(p));
-            let o = o.as_mut_ptr();
-            let (q0, q1, m) = match t {
-                GgmlDType::Q8_0 => (
-                    _mm_loadu_si128(p.add(2) as *const __m128i),
-                    _mm_loadu_si128(p.add(18) as *const __m128i),
-                    None,
-                ),
-                GgmlDType::Q4_1 => {
-                    let (lo, hi) = nibbles::<true>(p.add(4));
-                    (lo, hi, Some(_mm256_set1_ps(f16_at(p.add(2)))))
+        let hb = super::header_bytes(t);
+        let nb = k / QK;
+        let low = _mm256_set1_epi32(0x0F);
+        let eight = _mm256_set1_epi32(8);
+        let o = out.as_mut_ptr();
+        for p in p0..p1 {
+            for b in 0..nb {
+                let col = bytes.as_ptr().add((p * nb + b) * R * bsize);
+                for h in 0..2 {
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(col.add(16 * h) as *const __m128i));
+                    let m = (hb == 4)
+                        .then(|| _mm256_cvtph_ps(_mm_loadu_si128(col.add(2 * R + 16 * h) as _)));
+                    // the value of 8 rows' integers `q` at column `c`
+                    let put = |q: __m256i, c: usize| {
+                        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+                        let v = match m {
+                            Some(m) => _mm256_add_ps(v, m),
+                            None => v,
+                        };
+                        _mm256_storeu_ps(o.add((b * QK + c) * ld + 16 * (p - p0) + 8 * h), v);
+                    };
+                    for g in 0..(bsize - hb) / 4 {
+                        let v = _mm256_loadu_si256(col.add(hb * R + 64 * g + 32 * h) as _);
+                        macro_rules! byte {
+                            ($j:literal) => {
+                                match t {
+                                    GgmlDType::Q8_0 => put(
+                                        _mm256_srai_epi32::<24>(
+                                            _mm256_slli_epi32::<{ 24 - 8 * $j }>(v),
+                                        ),
+                                        4 * g + $j,
+                                    ),
+                                    _ => {
+                                        let lo = _mm256_and_si256(
+                                            _mm256_srli_epi32::<{ 8 * $j }>(v),
+                                            low,
+                                        );
+                                        let hi = _mm256_and_si256(
+                                            _mm256_srli_epi32::<{ 8 * $j + 4 }>(v),
+                                            low,
+                                        );
+                                        let (lo, hi) = match t {
+                                            GgmlDType::Q4_0 => (
+                                                _mm256_sub_epi32(lo, eight),
+                                                _mm256_sub_epi32(hi, eight),
+                                            ),
+                                            _ => (lo, hi),
+                                        };
+                                        put(lo, 4 * g + $j);
+                                        put(hi, 16 + 4 * g + $j);
+                                    }
+                                }
+                            };
+                        }
+                        byte!(0);
+                        byte!(1);
+                        byte!(2);
+                        byte!(3);
+                    }
                 }
-                _ => {
-                    let (lo, hi) = nibbles::<false>(p.add(2));
-                    (lo, hi, None)
-                }
-            };
-            let w = |q: __m128i| {
-                let v = _mm256_mul_ps(f8(q), d);
-                match m {
-                    Some(m) => _mm256_add_ps(v, m),
-                    None => v,
-                }
-            };
-            _mm256_storeu_ps(o, w(q0));
-            _mm256_storeu_ps(o.add(8), w(_mm_srli_si128(q0, 8)));
-            _mm256_storeu_ps(o.add(16), w(q1));
-            _mm256_storeu_ps(o.add(24), w(_mm_srli_si128(q1, 8)));
+            }
         }
     }
 

@@ -350,6 +350,19 @@ impl QuantWeight {
         }
     }
 
+    /// Rows `[r0, r1)` dequantized for a matmul (`r0` a multiple of 16): `(w, rs, ks)` with row
+    /// `r0 + i`, column `c` at `w[i rs + c ks]`, row-major from blocks, k-major from panels
+    /// (their lanes are rows). The same values either way.
+    fn dequantize_tile(&self, r0: usize, r1: usize) -> Result<(Vec<f32>, usize, usize)> {
+        match &self.store {
+            Store::Panels(p) => {
+                let (w, ld) = p.dequantize_rows_t(r0, r1)?;
+                Ok((w, 1, ld))
+            }
+            Store::Blocks(_) => Ok((self.dequantize_rows(r0, r1)?, self.k, 1)),
+        }
+    }
+
     /// `x @ W^T` for a few rows `x` `[m, k]`, each row a matrix-vector product straight from
     /// the panels, on two 8-bit terms of the row (`super::qgemv`; Q4_0, Q4_1, Q8_0 on AVX2 or
     /// AVX-512 VNNI). Returns `[m, n]`.
@@ -421,11 +434,11 @@ impl QuantWeight {
         crate::threads::install(|| {
             (0..tasks).into_par_iter().try_for_each(|t| -> Result<()> {
                 let (r0, r1) = (t * FWD_ROWS, ((t + 1) * FWD_ROWS).min(n));
-                // [r1 - r0, k]
-                let wc = self.dequantize_rows(r0, r1)?;
+                // rows r0..r1 of W, row i column c at wc[i rs + c ks]
+                let (wc, rs, ks) = self.dequantize_tile(r0, r1)?;
                 // SAFETY: x is [m, k] row-major, wc^T [k, r1 - r0] is read through wc's
-                // [r1 - r0, k] row-major layout, y is [m, n] row-major and this task writes
-                // only its columns r0..r1.
+                // strides (rs, ks), y is [m, n] row-major and this task writes only its
+                // columns r0..r1.
                 unsafe {
                     gemm::gemm(
                         m,
@@ -439,8 +452,8 @@ impl QuantWeight {
                         1,
                         k as isize,
                         wc.as_ptr(),
-                        k as isize,
-                        1,
+                        rs as isize,
+                        ks as isize,
                         0.0,
                         1.0,
                         false,
@@ -525,10 +538,11 @@ impl CustomOp1 for QuantMatmulGrad {
         let mut r0 = 0;
         while r0 < n {
             let r1 = (r0 + GRAD_ROWS).min(n);
-            // [r1 - r0, k]
-            let wc = w.dequantize_rows(r0, r1)?;
+            // rows r0..r1 of W, row i column c at wc[i rs + c ks]
+            let (wc, rs, ks) = w.dequantize_tile(r0, r1)?;
             // SAFETY: dy is [m, n] row-major (columns r0..r1 read), wc is [r1 - r0, k]
-            // row-major, dx is [m, k] row-major; dx = 1 * dx + 1 * dy[:, r0..r1] @ wc.
+            // through its strides (rs, ks), dx is [m, k] row-major;
+            // dx = 1 * dx + 1 * dy[:, r0..r1] @ wc.
             unsafe {
                 gemm::gemm(
                     m,
@@ -542,8 +556,8 @@ impl CustomOp1 for QuantMatmulGrad {
                     1,
                     n as isize,
                     wc.as_ptr(),
-                    1,
-                    k as isize,
+                    ks as isize,
+                    rs as isize,
                     1.0,
                     1.0,
                     false,
