@@ -458,7 +458,7 @@ impl Linear {
 
     /// `x @ W^T + b (+ LoRA)` for `x` of shape `[..., in]`, inference (no dropout).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_t(x, None)
+        self.forward_t(x, None, true)
     }
 
     /// The same with LoRA dropout when `dropout` is given (training).
@@ -469,6 +469,7 @@ impl Linear {
         l: &LoraWeights,
         x2: &Tensor,
         dropout: Option<Dropout>,
+        grad: bool,
     ) -> Result<(Tensor, Tensor)> {
         let xin = match dropout {
             Some(d) if l.dropout > 0.0 => {
@@ -477,8 +478,13 @@ impl Linear {
             }
             _ => x2.clone(),
         };
-        let a = l.a.as_tensor().to_dtype(x2.dtype())?;
-        let b = l.b.as_tensor().to_dtype(x2.dtype())?;
+        // without `grad` (reading, generating) the factors are constants: nothing of the
+        // forward is kept for a backward
+        let (a, b) = match grad {
+            true => (l.a.as_tensor().clone(), l.b.as_tensor().clone()),
+            false => (l.a.as_tensor().detach(), l.b.as_tensor().detach()),
+        };
+        let (a, b) = (a.to_dtype(x2.dtype())?, b.to_dtype(x2.dtype())?);
         Ok((xin.matmul(&a.t()?)?, (b * l.scale)?))
     }
 
@@ -508,7 +514,9 @@ impl Linear {
         })
     }
 
-    pub fn forward_t(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+    /// `x W^T (+ bias) (+ the adapter)`, with LoRA dropout when `dropout` is given; `grad`:
+    /// track the adapter's factors for a backward (training), else they are constants.
+    pub fn forward_t(&self, x: &Tensor, dropout: Option<Dropout>, grad: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
@@ -520,7 +528,7 @@ impl Linear {
         let mut y = match (self.frozen_op(&x2)?, &self.lora) {
             // with an adapter, `W x + h (s B)^T` as one op (see LoraLinear)
             (Some(base), Some(l)) => {
-                let (h, bs) = self.lora_factors(l, &x2, dropout)?;
+                let (h, bs) = self.lora_factors(l, &x2, dropout, grad)?;
                 let mut y = x2.contiguous()?.apply_op3(
                     &h.contiguous()?,
                     &bs.contiguous()?,
@@ -538,7 +546,7 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = &self.lora {
-            let (h, bs) = self.lora_factors(l, &x2, dropout)?;
+            let (h, bs) = self.lora_factors(l, &x2, dropout, grad)?;
             y = (y + h.matmul(&bs.t()?)?)?;
         }
         y.reshape(out_dims)

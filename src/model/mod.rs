@@ -222,12 +222,21 @@ impl Attention {
                 .reshape((b, s, heads * hd))?),
             }
         };
-        let q = head_norm(self.q.forward(x)?, &self.q_norm, nh)?;
-        let k = head_norm(self.k.forward(x)?, &self.k_norm, nkv)?;
+        let q = head_norm(
+            self.q.forward_t(x, None, ctx.differentiable)?,
+            &self.q_norm,
+            nh,
+        )?;
+        let k = head_norm(
+            self.k.forward_t(x, None, ctx.differentiable)?,
+            &self.k_norm,
+            nkv,
+        )?;
         // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
         let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
         let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
-        let v = ops::split_heads(&self.v.forward(x)?, nkv, None, ctx.differentiable)?;
+        let v = self.v.forward_t(x, None, ctx.differentiable)?;
+        let v = ops::split_heads(&v, nkv, None, ctx.differentiable)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
             None => (k, v),
@@ -267,20 +276,20 @@ impl Attention {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        Ok(self.o.forward_t(&y, ctx.dropout)?)
+        Ok(self.o.forward_t(&y, ctx.dropout, ctx.differentiable)?)
     }
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
-        let g = self.gate.forward_t(x, dropout)?;
-        let u = self.up.forward_t(x, dropout)?;
+    fn forward(&self, x: &Tensor, dropout: Option<Dropout>, grad: bool) -> Result<Tensor> {
+        let g = self.gate.forward_t(x, dropout, grad)?;
+        let u = self.up.forward_t(x, dropout, grad)?;
         let h = match self.act {
             Activation::Silu => ops::silu_mul(&g, &u)?,
             Activation::GeluTanh => (g.gelu()? * u)?,
             Activation::Gelu => (g.gelu_erf()? * u)?,
         };
-        Ok(self.down.forward_t(&h, dropout)?)
+        Ok(self.down.forward_t(&h, dropout, grad)?)
     }
 }
 
@@ -897,7 +906,7 @@ impl Model {
                 (&resid_pre + attn_out)?,
             )?;
             let h = ops::rms_norm(&resid_mid, &blk.mlp_norm, ctx.eps, ctx.differentiable)?;
-            let m = blk.mlp.forward(&h, ctx.dropout)?;
+            let m = blk.mlp.forward(&h, ctx.dropout, ctx.differentiable)?;
             let m = match &blk.post_mlp_norm {
                 Some(w) => ops::rms_norm(&m, w, ctx.eps, ctx.differentiable)?,
                 None => m,
@@ -918,10 +927,14 @@ impl Model {
         let h = hook(HookPoint::FinalNorm, h)?;
         let logits = match &input.logits {
             Logits::None => None,
-            Logits::All => Some(self.lm_head.forward(&h)?),
+            Logits::All => Some(self.lm_head.forward_t(&h, None, ctx.differentiable)?),
             Logits::Last => {
                 let last = h.narrow(1, s - 1, 1)?;
-                Some(self.lm_head.forward(&last)?.squeeze(1)?)
+                Some(
+                    self.lm_head
+                        .forward_t(&last, None, ctx.differentiable)?
+                        .squeeze(1)?,
+                )
             }
             Logits::At(cols) => {
                 if cols.len() != b {
@@ -948,7 +961,7 @@ impl Model {
                 )?;
                 let d = h.dim(D::Minus1)?;
                 let sel = h.reshape((b * s, d))?.index_select(&idx, 0)?;
-                Some(self.lm_head.forward(&sel)?)
+                Some(self.lm_head.forward_t(&sel, None, ctx.differentiable)?)
             }
         };
         let logits = match logits {
