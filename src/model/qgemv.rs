@@ -90,8 +90,18 @@ pub fn cpu_has(isa: Isa) -> bool {
     }
 }
 
-/// Panels of a task (64 rows).
+/// Panels of a task at most (64 rows): fewer where that splits a weight's panels evenly
+/// over the threads (see [`task_panels`]).
 const TASK_PANELS: usize = 4;
+
+/// Panels per parallel task for `panels` panels: about four tasks per thread, and never a
+/// last round where only some threads work (a [192, 576] projection is 12 panels: 3 tasks of 4
+/// on 2 threads leave one idle half the time; 6 of 2 do not; the default model's decode moved
+/// within the noise).
+fn task_panels(panels: usize) -> usize {
+    let tasks = crate::threads::num_threads().max(1) * 4;
+    panels.div_ceil(tasks).clamp(1, TASK_PANELS)
+}
 
 /// A weight `[n, k]` of Q4_0, Q4_1 or Q8_0 repacked into panels of [`R`] rows (module doc).
 /// Rows past `n` in the last panel are zero blocks.
@@ -235,48 +245,50 @@ impl Panels {
         let xq: Vec<Split> = x.chunks(k).map(|xi| Split::new(xi, c)).collect();
         let pbytes = k / QK * R * self.t.type_size();
         let out = super::packed::Shared(y.as_mut_ptr());
-        crate::threads::install(|| {
-            self.bytes
-                .par_chunks(TASK_PANELS * pbytes)
-                .enumerate()
-                .for_each(|(task, ws)| {
-                    for (pi, panel) in ws.chunks(pbytes).enumerate() {
-                        let r0 = (task * TASK_PANELS + pi) * R;
-                        let rows = R.min(n - r0);
-                        for (i, xi) in xq.iter().enumerate() {
-                            let mut o = [0f32; R];
-                            #[cfg(target_arch = "x86_64")]
-                            // SAFETY: `cpu_has` checked the features; `panel` holds k / 32
-                            // block columns of R rows of `t`, and `xi` k / 32 blocks.
-                            unsafe {
-                                use x86::{Q4_0, Q4_1, Q8_0};
-                                match (isa, self.t) {
-                                    (Isa::Avx512, GgmlDType::Q4_0) => {
-                                        x86::panel_512::<Q4_0>(panel, xi, &mut o)
-                                    }
-                                    (Isa::Avx512, GgmlDType::Q4_1) => {
-                                        x86::panel_512::<Q4_1>(panel, xi, &mut o)
-                                    }
-                                    (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, xi, &mut o),
-                                    (Isa::Avx2, GgmlDType::Q4_0) => {
-                                        x86::panel_256::<Q4_0>(panel, xi, &mut o)
-                                    }
-                                    (Isa::Avx2, GgmlDType::Q4_1) => {
-                                        x86::panel_256::<Q4_1>(panel, xi, &mut o)
-                                    }
-                                    (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, xi, &mut o),
-                                }
+        let tp = task_panels(n.div_ceil(R));
+        let task = |(task, ws): (usize, &[u8])| {
+            for (pi, panel) in ws.chunks(pbytes).enumerate() {
+                let r0 = (task * tp + pi) * R;
+                let rows = R.min(n - r0);
+                for (i, xi) in xq.iter().enumerate() {
+                    let mut o = [0f32; R];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `cpu_has` checked the features; `panel` holds k / 32 block
+                    // columns of R rows of `t`, and `xi` k / 32 blocks.
+                    unsafe {
+                        use x86::{Q4_0, Q4_1, Q8_0};
+                        match (isa, self.t) {
+                            (Isa::Avx512, GgmlDType::Q4_0) => {
+                                x86::panel_512::<Q4_0>(panel, xi, &mut o)
                             }
-                            #[cfg(not(target_arch = "x86_64"))]
-                            let _ = (panel, xi);
-                            // SAFETY: y is [m, n]; this task alone writes its rows r0..r0 + rows
-                            // of each output row i.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(o.as_ptr(), out.at(i * n + r0), rows);
+                            (Isa::Avx512, GgmlDType::Q4_1) => {
+                                x86::panel_512::<Q4_1>(panel, xi, &mut o)
                             }
+                            (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, xi, &mut o),
+                            (Isa::Avx2, GgmlDType::Q4_0) => {
+                                x86::panel_256::<Q4_0>(panel, xi, &mut o)
+                            }
+                            (Isa::Avx2, GgmlDType::Q4_1) => {
+                                x86::panel_256::<Q4_1>(panel, xi, &mut o)
+                            }
+                            (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, xi, &mut o),
                         }
                     }
-                });
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (panel, xi);
+                    // SAFETY: y is [m, n]; this task alone writes its rows r0..r0 + rows of
+                    // each output row i.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(o.as_ptr(), out.at(i * n + r0), rows);
+                    }
+                }
+            }
+        };
+        crate::threads::install(|| {
+            self.bytes
+                .par_chunks(tp * pbytes)
+                .enumerate()
+                .for_each(task);
         });
         Ok(())
     }
