@@ -190,6 +190,32 @@ impl QuantWeight {
         Self::keep(q, n, k)
     }
 
+    /// A weight `[n, k]` of type `ty` from ggml's row-major blocks (a GGUF tensor's bytes, e.g.
+    /// memory-mapped), row `i` taken from row `from[i]` when given: packed straight into panels
+    /// where lqa's kernels run the type, else copied into a `QTensor`.
+    pub fn from_blocks(
+        ty: GgmlDType,
+        blocks: &[u8],
+        (n, k): (usize, usize),
+        from: Option<&[usize]>,
+        name: &str,
+    ) -> Result<Self> {
+        if super::qgemv::supported(ty) {
+            let p = Panels::pack_rows(ty, blocks, n, k, from)
+                .map_err(|e| candle_core::Error::Msg(format!("tensor `{name}`: {e}")))?;
+            return Ok(QuantWeight {
+                store: Store::Panels(Arc::new(p)),
+                n,
+                k,
+            });
+        }
+        let w = Self::new(Self::from_bytes(blocks, ty, n, k)?, name)?;
+        match from {
+            Some(f) => w.permute_rows(f),
+            None => Ok(w),
+        }
+    }
+
     /// Keep `q`'s blocks: as panels where lqa's kernels run this type, else as they are.
     fn keep(q: QTensor, n: usize, k: usize) -> Result<Self> {
         let store = if super::qgemv::supported(q.dtype()) {

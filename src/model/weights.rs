@@ -195,6 +195,9 @@ fn check_shape(src: &dyn WeightSource, name: &str, t: &Tensor, shape: &[usize]) 
 pub struct GgufWeights {
     path: PathBuf,
     reader: BufReader<File>,
+    /// The file memory-mapped (where the OS allows), so that `native` block weights are
+    /// repacked straight from the page cache: one pass instead of read, copy and repack.
+    map: Option<memmap2::Mmap>,
     pub content: gguf_file::Content,
     n_heads: usize,
     n_kv_heads: usize,
@@ -207,12 +210,16 @@ impl GgufWeights {
     pub fn open(path: &Path) -> Result<Self> {
         crate::sources::gguf_check::validate(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is only read; a concurrent writer is the user's responsibility, as
+        // with every mmap-based loader (safetensors too).
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| Error::bad_file(path, format!("not a readable GGUF file: {e}")))?;
         Ok(GgufWeights {
             path: path.to_path_buf(),
             reader,
+            map,
             content,
             n_heads: 0,
             n_kv_heads: 0,
@@ -335,22 +342,58 @@ impl WeightSource for GgufWeights {
                 ),
             ));
         }
+        // llama.cpp's q/k row permutation, undone on whole rows of blocks
+        let heads = if !self.family.gguf_permutes_qk() {
+            None
+        } else if gname.ends_with("attn_q.weight") {
+            Some(self.n_heads)
+        } else if gname.ends_with("attn_k.weight") {
+            Some(self.n_kv_heads)
+        } else {
+            None
+        };
+        let bad =
+            |e: candle_core::Error| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}"));
+        if let (Some(map), true) = (&self.map, super::qgemv::supported(ty)) {
+            let (n, k) = info.shape.dims2().map_err(bad)?;
+            let bs = ty.block_size();
+            let start = self.content.tensor_data_offset.saturating_add(info.offset);
+            let size = (n * k / bs * ty.type_size()) as u64;
+            if !k.is_multiple_of(bs) || start.saturating_add(size) > map.len() as u64 {
+                return Err(Error::bad_file(
+                    &self.path,
+                    format!(
+                        "tensor `{gname}` [{n}, {k}] of {} needs {size} bytes at offset {start},                          past the end of the file ({} bytes)",
+                        quant::type_name(ty),
+                        map.len()
+                    ),
+                ));
+            }
+            let (start, size) = (start as usize, size as usize);
+            let from = heads.map(|h| unpermute_index(n, h));
+            let w = QuantWeight::from_blocks(
+                ty,
+                &map[start..start + size],
+                (n, k),
+                from.as_deref(),
+                &gname,
+            )
+            .map_err(|e| Error::bad_file(&self.path, e))?;
+            // the packed copy is all that is kept: hand the file's pages back, so that they
+            // do not count in the process's RSS (the page cache keeps them for the OS)
+            // SAFETY: no borrow of the mapping outlives `from_blocks`.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, size)
+            };
+            return Ok(Some(LinearWeight::Quant(w)));
+        }
         let q = self
             .content
             .tensor(&mut self.reader, &gname, &Device::Cpu)
-            .map_err(|e| Error::bad_file(&self.path, format!("tensor `{gname}`: {e}")))?;
+            .map_err(bad)?;
         let mut w = QuantWeight::new(q, &gname).map_err(|e| Error::bad_file(&self.path, e))?;
-        if self.family.gguf_permutes_qk() {
-            let heads = if gname.ends_with("attn_q.weight") {
-                Some(self.n_heads)
-            } else if gname.ends_with("attn_k.weight") {
-                Some(self.n_kv_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
-                w = w.permute_rows(&unpermute_index(w.n(), h))?;
-            }
+        if let Some(h) = heads {
+            w = w.permute_rows(&unpermute_index(w.n(), h))?;
         }
         Ok(Some(LinearWeight::Quant(w)))
     }
