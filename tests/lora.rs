@@ -336,22 +336,8 @@ fn adapter_is_tracked_only_in_differentiable_forwards() {
         "a differentiable forward tracks the adapter"
     );
     assert!(!read.track_op(), "a reading forward keeps no graph");
-    let d = (train - &read)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let base_d = (logits(&base, false) - &read)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&train, &read);
+    let base_d = max_abs_diff(&logits(&base, false), &read);
     assert!(d < 1e-4, "{d}");
     assert!(base_d > 1e-3, "the adapter changes the logits: {base_d}");
 }
