@@ -58,9 +58,15 @@ def run(cmd, env=None, what=""):
     return p.stdout
 
 
+# What forces PyTorch's own kernels to AVX2 (`--isa avx2`): ATen's dispatch, oneDNN and MKL.
+PYTORCH_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def pytorch_round(args, benches, out):
+    env = dict(os.environ, **(PYTORCH_AVX2 if args.isa == "avx2" else {}))
     run([args.python, args.timing, "--bench", *benches, "--runs", str(args.runs),
-         "--out", out, "--model-dir", args.model_dir], what="timing.py")
+         "--out", out, "--model-dir", args.model_dir], env=env, what="timing.py")
     with open(out) as f:
         rows = json.load(f)["results"]
     got = {}
@@ -104,7 +110,9 @@ def main():
     ap.add_argument("--model-dir", default=os.environ.get("LQA_MODEL_DIR", "/tmp/lqa-models"))
     ap.add_argument("--weights", default=None, help="lqa's `weights` load option (model bench)")
     ap.add_argument("--isa", default=None, choices=["avx2"],
-                    help="LQA_ISA for lqa: avx2 runs lqa's own kernels with AVX2 on an AVX-512 CPU")
+                    help="avx2: lqa's own kernels (LQA_ISA) and PyTorch's (ATen, oneDNN, MKL) on "
+                         "AVX2 on an AVX-512 CPU, as on AVX2-only machines (candle's other products "
+                         "keep AVX-512)")
     ap.add_argument("--out", default=None, help="write every round's figures here (JSON)")
     args = ap.parse_args()
     if args.runs < 5:
@@ -113,7 +121,7 @@ def main():
         if not os.path.exists(path):
             sys.exit(f"{what}: {path} does not exist (see ../shared/reference/README.md)")
 
-    kind = cpu_kind() + (f"; lqa's kernels forced to {args.isa}" if args.isa else "")
+    kind = cpu_kind() + (f"; lqa's and PyTorch's kernels forced to {args.isa}" if args.isa else "")
     print(f"CPU: {kind}")
     print("building the benches ...", flush=True)
     for b in sorted({LQA_BENCH[b] for b in args.bench}):
