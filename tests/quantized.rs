@@ -276,6 +276,69 @@ fn qgemv_matches_dequantized_product_on_every_isa_and_tail() {
     }
 }
 
+/// Several weights of one input in one product (`gemm_many`: a layer's q, k and v), of mixed
+/// types (so the row is split for each integer offset) and sizes: every output exactly as the
+/// weight's own product; and `Linear::forward_many` equals each `forward` on the default
+/// model's native q, k and v, and declines where a weight carries an adapter.
+#[test]
+fn gemm_many_equals_each_product() {
+    use lqa::model::qgemv::{cpu_has, gemm_many_on, Isa, Panels};
+    let k = 96;
+    let shapes = [
+        (GgmlDType::Q4_0, 33),
+        (GgmlDType::Q8_0, 16),
+        (GgmlDType::Q4_1, 70),
+    ];
+    let panels: Vec<Panels> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(ty, n))| {
+            let w = Tensor::from_vec(lcg(n * k, 40 + i as u64), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, ty).unwrap();
+            Panels::pack(ty, &q.data().unwrap(), n, k).unwrap()
+        })
+        .collect();
+    let m = 3;
+    let x = lcg(m * k, 9);
+    for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| cpu_has(i)) {
+        let mut ys: Vec<Vec<f32>> = shapes.iter().map(|&(_, n)| vec![f32::NAN; m * n]).collect();
+        let refs: Vec<&Panels> = panels.iter().collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        gemm_many_on(isa, &refs, &x, m, &mut outs).unwrap();
+        for (p, y) in panels.iter().zip(&ys) {
+            let mut want = vec![0f32; y.len()];
+            p.gemm_on(isa, &x, m, &mut want).unwrap();
+            assert_eq!(y, &want, "{isa:?} {:?}", p.dtype());
+        }
+    }
+    // through the model's linears
+    let q = &native().model;
+    let lin = |p: &str| {
+        q.linear(&format!("model.layers.3.self_attn.{p}_proj"))
+            .unwrap()
+    };
+    let (lq, lk, lv) = (lin("q"), lin("k"), lin("v"));
+    let x = Tensor::from_vec(lcg(2 * 576, 5), (1, 2, 576), &Device::Cpu).unwrap();
+    if lq.quant().is_some_and(|w| w.is_panels()) {
+        let [a, b, c] = Linear::forward_many([lq, lk, lv], &x)
+            .unwrap()
+            .expect("fused");
+        for (got, l) in [(a, lq), (b, lk), (c, lv)] {
+            assert_eq!(max_abs(&(got - l.forward(&x).unwrap()).unwrap()), 0.0);
+        }
+    }
+    let mut with_lora = lq.clone();
+    with_lora.lora = Some(Arc::new(LoraWeights {
+        a: Var::zeros((8, 576), DType::F32, &Device::Cpu).unwrap(),
+        b: Var::zeros((lq.out_features(), 8), DType::F32, &Device::Cpu).unwrap(),
+        scale: 2.0,
+        dropout: 0.0,
+    }));
+    assert!(Linear::forward_many([&with_lora, lk], &x)
+        .unwrap()
+        .is_none());
+}
+
 /// The input gradient of a quantized frozen weight is exactly `dy @ dequant(W)` (no
 /// activation quantization in the backward), across the backward's 256-row chunks.
 #[test]

@@ -514,6 +514,60 @@ impl Linear {
         })
     }
 
+    /// Several linears of one input (a layer's q, k and v; gate and up) in one product, where
+    /// that is lqa's panel kernels on every one (quantized weights, no adapter, decoding: up to
+    /// `PANEL_MAX_ROWS` rows, nothing to differentiate): one hand-off to the threads instead of
+    /// one per weight. `None` where it is not: the caller runs each `forward_t`.
+    pub fn forward_many<const N: usize>(
+        ls: [&Linear; N],
+        x: &Tensor,
+    ) -> Result<Option<[Tensor; N]>> {
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        if x.dtype() != DType::F32
+            || !x.device().is_cpu()
+            || x.track_op()
+            || rows == 0
+            || rows > quant::PANEL_MAX_ROWS
+        {
+            return Ok(None);
+        }
+        let mut panels = Vec::with_capacity(N);
+        for l in ls {
+            match (&l.w, &l.lora) {
+                (Stored::Quant(q), None) if q.k() == k => match q.panels() {
+                    Some(p) => panels.push(p),
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            }
+        }
+        let x2 = x.reshape((rows, k))?.contiguous()?;
+        let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+        let mut ys: Vec<Vec<f32>> = ls
+            .iter()
+            .map(|l| vec![0f32; rows * l.out_features()])
+            .collect();
+        {
+            let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+            super::qgemv::gemm_many(&panels, &xs, rows, &mut outs)?;
+        }
+        let mut out = Vec::with_capacity(N);
+        for (l, y) in ls.iter().zip(ys) {
+            let mut od = dims.clone();
+            if let Some(last) = od.last_mut() {
+                *last = l.out_features();
+            }
+            let mut t = Tensor::from_vec(y, od, x.device())?;
+            if let Some(b) = &l.bias {
+                t = t.broadcast_add(b)?;
+            }
+            out.push(t);
+        }
+        Ok(out.try_into().ok())
+    }
+
     /// `x W^T (+ bias) (+ the adapter)`, with LoRA dropout when `dropout` is given; `grad`:
     /// track the adapter's factors for a backward (training), else they are constants.
     pub fn forward_t(&self, x: &Tensor, dropout: Option<Dropout>, grad: bool) -> Result<Tensor> {

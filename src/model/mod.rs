@@ -222,20 +222,20 @@ impl Attention {
                 .reshape((b, s, heads * hd))?),
             }
         };
-        let q = head_norm(
-            self.q.forward_t(x, None, ctx.differentiable)?,
-            &self.q_norm,
-            nh,
-        )?;
-        let k = head_norm(
-            self.k.forward_t(x, None, ctx.differentiable)?,
-            &self.k_norm,
-            nkv,
-        )?;
+        // [b, s, heads*hd] each: q, k, v in one product where the weights allow
+        let (q, k, v) = match Linear::forward_many([&self.q, &self.k, &self.v], x)? {
+            Some([q, k, v]) => (q, k, v),
+            None => (
+                self.q.forward_t(x, None, ctx.differentiable)?,
+                self.k.forward_t(x, None, ctx.differentiable)?,
+                self.v.forward_t(x, None, ctx.differentiable)?,
+            ),
+        };
+        let q = head_norm(q, &self.q_norm, nh)?;
+        let k = head_norm(k, &self.k_norm, nkv)?;
         // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
         let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
         let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
-        let v = self.v.forward_t(x, None, ctx.differentiable)?;
         let v = ops::split_heads(&v, nkv, None, ctx.differentiable)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
@@ -282,8 +282,13 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, dropout: Option<Dropout>, grad: bool) -> Result<Tensor> {
-        let g = self.gate.forward_t(x, dropout, grad)?;
-        let u = self.up.forward_t(x, dropout, grad)?;
+        let (g, u) = match Linear::forward_many([&self.gate, &self.up], x)? {
+            Some([g, u]) => (g, u),
+            None => (
+                self.gate.forward_t(x, dropout, grad)?,
+                self.up.forward_t(x, dropout, grad)?,
+            ),
+        };
         let h = match self.act {
             Activation::Silu => ops::silu_mul(&g, &u)?,
             Activation::GeluTanh => (g.gelu()? * u)?,

@@ -250,74 +250,131 @@ impl Panels {
 
     /// [`Panels::gemm`] with the kernels of `isa`.
     pub fn gemm_on(&self, isa: Isa, x: &[f32], m: usize, y: &mut [f32]) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        if !cpu_has(isa) {
-            candle_core::bail!("qgemv: this CPU has no {isa:?}");
-        }
-        let (n, k) = (self.n, self.k);
-        if x.len() != m * k || y.len() != m * n {
-            candle_core::bail!(
-                "qgemv: x of {} and y of {} for {m} rows and W [{n}, {k}]",
-                x.len(),
-                y.len(),
-            );
-        }
-        // the integer offset `c` of the kernel's unsigned quants (module doc)
-        let c = match (self.t, isa) {
+        gemm_many_on(isa, &[self], x, m, &mut [y])
+    }
+
+    /// The integer offset `c` of the kernels' unsigned quants for this type (module doc).
+    fn offset(&self, isa: Isa) -> i32 {
+        match (self.t, isa) {
             (GgmlDType::Q4_0, _) => 8,
             (GgmlDType::Q8_0, Isa::Avx512) => 128,
             _ => 0,
-        };
-        let xq: Vec<Split> = x.chunks(k).map(|xi| Split::new(xi, c)).collect();
-        let pbytes = k / QK * R * self.t.type_size();
-        let out = super::packed::Shared(y.as_mut_ptr());
-        let tp = task_panels(n.div_ceil(R));
-        let task = |(task, ws): (usize, &[u8])| {
-            for (pi, panel) in ws.chunks(pbytes).enumerate() {
-                let r0 = (task * tp + pi) * R;
-                let rows = R.min(n - r0);
-                for (i, xi) in xq.iter().enumerate() {
-                    let mut o = [0f32; R];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `cpu_has` checked the features; `panel` holds k / 32 block
-                    // columns of R rows of `t`, and `xi` k / 32 blocks.
-                    unsafe {
-                        use x86::{Q4_0, Q4_1, Q8_0};
-                        match (isa, self.t) {
-                            (Isa::Avx512, GgmlDType::Q4_0) => {
-                                x86::panel_512::<Q4_0>(panel, xi, &mut o)
-                            }
-                            (Isa::Avx512, GgmlDType::Q4_1) => {
-                                x86::panel_512::<Q4_1>(panel, xi, &mut o)
-                            }
-                            (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, xi, &mut o),
-                            (Isa::Avx2, GgmlDType::Q4_0) => {
-                                x86::panel_256::<Q4_0>(panel, xi, &mut o)
-                            }
-                            (Isa::Avx2, GgmlDType::Q4_1) => {
-                                x86::panel_256::<Q4_1>(panel, xi, &mut o)
-                            }
-                            (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, xi, &mut o),
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let _ = (panel, xi);
-                    // SAFETY: y is [m, n]; this task alone writes its rows r0..r0 + rows of
-                    // each output row i.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(o.as_ptr(), out.at(i * n + r0), rows);
-                    }
+        }
+    }
+
+    /// One panel `panel` (index `p`) against the rows `xq`, into `out` (`[m, n]`).
+    ///
+    /// # Safety
+    /// `cpu_has(isa)`; `xq` was split from rows of `k` values with this type's offset; `out`
+    /// points at `m n` values of which this call alone writes panel `p`'s rows.
+    unsafe fn panel_rows(&self, isa: Isa, p: usize, xq: &[Split], out: super::packed::Shared) {
+        let pbytes = self.k / QK * R * self.t.type_size();
+        let panel = &self.bytes[p * pbytes..(p + 1) * pbytes];
+        let r0 = p * R;
+        let rows = R.min(self.n - r0);
+        for (i, xi) in xq.iter().enumerate() {
+            let mut o = [0f32; R];
+            #[cfg(target_arch = "x86_64")]
+            {
+                use x86::{Q4_0, Q4_1, Q8_0};
+                match (isa, self.t) {
+                    (Isa::Avx512, GgmlDType::Q4_0) => x86::panel_512::<Q4_0>(panel, xi, &mut o),
+                    (Isa::Avx512, GgmlDType::Q4_1) => x86::panel_512::<Q4_1>(panel, xi, &mut o),
+                    (Isa::Avx512, _) => x86::panel_512::<Q8_0>(panel, xi, &mut o),
+                    (Isa::Avx2, GgmlDType::Q4_0) => x86::panel_256::<Q4_0>(panel, xi, &mut o),
+                    (Isa::Avx2, GgmlDType::Q4_1) => x86::panel_256::<Q4_1>(panel, xi, &mut o),
+                    (Isa::Avx2, _) => x86::panel_256::<Q8_0>(panel, xi, &mut o),
                 }
             }
-        };
-        crate::threads::install(|| {
-            self.bytes
-                .par_chunks(tp * pbytes)
-                .enumerate()
-                .for_each(task);
-        });
-        Ok(())
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (panel, xi, isa);
+            std::ptr::copy_nonoverlapping(o.as_ptr(), out.at(i * self.n + r0), rows);
+        }
     }
+}
+
+/// `ys[w] = x W_w^T` for several weights with the same input (a layer's q, k and v), `x`
+/// `[m, k]`, `ys[w]` `[m, n_w]`: one parallel region for all of them (decoding runs hundreds
+/// of these products per token, and every region is a hand-off between threads), the
+/// activation split once per integer offset.
+pub fn gemm_many(
+    ws: &[&Panels],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+) -> candle_core::Result<()> {
+    match isa() {
+        Some(isa) => gemm_many_on(isa, ws, x, m, ys),
+        None => candle_core::bail!("qgemv: no kernel on this CPU"),
+    }
+}
+
+/// [`gemm_many`] with the kernels of `isa`.
+pub fn gemm_many_on(
+    isa: Isa,
+    ws: &[&Panels],
+    x: &[f32],
+    m: usize,
+    ys: &mut [&mut [f32]],
+) -> candle_core::Result<()> {
+    use rayon::prelude::*;
+    if !cpu_has(isa) {
+        candle_core::bail!("qgemv: this CPU has no {isa:?}");
+    }
+    let Some(k) = ws.first().map(|w| w.k) else {
+        return Ok(());
+    };
+    if ws.len() != ys.len() {
+        candle_core::bail!("qgemv: {} weights but {} outputs", ws.len(), ys.len());
+    }
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        if w.k != k || x.len() != m * k || y.len() != m * w.n {
+            candle_core::bail!(
+                "qgemv: x of {} and y of {} for {m} rows and W [{}, {}]",
+                x.len(),
+                y.len(),
+                w.n,
+                w.k
+            );
+        }
+    }
+    // the rows split once per integer offset the weights need
+    let mut splits: Vec<(i32, Vec<Split>)> = Vec::new();
+    for w in ws {
+        let c = w.offset(isa);
+        if !splits.iter().any(|(sc, _)| *sc == c) {
+            splits.push((c, x.chunks(k).map(|xi| Split::new(xi, c)).collect()));
+        }
+    }
+    let outs: Vec<super::packed::Shared> = ys
+        .iter_mut()
+        .map(|y| super::packed::Shared(y.as_mut_ptr()))
+        .collect();
+    // every weight's tasks: (weight, first panel, panels)
+    let mut tasks = Vec::new();
+    for (wi, w) in ws.iter().enumerate() {
+        let panels = w.n.div_ceil(R);
+        let tp = task_panels(panels);
+        tasks.extend((0..panels).step_by(tp).map(|p| (wi, p, tp.min(panels - p))));
+    }
+    crate::threads::install(|| {
+        tasks.par_iter().for_each(|&(wi, p0, np)| {
+            let w = ws[wi];
+            let c = w.offset(isa);
+            let xq = &splits
+                .iter()
+                .find(|(sc, _)| *sc == c)
+                .expect("split above")
+                .1;
+            for p in p0..p0 + np {
+                // SAFETY: `cpu_has` checked the features; `xq` was split from x's rows of k
+                // with w's offset; outs[wi] is w's [m, n] output, and panel p belongs to this
+                // task alone.
+                unsafe { w.panel_rows(isa, p, xq, outs[wi]) };
+            }
+        });
+    });
+    Ok(())
 }
 
 /// `v` to the nearest integer, halves away from zero (`f32::round` is a libm call).
