@@ -94,9 +94,9 @@ pub fn cpu_has(isa: Isa) -> bool {
 /// over the threads (see [`task_panels`]).
 const TASK_PANELS: usize = 4;
 
-/// Panels per parallel task for `panels` panels: about four tasks per thread, and never a
-/// last round where only some threads work (a [192, 576] projection is 12 panels: 3 tasks of 4
-/// on 2 threads leave one idle half the time; 6 of 2 do not; the default model's decode moved
+/// Panels per parallel task for `panels` panels: about four tasks per thread, so that few
+/// threads idle in the last round (a [192, 576] projection is 12 panels: 3 tasks of 4 on 2
+/// threads leave one idle half the time; 6 of 2 do not; the default model's decode moved
 /// within the noise).
 fn task_panels(panels: usize) -> usize {
     let tasks = crate::threads::num_threads().max(1) * 4;
@@ -112,7 +112,7 @@ pub struct Panels {
     bytes: Vec<u8>,
 }
 
-/// Bytes of a block's header (the scale, and Q4_1's offset) and of its quants.
+/// Bytes of a block's header: the f16 scale, and Q4_1's f16 offset.
 fn header_bytes(t: GgmlDType) -> usize {
     match t {
         GgmlDType::Q4_1 => 4,
