@@ -514,10 +514,11 @@ impl Linear {
         })
     }
 
-    /// Several linears of one input (a layer's q, k and v; gate and up) in one product, where
-    /// that is lqa's panel kernels on every one (quantized weights, no adapter, decoding: up to
-    /// `PANEL_MAX_ROWS` rows, nothing to differentiate): one hand-off to the threads instead of
-    /// one per weight. `None` where it is not: the caller runs each `forward_t`.
+    /// Several linears of one input (a layer's q, k and v; gate and up) in one product, with
+    /// one hand-off to the threads instead of one per weight, where every weight is packed f32
+    /// or in lqa's quantized panels (decoding: up to `PANEL_MAX_ROWS` rows), none carries an
+    /// adapter and nothing is differentiated; the same values as each `forward`. `None`
+    /// otherwise: the caller runs each `forward_t`.
     pub fn forward_many<const N: usize>(
         ls: [&Linear; N],
         x: &Tensor,
@@ -525,34 +526,42 @@ impl Linear {
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
         let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        if x.dtype() != DType::F32
-            || !x.device().is_cpu()
-            || x.track_op()
-            || rows == 0
-            || rows > quant::PANEL_MAX_ROWS
-        {
+        if x.dtype() != DType::F32 || !x.device().is_cpu() || x.track_op() || rows == 0 {
             return Ok(None);
         }
-        let mut panels = Vec::with_capacity(N);
-        for l in ls {
-            match (&l.w, &l.lora) {
-                (Stored::Quant(q), None) if q.k() == k => match q.panels() {
-                    Some(p) => panels.push(p),
-                    None => return Ok(None),
-                },
-                _ => return Ok(None),
-            }
-        }
-        let x2 = x.reshape((rows, k))?.contiguous()?;
-        let xs = x2.flatten_all()?.to_vec1::<f32>()?;
-        let mut ys: Vec<Vec<f32>> = ls
+        let plain = |l: &Linear| l.lora.is_none();
+        let packed: Vec<&PackedWeight> = ls
             .iter()
-            .map(|l| vec![0f32; rows * l.out_features()])
+            .filter_map(|l| match &l.w {
+                Stored::Packed(p) if plain(l) && p.k() == k => Some(p),
+                _ => None,
+            })
             .collect();
-        {
+        let panels: Vec<&super::qgemv::Panels> = ls
+            .iter()
+            .filter_map(|l| match &l.w {
+                Stored::Quant(q) if plain(l) && q.k() == k && rows <= quant::PANEL_MAX_ROWS => {
+                    q.panels()
+                }
+                _ => None,
+            })
+            .collect();
+        let x2 = x.reshape((rows, k))?.contiguous()?;
+        let ys: Vec<Vec<f32>> = if packed.len() == N {
+            let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+            PackedWeight::forward_many(&packed, &xs, rows)
+        } else if panels.len() == N {
+            let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+            let mut ys: Vec<Vec<f32>> = ls
+                .iter()
+                .map(|l| vec![0f32; rows * l.out_features()])
+                .collect();
             let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
             super::qgemv::gemm_many(&panels, &xs, rows, &mut outs)?;
-        }
+            ys
+        } else {
+            return Ok(None);
+        };
         let mut out = Vec::with_capacity(N);
         for (l, y) in ls.iter().zip(ys) {
             let mut od = dims.clone();

@@ -141,6 +141,16 @@ impl Shared {
     }
 }
 
+/// A forward's cut into jobs (see [`PackedWeight::forward_many`]).
+#[derive(Clone, Copy)]
+struct Plan {
+    kc: usize,
+    panels: usize,
+    tiles: usize,
+    block: usize,
+    jobs: usize,
+}
+
 /// A frozen weight `W` `[n, k]` (HF layout: `n` outputs, `k` inputs) stored as
 /// `ceil(n / mr)` panels, each `[k][mr]` (the panel's `mr` output features contiguous for every
 /// input), the last panel zero-padded.
@@ -227,74 +237,128 @@ impl PackedWeight {
 
     /// `y = x @ W^T`: `x` row-major `[m, k]`, `y` row-major `[m, n]`.
     pub fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(
-            x.len(),
-            m * k,
-            "PackedWeight::forward: x has {} values, not [{m}, {k}]",
-            x.len()
-        );
-        if m == 0 || n == 0 {
+        Self::forward_many(&[self], x, m).pop().unwrap_or_default()
+    }
+
+    /// `x @ W_w^T` for several weights of one input (a layer's q, k and v): one parallel
+    /// region in which every thread takes its share of every weight's tiles (decoding runs
+    /// hundreds of products per token, and every region is a hand-off between threads).
+    pub fn forward_many(ws: &[&PackedWeight], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let Some(k) = ws.first().map(|w| w.k) else {
             return Vec::new();
+        };
+        for w in ws {
+            assert!(
+                w.k == k && x.len() == m * k,
+                "PackedWeight::forward: x has {} values, not [{m}, {}]",
+                x.len(),
+                w.k
+            );
         }
-        if k == 0 {
-            return vec![0f32; m * n];
+        let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.n)).collect();
+        if m == 0 || k == 0 {
+            return ws.iter().map(|w| vec![0f32; m * w.n]).collect();
         }
-        let kern = self.kernel;
-        let mr = kern.mr;
+        let plans: Vec<Plan> = ws.iter().map(|w| w.plan(m)).collect();
+        let macs: usize = ws.iter().map(|w| w.n).sum::<usize>() * m * k;
+        let jobs = plans.iter().map(|p| p.jobs).max().unwrap_or(1);
+        let nt = if macs < PARALLEL_MIN_MACS {
+            1
+        } else {
+            crate::threads::num_threads().min(jobs).max(1)
+        };
+        let dsts: Vec<Shared> = ys.iter_mut().map(|y| Shared(y.as_mut_ptr())).collect();
+        on_threads(nt, |t| {
+            for ((w, plan), dst) in ws.iter().zip(&plans).zip(&dsts) {
+                // SAFETY: dst is w's y, [m, n] with that capacity; thread t writes only the
+                // tiles of its job range.
+                unsafe { w.forward_part(plan, x, m, *dst, t, nt) };
+            }
+        });
+        for (y, w) in ys.iter_mut().zip(ws) {
+            // SAFETY: the jobs cover every (row, column) of y: every tile of every panel, and
+            // each tile's first k-block stores (alpha 0) before later blocks accumulate.
+            unsafe { y.set_len(m * w.n) };
+        }
+        ys
+    }
+
+    /// How a forward of `m` rows is cut into jobs.
+    fn plan(&self, m: usize) -> Plan {
+        let (n, k) = (self.n, self.k);
         let kc = k.div_ceil(k.div_ceil(MAX_KC));
-        let panels = n.div_ceil(mr);
+        let panels = n.div_ceil(self.kernel.mr);
         let tiles = m.div_ceil(NR);
         // Tokens in blocks whose activations stay in L2 while a thread sweeps its panels.
         let block = (X_BLOCK_BYTES / (kc * 4 * NR)).max(1);
         let block = tiles.div_ceil(tiles.div_ceil(block));
         // Jobs are tiles, ordered (token block, panel, tile): contiguous ranges per thread.
-        let jobs = panels * tiles;
-        let nt = self.threads(m, jobs);
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        let dst = Shared(y.as_mut_ptr());
+        Plan {
+            kc,
+            panels,
+            tiles,
+            block,
+            jobs: panels * tiles,
+        }
+    }
+
+    /// Thread `t` of `nt`'s share of the forward: jobs `[jobs t / nt, jobs (t + 1) / nt)`.
+    ///
+    /// # Safety
+    /// `dst` points at `m n` writable values; no other thread runs the same share.
+    unsafe fn forward_part(
+        &self,
+        plan: &Plan,
+        x: &[f32],
+        m: usize,
+        dst: Shared,
+        t: usize,
+        nt: usize,
+    ) {
+        let (n, k) = (self.n, self.k);
+        let kern = self.kernel;
+        let mr = kern.mr;
+        let Plan {
+            kc,
+            panels,
+            tiles,
+            block,
+            jobs,
+        } = *plan;
         let w = &self.data[..];
-        let run = |t: usize| {
-            let (j0, j1) = (jobs * t / nt, jobs * (t + 1) / nt);
-            let mut kb = 0;
-            while kb < k {
-                let kcb = kc.min(k - kb);
-                for job in j0..j1 {
-                    // job -> (token block b, panel p, tile j)
-                    let (b, rest) = (job / (panels * block), job % (panels * block));
-                    let in_block = block.min(tiles - b * block);
-                    let (p, j) = (rest / in_block, b * block + rest % in_block);
-                    let f = p * mr;
-                    let mm = mr.min(n - f);
-                    let tok = j * NR;
-                    let nn = NR.min(m - tok);
-                    // SAFETY: the panel holds `k * mr` values (zero-padded past `n`), the
-                    // kernel reads `ceil(mm / lanes) * lanes <= mr` of them per step for
-                    // `kcb` steps from `kb`; x rows `tok..tok + nn` hold `k` values each; the
-                    // tile writes rows `tok..tok + nn`, columns `f..f + mm` of y [m, n], and no
-                    // other job writes them.
-                    unsafe {
-                        kern.tile(
-                            mm,
-                            nn,
-                            kcb,
-                            dst.at(tok * n + f),
-                            n,
-                            w.as_ptr().add(p * k * mr + kb * mr),
-                            x.as_ptr().add(tok * k + kb),
-                            k,
-                            kb > 0,
-                        );
-                    }
+        let (j0, j1) = (jobs * t / nt, jobs * (t + 1) / nt);
+        let mut kb = 0;
+        while kb < k {
+            let kcb = kc.min(k - kb);
+            for job in j0..j1 {
+                // job -> (token block b, panel p, tile j)
+                let (b, rest) = (job / (panels * block), job % (panels * block));
+                let in_block = block.min(tiles - b * block);
+                let (p, j) = (rest / in_block, b * block + rest % in_block);
+                let f = p * mr;
+                let mm = mr.min(n - f);
+                let tok = j * NR;
+                let nn = NR.min(m - tok);
+                // SAFETY: the panel holds `k * mr` values (zero-padded past `n`), the kernel
+                // reads `ceil(mm / lanes) * lanes <= mr` of them per step for `kcb` steps from
+                // `kb`; x rows `tok..tok + nn` hold `k` values each; the tile writes rows
+                // `tok..tok + nn`, columns `f..f + mm` of y [m, n], and no other job writes them.
+                unsafe {
+                    kern.tile(
+                        mm,
+                        nn,
+                        kcb,
+                        dst.at(tok * n + f),
+                        n,
+                        w.as_ptr().add(p * k * mr + kb * mr),
+                        x.as_ptr().add(tok * k + kb),
+                        k,
+                        kb > 0,
+                    );
                 }
-                kb += kcb;
             }
-        };
-        on_threads(nt, run);
-        // SAFETY: the jobs cover every (row, column) of y: every tile of every panel, and each
-        // tile's first k-block stores (alpha 0) before later blocks accumulate.
-        unsafe { y.set_len(m * n) };
-        y
+            kb += kcb;
+        }
     }
 
     /// `dx = dy @ W`: `dy` row-major `[m, n]`, `dx` row-major `[m, k]` (the input gradient of
@@ -384,6 +448,27 @@ mod tests {
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut g = crate::rng::Lcg64::new(seed);
         (0..n).map(|_| g.next_unit_f32() - 0.5).collect()
+    }
+
+    /// Several weights of one input in one region: each output exactly its own forward,
+    /// including one weight too small to be split and one past MAX_KC.
+    #[test]
+    fn forward_many_equals_each_forward() {
+        let Some(kern) = kernel() else {
+            return;
+        };
+        for &(m, k) in &[(1usize, 96usize), (13, 2 * MAX_KC + 5)] {
+            let ws: Vec<PackedWeight> = [(5usize, 1u64), (70, 2), (192, 3)]
+                .iter()
+                .map(|&(n, seed)| PackedWeight::pack(&rand(n * k, seed), n, k, kern))
+                .collect();
+            let x = rand(m * k, 9);
+            let refs: Vec<&PackedWeight> = ws.iter().collect();
+            let ys = PackedWeight::forward_many(&refs, &x, m);
+            for (w, y) in ws.iter().zip(&ys) {
+                assert_eq!(y, &w.forward(&x, m), "[{m}, {}, {k}]", w.n());
+            }
+        }
     }
 
     #[test]
