@@ -64,6 +64,8 @@ fn bench() -> anyhow::Result<()> {
         let config = ControlConfig {
             batch_size: batch,
             samples: samples.len(),
+            // LQA_BENCH_RECOMPUTE=1: blocks recomputed in the backward pass (less memory)
+            recompute: std::env::var("LQA_BENCH_RECOMPUTE").is_ok_and(|v| v == "1"),
             ..ControlConfig::paper()
         };
         let mut opt = ControlOptimizer::with_samples(

@@ -109,6 +109,8 @@ fn bench() -> anyhow::Result<()> {
     let rss_loaded = rss_mib("VmRSS:");
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let mut seed = 0u64;
+    // LQA_BENCH_RECOMPUTE=1: blocks recomputed in the backward pass (less memory)
+    let recompute = std::env::var("LQA_BENCH_RECOMPUTE").is_ok_and(|v| v == "1");
     let mut step = || -> anyhow::Result<f64> {
         seed += 1;
         let cfg = LossConfig {
@@ -118,10 +120,11 @@ fn bench() -> anyhow::Result<()> {
             grad_through_target: false,
             use_first_from: true,
             dropout: Some(Dropout { seed }),
+            recompute,
         };
         let t = Instant::now();
         let out = latentqa_loss(&lm.model, &decoder, &batch, &cfg)?;
-        let grads = out.loss.backward()?;
+        let grads = lqa::model::recompute::backward(&out.loss)?;
         opt.step(&grads)?;
         Ok(t.elapsed().as_secs_f64())
     };

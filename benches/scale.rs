@@ -429,6 +429,7 @@ fn prefill_decode(m: &Model, ids: &[u32], decode: usize) -> anyhow::Result<(f64,
             differentiable: false,
             stop_after_layer: None,
             dropout: None,
+            recompute: false,
         };
         tok = argmax(&last_logits(m.forward(&input, Some(&mut cache), None)?)?);
         toks.push(tok);

@@ -303,6 +303,7 @@ fn lit_cfg(lm: &LanguageModel, seed: Option<u64>) -> LossConfig {
         grad_through_target: false,
         use_first_from: true,
         dropout: seed.map(|seed| Dropout { seed }),
+        recompute: false,
     }
 }
 

@@ -186,6 +186,7 @@ pub fn generate(
             differentiable: false,
             stop_after_layer: None,
             dropout: None,
+            recompute: false,
         };
     }
     Ok(out)

@@ -128,6 +128,7 @@ fn loss_config(use_first_from: bool) -> LossConfig {
         grad_through_target: false,
         use_first_from,
         dropout: None,
+        recompute: false,
     }
 }
 
@@ -417,6 +418,7 @@ fn loss_gradient_matches_finite_differences() {
         grad_through_target: true,
         use_first_from: true,
         dropout: None,
+        recompute: false,
     };
     let dev = Device::Cpu;
     let vars: Vec<Var> = batch

@@ -78,6 +78,10 @@ pub struct ControlConfig {
     /// paper).
     #[serde(default)]
     pub early_stop: Option<EarlyStop>,
+    /// Recompute each block in the backward pass instead of keeping its intermediates
+    /// ([`crate::model::recompute`]): less memory, one more block forward each.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 fn default_checkpoint_every() -> usize {
@@ -106,6 +110,7 @@ impl Default for ControlConfig {
             checkpoint_every: default_checkpoint_every(),
             kl_weight: 0.0,
             early_stop: Some(EarlyStop::default()),
+            recompute: false,
         }
     }
 }
@@ -711,6 +716,7 @@ impl ControlOptimizer {
             grad_through_target: true,
             use_first_from: false,
             dropout: None,
+            recompute: self.config.recompute,
         }
     }
 
@@ -776,7 +782,7 @@ impl ControlOptimizer {
             } else {
                 out.loss.clone()
             };
-            let grads = total.backward()?;
+            let grads = crate::model::recompute::backward(&total)?;
             self.opts[0].1.step(&grads)?;
             (loss, BTreeMap::new())
         };
@@ -841,7 +847,7 @@ impl ControlOptimizer {
             let loss = tn.nll.mean_all()?;
             let value = loss.to_scalar::<f32>()? as f64;
             crate::train::run::check_finite_loss(&format!("control (layer {l})"), step, value)?;
-            let grads = loss.backward()?;
+            let grads = crate::model::recompute::backward(&loss)?;
             opt.step(&grads)?;
             losses.insert(l, value);
         }

@@ -258,7 +258,8 @@ impl Hooks {
             .max()
             .unwrap_or(0)
     }
-    fn touches(&self, p: &HookPoint) -> bool {
+    /// Whether anything here acts at `p`.
+    pub fn touches(&self, p: &HookPoint) -> bool {
         self.captures.contains(p)
             || self.patches.iter().any(|x| &x.point == p)
             || self.fns.iter().any(|(q, _)| q == p)

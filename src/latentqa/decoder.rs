@@ -206,6 +206,7 @@ impl Decoder {
             grad_through_target: false,
             use_first_from: !patch_all,
             dropout: None,
+            recompute: false,
         }
     }
 

@@ -111,6 +111,9 @@ pub struct LossConfig {
     pub use_first_from: bool,
     /// LoRA dropout in the decoder's forward (training); `None` in evaluation.
     pub dropout: Option<crate::model::Dropout>,
+    /// Recompute each block in the backward pass instead of keeping its intermediates
+    /// ([`crate::model::recompute`]); the backward must be `recompute::backward`.
+    pub recompute: bool,
 }
 
 /// The loss of a batch.
@@ -231,6 +234,7 @@ fn read_at(
     // runs without LoRA dropout, as the paper leaves it in eval mode.
     input.differentiable = cfg.differentiable && cfg.grad_through_target;
     input.stop_after_layer = Some(cfg.layers.read);
+    input.recompute = cfg.recompute;
     let hidden = target.forward(&input, None, target_hooks)?.hidden;
     let hidden = if cfg.grad_through_target {
         hidden
@@ -321,6 +325,7 @@ pub fn patched_token_nll(
         .collect();
     let mut input = Input::left_padded(&rows, cfg.pad_id, decoder.device())?;
     input.differentiable = cfg.differentiable;
+    input.recompute = cfg.recompute;
     let mut cols = Vec::with_capacity(rows.len());
     let mut targets = Vec::with_capacity(total);
     for (r, ex) in batch.examples.iter().enumerate() {

@@ -77,6 +77,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Examples whose read + decoder prompts exceed this many tokens are skipped.
     pub max_tokens: usize,
+    /// Recompute each block in the backward pass instead of keeping its intermediates
+    /// ([`crate::model::recompute`]): less memory, one more block forward each.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +113,7 @@ impl Default for TrainConfig {
             eval_batches: None,
             checkpoint_every: 100,
             max_tokens: 1024,
+            recompute: false,
         }
     }
 }
@@ -515,6 +520,7 @@ impl Trainer {
             grad_through_target: false,
             use_first_from: true,
             dropout,
+            recompute: self.config.recompute && dropout.is_some(),
         }
     }
 
@@ -568,7 +574,7 @@ impl Trainer {
             let l = (out.loss / self.config.grad_accum as f64)?;
             loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             tokens += idx.iter().map(|&i| self.train[i].len).sum::<usize>();
-            acc.add(&l.backward()?)?;
+            acc.add(&crate::model::recompute::backward(&l)?)?;
         }
         crate::train::run::check_finite_loss("LIT", self.step + 1, loss_sum)?;
         let mut grads = acc.finish(1.0)?;

@@ -30,6 +30,7 @@ pub mod ops;
 pub mod packed;
 pub mod qgemv;
 pub mod quant;
+pub mod recompute;
 pub mod weights;
 
 use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};
@@ -72,6 +73,11 @@ pub struct Input {
     pub stop_after_layer: Option<usize>,
     /// LoRA dropout (training): masks derived from this seed, per layer.
     pub dropout: Option<Dropout>,
+    /// In a differentiable forward without a KV cache, keep only each block's input for the
+    /// backward pass and run the block again there ([`recompute`]): one block's intermediates
+    /// alive at a time instead of all of them, for one more block forward each. The backward
+    /// must then be [`recompute::backward`]. Blocks with hooks inside them are kept whole.
+    pub recompute: bool,
 }
 
 impl Input {
@@ -98,6 +104,7 @@ impl Input {
             differentiable: false,
             stop_after_layer: None,
             dropout: None,
+            recompute: false,
         })
     }
 
@@ -157,6 +164,59 @@ struct Block {
     post_mlp_norm: Option<Tensor>,
 }
 
+impl Block {
+    /// `resid_pre -> resid_post` of block `i`, each inner site through `hook`.
+    fn forward(
+        &self,
+        i: usize,
+        resid_pre: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn FnMut(HookPoint, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(resid_pre, &self.attn_norm, ctx.eps, ctx.differentiable)?;
+        let a = self.attn.forward(&h, ctx, cache.map(|c| (c, i)))?;
+        let a = match &self.post_attn_norm {
+            Some(w) => ops::rms_norm(&a, w, ctx.eps, ctx.differentiable)?,
+            None => a,
+        };
+        let attn_out = hook(HookPoint::Block(i, Site::AttnOut), a)?;
+        let resid_mid = hook(HookPoint::Block(i, Site::ResidMid), (resid_pre + attn_out)?)?;
+        let h = ops::rms_norm(&resid_mid, &self.mlp_norm, ctx.eps, ctx.differentiable)?;
+        let m = self.mlp.forward(&h, ctx.dropout, ctx.differentiable)?;
+        let m = match &self.post_mlp_norm {
+            Some(w) => ops::rms_norm(&m, w, ctx.eps, ctx.differentiable)?,
+            None => m,
+        };
+        let mlp_out = hook(HookPoint::Block(i, Site::MlpOut), m)?;
+        Ok((resid_mid + mlp_out)?)
+    }
+
+    /// The trainable variables of the block (its adapters' factors).
+    fn lora_vars(&self) -> Vec<candle_core::Var> {
+        let a = &self.attn;
+        let m = &self.mlp;
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+            .into_iter()
+            .filter_map(|l| l.lora.as_ref())
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
+    /// Block `i` as a recomputed segment (no hooks inside, no cache).
+    fn recomputed(&self, i: usize, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (blk, ctx) = (self.clone(), ctx.clone());
+        let f: recompute::SegmentFn = std::sync::Arc::new(move |x: &Tensor| {
+            blk.forward(i, x, &ctx, None, &mut |_, t| Ok(t))
+                .map_err(|e| match e {
+                    Error::Candle(e) => e,
+                    e => candle_core::Error::Msg(e.to_string()),
+                })
+        });
+        Ok(recompute::segment(x, &self.lora_vars(), f)?)
+    }
+}
+
 /// The embedding table `[vocab, d]`: a float tensor, or blocks of a GGUF type whose rows are
 /// dequantized as they are looked up (no f32 copy of the table).
 #[derive(Clone)]
@@ -182,16 +242,17 @@ pub struct Model {
     weights: WeightFormat,
 }
 
-/// Everything a block needs besides its input.
-struct Ctx<'a> {
+/// Everything a block needs besides its input (cheap to clone: tensors are shared).
+#[derive(Clone)]
+struct Ctx {
     /// RoPE cos/sin `[b, s, hd/2]`, one pair per table.
-    rope: &'a [(Tensor, Tensor)],
+    rope: Vec<(Tensor, Tensor)>,
     /// Additive masks `[b, 1, s, kv]`: full attention, and sliding window where used.
-    mask: Option<&'a Tensor>,
-    mask_sliding: Option<&'a Tensor>,
+    mask: Option<Tensor>,
+    mask_sliding: Option<Tensor>,
     /// Left padding of each row and the chunk's offset in the padded sequence (what `mask`
     /// encodes).
-    pads: &'a [usize],
+    pads: Vec<usize>,
     offset: usize,
     differentiable: bool,
     eps: f64,
@@ -255,8 +316,8 @@ impl Attention {
         };
         let att = att.to_dtype(sdt)?.reshape((b, nh, s, kv_len))?;
         let mask = match self.window {
-            Some(_) => ctx.mask_sliding,
-            None => ctx.mask,
+            Some(_) => ctx.mask_sliding.as_ref(),
+            None => ctx.mask.as_ref(),
         };
         let att = ops::attention_probs(
             &att,
@@ -266,7 +327,7 @@ impl Attention {
                 window: self.window,
             },
             mask,
-            ctx.pads,
+            &ctx.pads,
             ctx.offset,
             ctx.differentiable,
         )?
@@ -876,48 +937,44 @@ impl Model {
             (self.mask(&input.pads, offset, s, None)?, sliding)
         };
         let ctx = Ctx {
-            rope: &rope,
-            mask: mask.as_ref(),
-            mask_sliding: mask_sliding.as_ref(),
-            pads: &input.pads,
+            rope,
+            mask,
+            mask_sliding,
+            pads: input.pads.clone(),
             offset,
             differentiable: input.differentiable,
             eps: self.cfg.rms_norm_eps,
             dropout: input.dropout,
         };
-        let mut hook = |p: HookPoint, t: Tensor| -> Result<Tensor> {
+        let recompute = input.recompute && input.differentiable && cache.is_none();
+        let inner_hooked = |i: usize, hooks: &Option<&mut Hooks>| {
+            hooks.as_deref().is_some_and(|h| {
+                [Site::AttnOut, Site::ResidMid, Site::MlpOut]
+                    .iter()
+                    .any(|&site| h.touches(&HookPoint::Block(i, site)))
+            })
+        };
+        let hook = |hooks: &mut Option<&mut Hooks>, p: HookPoint, t: Tensor| -> Result<Tensor> {
             match hooks.as_deref_mut() {
                 Some(h) => h.apply(p, t, &hctx),
                 None => Ok(t),
             }
         };
-        let mut x = hook(HookPoint::Embed, x)?;
+        let mut x = hook(&mut hooks, HookPoint::Embed, x)?;
         let last = input
             .stop_after_layer
             .unwrap_or(self.blocks.len() - 1)
             .min(self.blocks.len() - 1);
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
-            let resid_pre = hook(HookPoint::Block(i, Site::ResidPre), x)?;
-            let h = ops::rms_norm(&resid_pre, &blk.attn_norm, ctx.eps, ctx.differentiable)?;
-            let c = cache.as_deref_mut().map(|c| (c, i));
-            let a = blk.attn.forward(&h, &ctx, c)?;
-            let a = match &blk.post_attn_norm {
-                Some(w) => ops::rms_norm(&a, w, ctx.eps, ctx.differentiable)?,
-                None => a,
+            let resid_pre = hook(&mut hooks, HookPoint::Block(i, Site::ResidPre), x)?;
+            let resid_post = if recompute && !inner_hooked(i, &hooks) {
+                blk.recomputed(i, &resid_pre, &ctx)?
+            } else {
+                blk.forward(i, &resid_pre, &ctx, cache.as_deref_mut(), &mut |p, t| {
+                    hook(&mut hooks, p, t)
+                })?
             };
-            let attn_out = hook(HookPoint::Block(i, Site::AttnOut), a)?;
-            let resid_mid = hook(
-                HookPoint::Block(i, Site::ResidMid),
-                (&resid_pre + attn_out)?,
-            )?;
-            let h = ops::rms_norm(&resid_mid, &blk.mlp_norm, ctx.eps, ctx.differentiable)?;
-            let m = blk.mlp.forward(&h, ctx.dropout, ctx.differentiable)?;
-            let m = match &blk.post_mlp_norm {
-                Some(w) => ops::rms_norm(&m, w, ctx.eps, ctx.differentiable)?,
-                None => m,
-            };
-            let mlp_out = hook(HookPoint::Block(i, Site::MlpOut), m)?;
-            x = hook(HookPoint::Block(i, Site::ResidPost), (resid_mid + mlp_out)?)?;
+            x = hook(&mut hooks, HookPoint::Block(i, Site::ResidPost), resid_post)?;
         }
         if input
             .stop_after_layer
@@ -929,7 +986,7 @@ impl Model {
             });
         }
         let h = ops::rms_norm(&x, &self.final_norm, ctx.eps, ctx.differentiable)?;
-        let h = hook(HookPoint::FinalNorm, h)?;
+        let h = hook(&mut hooks, HookPoint::FinalNorm, h)?;
         let logits = match &input.logits {
             Logits::None => None,
             Logits::All => Some(self.lm_head.forward_t(&h, None, ctx.differentiable)?),

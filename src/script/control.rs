@@ -8,7 +8,8 @@
 //! checkpoint), and the fields of [`ControlConfig`] (`samples`, `batch_size`, `lr`,
 //! `lora_modules`, `r`, `lora_alpha`, `lora_dropout`, `layers_to_optimize`, `read_layer`,
 //! `write_layer`, `per_layer_loss`, `seed`, `max_tokens`, `checkpoint_every`, `kl_weight`,
-//! `early_stop`: a map of [`crate::control::fluency::EarlyStop`]'s fields, or `()` for off).
+//! `early_stop`: a map of [`crate::control::fluency::EarlyStop`]'s fields, or `()` for off,
+//! `recompute`: blocks run again in the backward pass instead of keeping their activations).
 
 use super::decoder::ScriptDecoder;
 use super::error::{ctx_err, ScriptResult, ToScript};
