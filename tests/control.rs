@@ -565,7 +565,7 @@ fn kl_is_zero_unsteered_and_its_gradient_matches_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
     let m = load_tiny_f64(dir.path(), 4);
     let rows = vec![vec![5u32, 9, 14, 3, 77, 12], vec![8, 1, 60]];
-    let zero = kl_to_reference(&m, &m, &rows, 0, None).unwrap();
+    let zero = kl_to_reference(&m, &m, &rows, 0, None, false).unwrap();
     assert!(zero.to_scalar::<f64>().unwrap().abs() < 1e-12);
 
     // KL as a function of a vector added to the steered model's embeddings at every position
@@ -580,7 +580,7 @@ fn kl_is_zero_unsteered_and_its_gradient_matches_finite_differences() {
             positions: Positions::All,
             rows: None,
         });
-        kl_to_reference(&m, &m, &rows, 0, Some(&mut hooks)).unwrap()
+        kl_to_reference(&m, &m, &rows, 0, Some(&mut hooks), false).unwrap()
     };
     let k = kl_at(v0.as_tensor());
     let k0 = k.to_scalar::<f64>().unwrap();
@@ -649,7 +649,7 @@ fn a_weighted_kl_keeps_the_steered_model_nearer_the_unsteered_one() {
         } else {
             assert!(seen.iter().all(Option::is_none));
         }
-        let kl = kl_to_reference(opt.steered(), &d.target.model, &rows, 2, None)
+        let kl = kl_to_reference(opt.steered(), &d.target.model, &rows, 2, None, false)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
@@ -843,5 +843,54 @@ fn early_stopping_keeps_the_last_fluent_adapter_and_stays_stopped_on_resume() {
             chosen.iter().all(|c| &c.read.messages[0].content != h),
             "{h}"
         );
+    }
+}
+
+/// Recomputed blocks (`recompute: true`) steer the same: the same losses and weights, for the
+/// plain objective with the KL term and LoRA dropout, and for the per-layer variant.
+#[test]
+fn recomputed_blocks_steer_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = decoder(tmp.path());
+    let plain = ControlConfig {
+        lora_dropout: 0.1,
+        ..kl_config(1.0)
+    };
+    let per_layer = ControlConfig {
+        per_layer_loss: true,
+        ..config(3e-3)
+    };
+    for base in [plain, per_layer] {
+        let mut runs = Vec::new();
+        for recompute in [false, true] {
+            let cfg = ControlConfig {
+                recompute,
+                samples: 6,
+                ..base.clone()
+            };
+            let mut opt = ControlOptimizer::new(&d, control(), &instructions(), cfg).unwrap();
+            let mut seen = Vec::new();
+            opt.run(|s| {
+                seen.push((s.loss, s.kl));
+                Ok(true)
+            })
+            .unwrap();
+            runs.push((seen, snapshot(&opt)));
+        }
+        for (a, b) in runs[0].0.iter().zip(&runs[1].0) {
+            assert!(
+                (a.0 - b.0).abs() < 1e-5,
+                "losses {:?} vs {:?}",
+                runs[0].0,
+                runs[1].0
+            );
+            assert_eq!(a.1.is_some(), b.1.is_some());
+            if let (Some(x), Some(y)) = (a.1, b.1) {
+                assert!((x - y).abs() < 1e-5, "KL {x} vs {y}");
+            }
+        }
+        assert!(runs[0].0.len() >= 3);
+        let m = max_diff(&runs[0].1, &runs[1].1);
+        assert!(m < 1e-5, "largest weight difference {m}");
     }
 }

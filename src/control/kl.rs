@@ -9,17 +9,20 @@ use candle_core::{DType, Tensor, D};
 
 /// `KL(p_ref || p_steered)` of the next-token distributions, averaged over the tokens of `rows`
 /// (each row's own tokens; left padding excluded). Differentiable through `steered` (and any
-/// `hooks` on it); the reference runs without gradient. Zero when the two models agree.
+/// `hooks` on it); the reference runs without gradient. Zero when the two models agree. With
+/// `recompute` the steered forward keeps only its blocks' inputs ([`crate::model::recompute`]).
 pub fn kl_to_reference(
     steered: &Model,
     reference: &Model,
     rows: &[Vec<u32>],
     pad_id: u32,
     hooks: Option<&mut Hooks>,
+    recompute: bool,
 ) -> Result<Tensor> {
     let input = Input::left_padded(rows, pad_id, steered.device())?.with_logits(Logits::All);
     let mut diff = input.clone();
     diff.differentiable = true;
+    diff.recompute = recompute;
     let ls = steered
         .forward(&diff, None, hooks)?
         .logits

@@ -774,6 +774,7 @@ impl ControlOptimizer {
                     &rows,
                     self.target.pad_id(),
                     None,
+                    self.config.recompute,
                 )?;
                 let kv = k.to_scalar::<f32>()? as f64;
                 crate::train::run::check_finite_loss("control (KL term)", self.step + 1, kv)?;
@@ -821,6 +822,7 @@ impl ControlOptimizer {
         let mut input = Input::left_padded(&rows, self.target.pad_id(), self.steered.device())?
             .with_logits(Logits::None);
         input.differentiable = true;
+        input.recompute = self.config.recompute;
         input.stop_after_layer = Some(last);
         let outputs: Arc<Mutex<BTreeMap<usize, Tensor>>> = Default::default();
         let mut hooks = Hooks::new();
