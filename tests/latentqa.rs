@@ -349,41 +349,6 @@ fn reference_losses_match() {
 
 use common::{lcg, load_tiny_f64};
 
-fn tiny_batch() -> PatchedBatch {
-    // row 0: a verb-masked read prompt (first vector from position 1); row 1: plain
-    let r0 = ReadPrompt {
-        ids: vec![1, 17, 40, 33, 8, 91, 5, 60],
-        verb_len: 3,
-        patch_positions: (4..8).collect(),
-        first_from: Some(1),
-        baseline: None,
-    };
-    let d0 = DecoderPrompt {
-        ids: vec![1, 7, 3, 3, 3, 3, 9, 12, 44, 45, 46, 2],
-        k: 3,
-        write_positions: (2..6).collect(),
-        label_positions: vec![8, 9, 10, 11],
-    };
-    let r1 = ReadPrompt {
-        ids: vec![1, 22, 23, 24, 25],
-        verb_len: 0,
-        patch_positions: (1..5).collect(),
-        first_from: None,
-        baseline: None,
-    };
-    let d1 = DecoderPrompt {
-        ids: vec![1, 7, 3, 3, 3, 3, 9, 50, 51],
-        k: 3,
-        write_positions: (2..6).collect(),
-        label_positions: vec![7, 8],
-    };
-    PatchedBatch::new(vec![
-        PatchedExample::new(r0, d0).unwrap(),
-        PatchedExample::new(r1, d1).unwrap(),
-    ])
-    .unwrap()
-}
-
 /// The loss with `values[r]` (`[len_r, d]`) added to the target's read-layer output of row r.
 fn loss_with_added(
     target: &Model,
@@ -410,7 +375,7 @@ fn loss_gradient_matches_finite_differences() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let target = load_tiny_f64(d1.path(), 1);
     let decoder = load_tiny_f64(d2.path(), 2);
-    let batch = tiny_batch();
+    let batch = common::tiny_patched_batch();
     let cfg = LossConfig {
         layers: LayerPlan::new(1, 0),
         pad_id: 0,

@@ -291,25 +291,8 @@ fn f32_training_path_gradients_match_f64() {
                 .unwrap(),
         );
     }
-    let num = (&grads[0] - &grads[1])
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = grads[0]
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let num = l2_norm(&(&grads[0] - &grads[1]).unwrap());
+    let den = l2_norm(&grads[0]);
     assert!(
         den > 1e-3 && num / den < 1e-4,
         "relative error {}",

@@ -8,10 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use lqa::hooks::{HookPoint, Hooks, Site};
-use lqa::latentqa::{
-    latentqa_loss, latentqa_loss_with_hooks, DecoderPrompt, Injection, LayerPlan, LossConfig,
-    PatchedBatch, PatchedExample, ReadPrompt,
-};
+use lqa::latentqa::{latentqa_loss, latentqa_loss_with_hooks, Injection, LayerPlan, LossConfig};
 use lqa::lora::{Adapter, LoraConfig};
 use lqa::model::{recompute, Dropout, Model};
 
@@ -50,40 +47,6 @@ fn adapted(seed: u64, dtype: DType) -> (Model, Adapter, tempfile::TempDir) {
     (m, ad, dir)
 }
 
-fn batch() -> PatchedBatch {
-    let r0 = ReadPrompt {
-        ids: vec![1, 17, 40, 33, 8, 91, 5, 60],
-        verb_len: 3,
-        patch_positions: (4..8).collect(),
-        first_from: Some(1),
-        baseline: None,
-    };
-    let d0 = DecoderPrompt {
-        ids: vec![1, 7, 3, 3, 3, 3, 9, 12, 44, 45, 46, 2],
-        k: 3,
-        write_positions: (2..6).collect(),
-        label_positions: vec![8, 9, 10, 11],
-    };
-    let r1 = ReadPrompt {
-        ids: vec![1, 22, 23, 24, 25],
-        verb_len: 0,
-        patch_positions: (1..5).collect(),
-        first_from: None,
-        baseline: None,
-    };
-    let d1 = DecoderPrompt {
-        ids: vec![1, 7, 3, 3, 3, 3, 9, 50, 51],
-        k: 3,
-        write_positions: (2..6).collect(),
-        label_positions: vec![7, 8],
-    };
-    PatchedBatch::new(vec![
-        PatchedExample::new(r0, d0).unwrap(),
-        PatchedExample::new(r1, d1).unwrap(),
-    ])
-    .unwrap()
-}
-
 fn cfg(injection: Injection, write: usize, recompute: bool) -> LossConfig {
     LossConfig {
         layers: LayerPlan::new(2, write).injecting(injection),
@@ -97,19 +60,11 @@ fn cfg(injection: Injection, write: usize, recompute: bool) -> LossConfig {
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let norm = |t: &Tensor| {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    norm(&(&a - &b).unwrap()) / norm(&a).max(1e-30)
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap(),
+        b.to_dtype(DType::F64).unwrap(),
+    );
+    l2_norm(&(&a - &b).unwrap()) / l2_norm(&a).max(1e-30)
 }
 
 /// Loss and every adapter factor's gradient (target's then decoder's), with and without
@@ -118,7 +73,7 @@ fn check(dtype: DType, injection: Injection, write: usize, tol: f64) {
     let (target, tad, _d1) = adapted(3, dtype);
     let (decoder, dad, _d2) = adapted(4, dtype);
     let vars: Vec<Var> = tad.vars().into_iter().chain(dad.vars()).collect();
-    let b = batch();
+    let b = tiny_patched_batch();
     let mut runs = Vec::new();
     for rc in [false, true] {
         let out = latentqa_loss(&target, &decoder, &b, &cfg(injection, write, rc)).unwrap();
@@ -170,7 +125,7 @@ fn recomputed_blocks_give_the_same_gradients() {
 fn hooks_inside_a_block_keep_it_whole() {
     let (target, tad, _d1) = adapted(3, DType::F64);
     let (decoder, dad, _d2) = adapted(4, DType::F64);
-    let b = batch();
+    let b = tiny_patched_batch();
     let mut runs = Vec::new();
     for rc in [false, true] {
         let mut hooks = Hooks::new().capture(HookPoint::block(1, Site::MlpOut));
@@ -203,7 +158,7 @@ fn plain_backward_over_recomputed_blocks_is_an_error() {
     let out = latentqa_loss(
         &target,
         &decoder,
-        &batch(),
+        &tiny_patched_batch(),
         &cfg(Injection::Replace, 0, true),
     )
     .unwrap();

@@ -165,3 +165,54 @@ pub fn lcg(n: usize, seed: u64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// Two LatentQA examples for the tiny model: row 0 a verb-masked read prompt (its first vector
+/// from position 1), row 1 a plain one.
+pub fn tiny_patched_batch() -> lqa::latentqa::PatchedBatch {
+    use lqa::latentqa::{DecoderPrompt, PatchedBatch, PatchedExample, ReadPrompt};
+    let r0 = ReadPrompt {
+        ids: vec![1, 17, 40, 33, 8, 91, 5, 60],
+        verb_len: 3,
+        patch_positions: (4..8).collect(),
+        first_from: Some(1),
+        baseline: None,
+    };
+    let d0 = DecoderPrompt {
+        ids: vec![1, 7, 3, 3, 3, 3, 9, 12, 44, 45, 46, 2],
+        k: 3,
+        write_positions: (2..6).collect(),
+        label_positions: vec![8, 9, 10, 11],
+    };
+    let r1 = ReadPrompt {
+        ids: vec![1, 22, 23, 24, 25],
+        verb_len: 0,
+        patch_positions: (1..5).collect(),
+        first_from: None,
+        baseline: None,
+    };
+    let d1 = DecoderPrompt {
+        ids: vec![1, 7, 3, 3, 3, 3, 9, 50, 51],
+        k: 3,
+        write_positions: (2..6).collect(),
+        label_positions: vec![7, 8],
+    };
+    PatchedBatch::new(vec![
+        PatchedExample::new(r0, d0).unwrap(),
+        PatchedExample::new(r1, d1).unwrap(),
+    ])
+    .unwrap()
+}
+
+/// The L2 norm of a tensor, in f64.
+pub fn l2_norm(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
