@@ -293,15 +293,7 @@ fn reference_losses_match() {
                 &[pe["num_patched"].as_u64().unwrap() as usize, 576]
             );
             let sum = p.sum_all().unwrap().to_scalar::<f64>().unwrap();
-            let l2 = p
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let l2 = common::l2_norm(&p);
             let (ws, wl) = (
                 pe["patch_sum"].as_f64().unwrap(),
                 pe["patch_l2"].as_f64().unwrap(),

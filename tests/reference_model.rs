@@ -2,6 +2,7 @@
 //! dequantized to f32): weight checksums, next-token logits, hidden states and greedy text,
 //! against `../shared/reference/reference_values.json`.
 
+mod common;
 mod real;
 use candle_core::{DType, Device, Tensor};
 use lqa::generate::{generate, GenOptions};
@@ -24,15 +25,7 @@ fn weight_checksums_match_the_reference() {
         assert_eq!(t.dims(), shape.as_slice(), "{name}");
         let t64 = t.to_dtype(DType::F64).unwrap();
         let sum = t64.sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let l2 = t64
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let l2 = common::l2_norm(&t64);
         let want_sum = w["sum"].as_f64().unwrap();
         let want_l2 = w["l2_norm"].as_f64().unwrap();
         assert!(
