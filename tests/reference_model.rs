@@ -87,15 +87,7 @@ fn next_token_logits_match_the_reference() {
         }
         let l64 = logits.to_dtype(DType::F64).unwrap();
         let sum = l64.sum_all().unwrap().to_scalar::<f64>().unwrap();
-        let norm = l64
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let norm = common::l2_norm(&l64);
         assert!(
             close(norm, case["logits_l2_norm"].as_f64().unwrap(), 1e-4, 0.0),
             "{name}: norm {norm}"
