@@ -159,15 +159,7 @@ fn hidden_states_match_the_reference() {
             g("std_excluding_first_token")
         );
         let last = t.get(ids.len() - 1).unwrap();
-        let norm = last
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64;
+        let norm = common::l2_norm(&last);
         assert!(
             close(norm, g("last_token_l2_norm"), 1e-4, 0.0),
             "layer {layer}: norm {norm}"
