@@ -382,9 +382,10 @@ fn a_bad_or_mismatching_checkpoint_is_an_error_naming_the_file() {
     drop(opt);
     let state = out.join("checkpoint/state.json");
 
-    // another config (checkpoint_every aside, which may change)
+    // another config (checkpoint_every and recompute aside, which may change)
     let mut other = config(3e-3);
     other.checkpoint_every = 7;
+    other.recompute = true;
     ControlOptimizer::resume(&d, control(), other, &out).unwrap();
     let mut other = config(1e-3);
     other.samples = 6;

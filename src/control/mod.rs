@@ -528,8 +528,8 @@ impl ControlOptimizer {
     /// `checkpoint.old` if a swap was interrupted): the same samples in the same order, the
     /// saved adapter and optimizer state, the step; metrics up to the checkpoint are kept and
     /// what followed it is dropped (the resumed run rewrites it). `control` and `config` must
-    /// be those of the checkpointed run (`checkpoint_every` may differ); the decoder must read
-    /// the same base model.
+    /// be those of the checkpointed run (`checkpoint_every` and `recompute` may differ); the
+    /// decoder must read the same base model.
     pub fn resume(
         decoder: &Decoder,
         control: Control,
@@ -563,7 +563,14 @@ impl ControlOptimizer {
                 ),
             ));
         }
-        check_resume_config(&p, &state.config, &config, &["checkpoint_every"])?;
+        // how often to checkpoint, and whether blocks are recomputed (the same steps, less
+        // memory: a run that ran out of memory resumes with it), may change
+        check_resume_config(
+            &p,
+            &state.config,
+            &config,
+            &["checkpoint_every", "recompute"],
+        )?;
         let mut opt = Self::build(
             decoder,
             control,

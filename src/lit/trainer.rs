@@ -310,7 +310,8 @@ impl Trainer {
 
     /// The continuation of the run checkpointed in `config.out_dir` (a new run if there is no
     /// checkpoint). The config must be the one the checkpoint was made with, but for
-    /// `out_dir`, `checkpoint_every` and `eval_every`: a differing field is an error naming it.
+    /// `out_dir`, `checkpoint_every`, `eval_every` and `recompute`: a differing field is an
+    /// error naming it.
     pub fn resume(target: Arc<LanguageModel>, config: TrainConfig) -> Result<Self> {
         Self::open(target, config, true)
     }
@@ -338,6 +339,7 @@ impl Trainer {
                     out_dir: config.out_dir.clone(),
                     checkpoint_every: config.checkpoint_every,
                     eval_every: config.eval_every,
+                    recompute: config.recompute,
                     ..s.config.clone()
                 }
             }
@@ -767,8 +769,9 @@ impl Trainer {
 }
 
 /// Fields a resumed run may change: where the run is (a moved run folder resumes), how often it
-/// checkpoints and evaluates.
-const RESUME_MAY_CHANGE: &[&str] = &["out_dir", "checkpoint_every", "eval_every"];
+/// checkpoints and evaluates, and whether blocks are recomputed (the same steps with less
+/// memory: a run that ran out of memory resumes with it).
+const RESUME_MAY_CHANGE: &[&str] = &["out_dir", "checkpoint_every", "eval_every", "recompute"];
 
 impl Steps for Trainer {
     type Stats = StepStats;
