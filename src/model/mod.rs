@@ -41,6 +41,7 @@ pub use kv_cache::KvCache;
 pub use linear::{Dropout, Linear, LoraWeights};
 pub use names::{LinearId, Proj, Target};
 use quant::WeightFormat;
+use std::sync::Arc;
 use weights::{optional, optional_linear, require, require_linear, LinearWeight, WeightSource};
 
 /// Which logits a forward returns.
@@ -183,7 +184,7 @@ impl Block {
         let attn_out = hook(HookPoint::Block(i, Site::AttnOut), a)?;
         let resid_mid = hook(HookPoint::Block(i, Site::ResidMid), (resid_pre + attn_out)?)?;
         let h = ops::rms_norm(&resid_mid, &self.mlp_norm, ctx.eps, ctx.differentiable)?;
-        let m = self.mlp.forward(&h, ctx.dropout, ctx.differentiable)?;
+        let m = self.mlp.forward(&h, ctx.dropout, ctx.track)?;
         let m = match &self.post_mlp_norm {
             Some(w) => ops::rms_norm(&m, w, ctx.eps, ctx.differentiable)?,
             None => m,
@@ -203,11 +204,13 @@ impl Block {
             .collect()
     }
 
-    /// Block `i` as a recomputed segment (no hooks inside, no cache).
-    fn recomputed(&self, i: usize, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let (blk, ctx) = (self.clone(), ctx.clone());
-        let f: recompute::SegmentFn = std::sync::Arc::new(move |x: &Tensor| {
-            blk.forward(i, x, &ctx, None, &mut |_, t| Ok(t))
+    /// Block `i` as a recomputed segment (no hooks inside, no cache). `ctxs`: the forward's
+    /// context, tracking the adapters, and the same without tracking (for the first run).
+    fn recomputed(&self, i: usize, x: &Tensor, ctxs: &(Arc<Ctx>, Arc<Ctx>)) -> Result<Tensor> {
+        let (blk, (tracked, untracked)) = (self.clone(), ctxs.clone());
+        let f: recompute::SegmentFn = Arc::new(move |x: &Tensor, track: bool| {
+            let ctx = if track { &tracked } else { &untracked };
+            blk.forward(i, x, ctx, None, &mut |_, t| Ok(t))
                 .map_err(|e| match e {
                     Error::Candle(e) => e,
                     e => candle_core::Error::Msg(e.to_string()),
@@ -255,6 +258,9 @@ struct Ctx {
     pads: Vec<usize>,
     offset: usize,
     differentiable: bool,
+    /// Track the adapters' factors for a backward pass (false: the same ops and values, no
+    /// graph; a recomputed block's first run).
+    track: bool,
     eps: f64,
     dropout: Option<Dropout>,
 }
@@ -287,9 +293,9 @@ impl Attention {
         let (q, k, v) = match Linear::forward_many([&self.q, &self.k, &self.v], x)? {
             Some([q, k, v]) => (q, k, v),
             None => (
-                self.q.forward_t(x, None, ctx.differentiable)?,
-                self.k.forward_t(x, None, ctx.differentiable)?,
-                self.v.forward_t(x, None, ctx.differentiable)?,
+                self.q.forward_t(x, None, ctx.track)?,
+                self.k.forward_t(x, None, ctx.track)?,
+                self.v.forward_t(x, None, ctx.track)?,
             ),
         };
         let q = head_norm(q, &self.q_norm, nh)?;
@@ -337,7 +343,7 @@ impl Attention {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
-        Ok(self.o.forward_t(&y, ctx.dropout, ctx.differentiable)?)
+        Ok(self.o.forward_t(&y, ctx.dropout, ctx.track)?)
     }
 }
 
@@ -943,10 +949,19 @@ impl Model {
             pads: input.pads.clone(),
             offset,
             differentiable: input.differentiable,
+            track: input.differentiable,
             eps: self.cfg.rms_norm_eps,
             dropout: input.dropout,
         };
         let recompute = input.recompute && input.differentiable && cache.is_none();
+        // the contexts of recomputed blocks: tracking the adapters, and not (their first run)
+        let ctxs = recompute.then(|| {
+            let untracked = Ctx {
+                track: false,
+                ..ctx.clone()
+            };
+            (Arc::new(ctx.clone()), Arc::new(untracked))
+        });
         let inner_hooked = |i: usize, hooks: &Option<&mut Hooks>| {
             hooks.as_deref().is_some_and(|h| {
                 [Site::AttnOut, Site::ResidMid, Site::MlpOut]
@@ -967,12 +982,11 @@ impl Model {
             .min(self.blocks.len() - 1);
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
             let resid_pre = hook(&mut hooks, HookPoint::Block(i, Site::ResidPre), x)?;
-            let resid_post = if recompute && !inner_hooked(i, &hooks) {
-                blk.recomputed(i, &resid_pre, &ctx)?
-            } else {
-                blk.forward(i, &resid_pre, &ctx, cache.as_deref_mut(), &mut |p, t| {
+            let resid_post = match &ctxs {
+                Some(c) if !inner_hooked(i, &hooks) => blk.recomputed(i, &resid_pre, c)?,
+                _ => blk.forward(i, &resid_pre, &ctx, cache.as_deref_mut(), &mut |p, t| {
                     hook(&mut hooks, p, t)
-                })?
+                })?,
             };
             x = hook(&mut hooks, HookPoint::Block(i, Site::ResidPost), resid_post)?;
         }

@@ -21,8 +21,10 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Var};
 use std::cell::RefCell;
 use std::sync::Arc;
 
-/// A segment's forward: input `[batch, seq, d]` to output of the same shape.
-pub type SegmentFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+/// A segment's forward: input `[batch, seq, d]` to output of the same shape. With `track`
+/// false it must compute the same values without building a graph (its trainable variables
+/// detached): the first run, whose graph would only be dropped.
+pub type SegmentFn = Arc<dyn Fn(&Tensor, bool) -> Result<Tensor> + Send + Sync>;
 
 thread_local! {
     /// The variables' gradients handed over by segments, one list per [`backward`] running on
@@ -35,8 +37,8 @@ thread_local! {
 /// the trainable variables `f` uses (their gradients reach the caller through [`backward`]);
 /// every other tensor `f` uses must be a constant.
 pub fn segment(x: &Tensor, vars: &[Var], f: SegmentFn) -> Result<Tensor> {
-    // No graph is kept: `y` holds only its values.
-    let y = f(&x.detach())?.detach();
+    // No graph is built: `y` holds only its values.
+    let y = f(&x.detach(), false)?.detach();
     let anchor = match vars.first() {
         Some(v) => v.as_tensor().clone(),
         None => x.clone(),
@@ -150,7 +152,7 @@ impl CustomOp2 for Segment {
         }
         // The segment again, this time keeping its graph, from a copy of its input.
         let xv = Var::from_tensor(&x.detach())?;
-        let y = (self.f)(xv.as_tensor())?;
+        let y = (self.f)(xv.as_tensor(), true)?;
         let inner = (y * grad.detach())?.sum_all()?.backward()?;
         let mut handed = Vec::with_capacity(self.vars.len());
         for v in &self.vars {
