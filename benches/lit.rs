@@ -6,13 +6,18 @@
 //! step is loss + backward + AdamW. Median of 5 after 1 warm-up.
 //!
 //!     cargo bench --bench lit
+//!
+//! `LQA_BENCH_PHASES=1` prints each step's time per phase (target forward, decoder forward,
+//! backward, optimizer).
 
 mod common;
 
 use common::{median, rss_mib};
 use lqa::chat::Message;
 use lqa::latentqa::format::{decoder_prompt, read_prompt};
-use lqa::latentqa::loss::{latentqa_loss, LossConfig, PatchedBatch, PatchedExample};
+use lqa::latentqa::loss::{
+    latentqa_loss, patch_vectors, patched_token_nll, LossConfig, PatchedBatch, PatchedExample,
+};
 use lqa::latentqa::{Labels, LayerPlan, ReadDialog, VerbMask};
 use lqa::lora::{Adapter, LoraConfig};
 use lqa::model::Dropout;
@@ -111,6 +116,9 @@ fn bench() -> anyhow::Result<()> {
     let mut seed = 0u64;
     // LQA_BENCH_RECOMPUTE=1: blocks recomputed in the backward pass (less memory)
     let recompute = std::env::var("LQA_BENCH_RECOMPUTE").is_ok_and(|v| v == "1");
+    // LQA_BENCH_PHASES=1: also print each step's target forward, decoder forward, backward and
+    // optimizer times
+    let phases = std::env::var("LQA_BENCH_PHASES").is_ok_and(|v| v == "1");
     let mut step = || -> anyhow::Result<f64> {
         seed += 1;
         let cfg = LossConfig {
@@ -123,6 +131,37 @@ fn bench() -> anyhow::Result<()> {
             recompute,
         };
         let t = Instant::now();
+        if phases {
+            // The same step, timed per phase.
+            let patches = patch_vectors(&lm.model, &batch, &cfg, None)?;
+            let t1 = Instant::now();
+            let tn = patched_token_nll(&decoder, &batch, Some(&patches), &cfg, None)?;
+            let loss = tn.nll.mean_all()?;
+            let _ = loss.to_scalar::<f32>()?;
+            let t2 = Instant::now();
+            let mono = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            };
+            eprintln!("BWD_START {:.6}", mono());
+            let grads = lqa::model::recompute::backward(&loss)?;
+            let t3 = Instant::now();
+            eprintln!("BWD_END {:.6}", mono());
+            opt.step(&grads)?;
+            let t4 = Instant::now();
+            eprintln!(
+                "phases: target {:.3} s, decoder forward {:.3} s, backward {:.3} s, optimizer {:.3} s",
+                (t1 - t).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                (t3 - t2).as_secs_f64(),
+                (t4 - t3).as_secs_f64()
+            );
+            return Ok(t.elapsed().as_secs_f64());
+        }
         let out = latentqa_loss(&lm.model, &decoder, &batch, &cfg)?;
         let grads = lqa::model::recompute::backward(&out.loss)?;
         opt.step(&grads)?;

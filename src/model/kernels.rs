@@ -170,6 +170,78 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// The input gradient of [`rms_norm_row`]: with `r = 1 / sqrt(mean(x^2) + eps)`,
+    /// `dx = r (w dy) - x r^3 mean(w dy x)`.
+    pub fn rms_norm_row_bwd(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32) {
+        let (mut acc, mut dot) = ([0f32; LANES], [0f32; LANES]);
+        let n = x.len();
+        let body = n - n % LANES;
+        for i in (0..body).step_by(LANES) {
+            for l in 0..LANES {
+                let v = x[i + l];
+                acc[l] += v * v;
+                dot[l] += w[i + l] * dy[i + l] * v;
+            }
+        }
+        let (mut sum, mut wdx) = (0f32, 0f32);
+        for i in body..n {
+            sum += x[i] * x[i];
+            wdx += w[i] * dy[i] * x[i];
+        }
+        sum += acc.iter().sum::<f32>();
+        wdx += dot.iter().sum::<f32>();
+        let r = 1.0 / (sum / n as f32 + eps).sqrt();
+        let c = r * r * r * wdx / n as f32;
+        for i in 0..n {
+            dx[i] = r * w[i] * dy[i] - x[i] * c;
+        }
+    }
+}
+
+multiversion! {
+    /// The scores' gradient of one row of [`masked_softmax_row`] from its output `p` and the
+    /// output's gradient `dp`: `scale p (dp - sum(p dp))` (zero where `p` is).
+    pub fn softmax_row_bwd(ds: &mut [f32], p: &[f32], dp: &[f32], scale: f32) {
+        let mut acc = [0f32; LANES];
+        let n = p.len();
+        let body = n - n % LANES;
+        for i in (0..body).step_by(LANES) {
+            for l in 0..LANES {
+                acc[l] += p[i + l] * dp[i + l];
+            }
+        }
+        let mut dot: f32 = (body..n).map(|i| p[i] * dp[i]).sum();
+        dot += acc.iter().sum::<f32>();
+        for i in 0..n {
+            ds[i] = scale * p[i] * (dp[i] - dot);
+        }
+    }
+}
+
+multiversion! {
+    /// The input gradient of [`split_head`] for one token: `dy` holds the token's `hd` values
+    /// of each head at `dy[head * head_stride..]`; they go to `out` (`[heads * hd]`) rotated
+    /// back (the transpose of the rotation: `sin` negated) unless `cos`/`sin` (`[hd/2]`) are
+    /// empty.
+    pub fn merge_token(out: &mut [f32], dy: &[f32], head_stride: usize, hd: usize, cos: &[f32], sin: &[f32]) {
+        let half = hd / 2;
+        for (head, o) in out.chunks_exact_mut(hd).enumerate() {
+            let src = &dy[head * head_stride..][..hd];
+            if cos.is_empty() {
+                o.copy_from_slice(src);
+                continue;
+            }
+            let (d1, d2) = src.split_at(half);
+            let (o1, o2) = o.split_at_mut(half);
+            for j in 0..half {
+                o1[j] = d1[j] * cos[j] + d2[j] * sin[j];
+                o2[j] = d2[j] * cos[j] - d1[j] * sin[j];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

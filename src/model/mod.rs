@@ -25,6 +25,7 @@ pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
+mod lora_linear;
 pub mod names;
 pub mod ops;
 pub mod packed;

@@ -41,12 +41,25 @@ pub(crate) fn f32_slice<'a>(
     Ok(&v[a..b])
 }
 
+/// A CPU tensor's values as one contiguous f32 slice, for `f` (backward passes of the custom
+/// ops, which get tensors rather than storages).
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("{op}: not a CPU tensor");
+    };
+    f(f32_slice(s, l, op)?)
+}
+
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
-    if !differentiable && x.dtype() == DType::F32 && cpu_kernels(x.device()) {
-        return x
-            .contiguous()?
-            .apply_op2_no_bwd(&w.contiguous()?, &RmsNorm(eps as f32));
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && cpu_kernels(x.device()) {
+        let (x, w) = (x.contiguous()?, w.contiguous()?);
+        return match differentiable {
+            true => x.apply_op2(&w, RmsNorm(eps as f32)),
+            false => x.apply_op2_no_bwd(&w, &RmsNorm(eps as f32)),
+        };
     }
     if !differentiable && x.dtype() == DType::F32 && x.is_contiguous() {
         return candle_nn::ops::rms_norm(x, w, eps as f32);
@@ -99,6 +112,46 @@ impl CustomOp2 for RmsNorm {
         };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
+
+    /// `dx` row by row ([`kernels::rms_norm_row_bwd`]); `dw = sum over rows of dy x r` only
+    /// when `w` is trained (norm weights are frozen in lqa).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let d = w.elem_count();
+        let eps = self.0;
+        let (dx, dw) = with_f32(x, "rms-norm", |xv| {
+            with_f32(w, "rms-norm", |wv| {
+                with_f32(dy, "rms-norm", |dyv| {
+                    let mut dx = vec![0f32; xv.len()];
+                    dx.par_chunks_mut(d)
+                        .zip(xv.par_chunks(d).zip(dyv.par_chunks(d)))
+                        .for_each(|(o, (x, dy))| kernels::rms_norm_row_bwd(o, x, wv, dy, eps));
+                    let dw = w.track_op().then(|| {
+                        let mut dw = vec![0f32; d];
+                        for (x, dy) in xv.chunks(d).zip(dyv.chunks(d)) {
+                            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                            let r = 1.0 / (ms + eps).sqrt();
+                            for ((g, &x), &dy) in dw.iter_mut().zip(x).zip(dy) {
+                                *g += dy * x * r;
+                            }
+                        }
+                        dw
+                    });
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dw = dw
+            .map(|v| Tensor::from_vec(v, w.shape(), w.device()))
+            .transpose()?;
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
+    }
 }
 
 /// `[b, s, heads * hd]` (a projection's output) to `[b, heads, s, hd]`, rotated by RoPE with
@@ -112,15 +165,20 @@ pub fn split_heads(
 ) -> Result<Tensor> {
     let (b, s, hh) = x.dims3()?;
     let hd = hh / heads;
-    if !differentiable && x.dtype() == DType::F32 && cpu_kernels(x.device()) {
+    if x.dtype() == DType::F32 && cpu_kernels(x.device()) {
         let x = x.contiguous()?;
-        return match rope_cs {
-            Some((cos, sin)) => x.apply_op3_no_bwd(
-                &cos.to_dtype(DType::F32)?.contiguous()?,
-                &sin.to_dtype(DType::F32)?.contiguous()?,
-                &SplitHeads { heads },
-            ),
-            None => x.apply_op1_no_bwd(&SplitHeads { heads }),
+        let op = SplitHeads { heads };
+        return match (rope_cs, differentiable) {
+            (Some((cos, sin)), d) => {
+                let cos = cos.to_dtype(DType::F32)?.contiguous()?;
+                let sin = sin.to_dtype(DType::F32)?.contiguous()?;
+                match d {
+                    true => x.apply_op3(&cos, &sin, op),
+                    false => x.apply_op3_no_bwd(&cos, &sin, &op),
+                }
+            }
+            (None, true) => x.apply_op1(op),
+            (None, false) => x.apply_op1_no_bwd(&op),
         };
     }
     let t = x
@@ -178,6 +236,34 @@ impl SplitHeads {
         };
         Ok((CpuStorage::F32(out), Shape::from((b, h, s, hd))))
     }
+
+    /// The input gradient `[b, s, heads * hd]` of `dy` `[b, heads, s, hd]`: heads merged back,
+    /// rotated back where RoPE was applied ([`kernels::merge_token`]).
+    fn backward(&self, x: &Tensor, dy: &Tensor, cs: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (b, s, hh) = x.dims3()?;
+        let h = self.heads;
+        let (hd, half) = (hh / h, hh / h / 2);
+        let run = |dy: &[f32], c: &[f32], sn: &[f32]| -> Result<Vec<f32>> {
+            let mut dx = vec![0f32; b * s * hh];
+            dx.par_chunks_mut(hh).enumerate().for_each(|(r, o)| {
+                let (bi, i) = (r / s, r % s);
+                let (c, sn) = match c.is_empty() {
+                    true => (c, sn),
+                    false => (&c[r * half..][..half], &sn[r * half..][..half]),
+                };
+                kernels::merge_token(o, &dy[bi * h * s * hd + i * hd..], s * hd, hd, c, sn);
+            });
+            Ok(dx)
+        };
+        let dx = with_f32(dy, "split-heads", |dyv| match cs {
+            Some((c, sn)) => with_f32(c, "split-heads", |c| {
+                with_f32(sn, "split-heads", |sn| run(dyv, c, sn))
+            }),
+            None => run(dyv, &[], &[]),
+        })?;
+        Tensor::from_vec(dx, (b, s, hh), x.device())
+    }
 }
 
 impl CustomOp1 for SplitHeads {
@@ -186,6 +272,9 @@ impl CustomOp1 for SplitHeads {
     }
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         self.run(x, xl, None)
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, dy, None)?))
     }
 }
 
@@ -207,6 +296,17 @@ impl CustomOp3 for SplitHeads {
             f32_slice(sn, sl, "split-heads")?,
         );
         self.run(x, xl, Some(cs))
+    }
+    /// cos/sin are constants of the positions: no gradient.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.backward(x, dy, Some((cos, sin)))?), None, None))
     }
 }
 
@@ -245,7 +345,7 @@ pub fn attention_probs(
     offset: usize,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let fused = !differentiable && scores.dtype() == DType::F32 && cpu_kernels(scores.device());
+    let fused = scores.dtype() == DType::F32 && cpu_kernels(scores.device());
     let (scores, scale) = match how.softcap {
         Some(c) => ((((scores * (how.scale / c))?.tanh())? * c)?, 1.0),
         None => (scores.clone(), how.scale),
@@ -253,12 +353,16 @@ pub fn attention_probs(
     if fused {
         let (b, _, s, kv) = scores.dims4()?;
         if b == pads.len() && kv == offset + s {
-            return scores.contiguous()?.apply_op1_no_bwd(&MaskedSoftmax {
+            let op = MaskedSoftmax {
                 scale: scale as f32,
                 pads: pads.to_vec(),
                 offset,
                 window: how.window,
-            });
+            };
+            return match differentiable {
+                true => scores.contiguous()?.apply_op1(op),
+                false => scores.contiguous()?.apply_op1_no_bwd(&op),
+            };
         }
     }
     if mask.is_none() && (how.window.is_some() || pads.iter().any(|&p| p > 0)) {
@@ -314,6 +418,23 @@ impl CustomOp1 for MaskedSoftmax {
             })
         };
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// Row by row from the probabilities ([`kernels::softmax_row_bwd`]); masked keys have
+    /// probability 0 and so no gradient.
+    fn bwd(&self, scores: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let kv = *scores.dims().last().unwrap_or(&1);
+        let ds = with_f32(p, "masked-softmax", |pv| {
+            with_f32(dp, "masked-softmax", |dpv| {
+                let mut ds = vec![0f32; pv.len()];
+                ds.par_chunks_mut(kv)
+                    .zip(pv.par_chunks(kv).zip(dpv.par_chunks(kv)))
+                    .for_each(|(o, (p, dp))| kernels::softmax_row_bwd(o, p, dp, self.scale));
+                Ok(ds)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(ds, scores.shape(), scores.device())?))
     }
 }
 
@@ -451,12 +572,105 @@ mod tests {
         assert!(max_diff(&diff, &want) < 1e-6);
     }
 
+    /// `f` on a f32 variable (the custom ops) and on its f64 copy (candle's composition), a
+    /// fixed weighting of the output summed: the outputs and the input gradients agree.
+    fn grads_agree(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>, tol: f64) {
+        let run = |dt: DType| {
+            let v = candle_core::Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
+            let y = f(v.as_tensor()).unwrap();
+            let c = t(y.dims(), 9.0).to_dtype(dt).unwrap();
+            let loss = (&y * &c).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            let dx = g.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+            (y.to_dtype(DType::F64).unwrap(), dx)
+        };
+        let (y32, g32) = run(DType::F32);
+        let (y64, g64) = run(DType::F64);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d: f64 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            let m: f64 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            d / m.max(1e-12)
+        };
+        assert!(rel(&y32, &y64) < tol, "outputs differ: {}", rel(&y32, &y64));
+        assert!(
+            rel(&g32, &g64) < tol,
+            "input gradients differ: {}",
+            rel(&g32, &g64)
+        );
+    }
+
     #[test]
-    fn fused_rms_norm_matches_the_differentiable_one() {
+    fn fused_rms_norm_matches_the_composition_and_its_gradient() {
         let x = t(&[3, 4, 37], 0.5);
         let w = t(&[37], 7.0);
         let fused = rms_norm(&x, &w, 1e-5, false).unwrap();
-        let slow = rms_norm(&x, &w, 1e-5, true).unwrap();
+        let slow = rms_norm(
+            &x.to_dtype(DType::F64).unwrap(),
+            &w.to_dtype(DType::F64).unwrap(),
+            1e-5,
+            true,
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
         assert!(max_diff(&fused, &slow) < 1e-6);
+        grads_agree(
+            &x,
+            |x| rms_norm(x, &w.to_dtype(x.dtype())?, 1e-5, true),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn split_heads_gradient_matches_the_composition() {
+        let (b, s, h, hd) = (2, 5, 3, 8);
+        let x = t(&[b, s, h * hd], 1.0);
+        let (cos, sin) = (t(&[b, s, hd / 2], 2.0), t(&[b, s, hd / 2], 3.0));
+        for rope in [true, false] {
+            grads_agree(
+                &x,
+                |x| {
+                    let cs = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+                    split_heads(x, h, rope.then_some((&cs.0, &cs.1)), true)
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn masked_softmax_gradient_matches_the_composition() {
+        // two rows, the second left-padded by 2; a sliding window of 3 in the second case
+        let (b, h, s) = (2, 3, 6);
+        let pads = [0usize, 2];
+        let scores = t(&[b, h, s, s], 4.0);
+        for window in [None, Some(3)] {
+            let mut m = vec![f32::NEG_INFINITY; b * s * s];
+            for (bi, &pad) in pads.iter().enumerate() {
+                for q in 0..s {
+                    for k in first_key(pad, q, window)..=q {
+                        m[(bi * s + q) * s + k] = 0.0;
+                    }
+                }
+            }
+            let mask = Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap();
+            let how = Scores {
+                scale: 0.7,
+                softcap: None,
+                window,
+            };
+            grads_agree(
+                &scores,
+                |x| attention_probs(x, &how, Some(&mask.to_dtype(x.dtype())?), &pads, 0, true),
+                1e-5,
+            );
+        }
     }
 }
