@@ -82,6 +82,19 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// The gradients of [`silu_mul`] given the output's `dy`: with `sig = sigmoid(g)`,
+    /// `dg = dy u sig (1 + g (1 - sig))` and `du = dy g sig`.
+    pub fn silu_mul_bwd(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        for i in 0..dg.len() {
+            let (x, d) = (g[i], dy[i]);
+            let sig = 1.0 / (1.0 + exp(-x));
+            dg[i] = d * u[i] * sig * (1.0 + x * (1.0 - sig));
+            du[i] = d * x * sig;
+        }
+    }
+}
+
 /// Lanes of the manual reductions (float reductions do not vectorise on their own).
 const LANES: usize = 16;
 

@@ -47,6 +47,7 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst [m, n] (+)= beta * lhs [m, k] rhs [k, n]`, dst row-major; accumulates when `add`.
+#[allow(clippy::too_many_arguments)]
 fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], add: bool, lhs: Mat, rhs: Mat, beta: f32) {
     assert!(
         dst.len() >= m * n,

@@ -21,6 +21,7 @@
 //! Batches are left-padded; every row gets explicit position ids (`0..len` over its own tokens)
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
 
+mod attention;
 pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
@@ -294,9 +295,10 @@ impl Attention {
         let (q, k, v) = match Linear::forward_many([&self.q, &self.k, &self.v], x)? {
             Some([q, k, v]) => (q, k, v),
             None => (
-                self.q.forward_t(x, None, ctx.track)?,
-                self.k.forward_t(x, None, ctx.track)?,
-                self.v.forward_t(x, None, ctx.track)?,
+                // each adapter draws its own dropout mask, as PEFT's per-module dropout does
+                self.q.forward_t(x, ctx.dropout, ctx.track)?,
+                self.k.forward_t(x, ctx.dropout, ctx.track)?,
+                self.v.forward_t(x, ctx.dropout, ctx.track)?,
             ),
         };
         let q = head_norm(q, &self.q_norm, nh)?;
@@ -305,6 +307,26 @@ impl Attention {
         let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
         let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
         let v = ops::split_heads(&v, nkv, None, ctx.differentiable)?;
+        // Training on the CPU: the whole attention as one node (see `attention`).
+        let fused = cache.is_none()
+            && ctx.differentiable
+            && q.dtype() == DType::F32
+            && ops::cpu_kernels(q.device())
+            && self.softcap.is_none()
+            && ctx.offset == 0
+            && ctx.pads.len() == b;
+        if fused {
+            let y = q.apply_op3(
+                &k,
+                &v,
+                attention::CausalAttention {
+                    scale: self.scale as f32,
+                    pads: ctx.pads.clone(),
+                    window: self.window,
+                },
+            )?; // [b, s, nh * hd]
+            return Ok(self.o.forward_t(&y, ctx.dropout, ctx.track)?);
+        }
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
             None => (k, v),
@@ -1004,7 +1026,10 @@ impl Model {
         let h = hook(&mut hooks, HookPoint::FinalNorm, h)?;
         let logits = match &input.logits {
             Logits::None => None,
-            Logits::All => Some(self.lm_head.forward_t(&h, None, ctx.differentiable)?),
+            Logits::All => Some(
+                self.lm_head
+                    .forward_t(&h, ctx.dropout, ctx.differentiable)?,
+            ),
             Logits::Last => {
                 let last = h.narrow(1, s - 1, 1)?;
                 Some(
@@ -1038,7 +1063,10 @@ impl Model {
                 )?;
                 let d = h.dim(D::Minus1)?;
                 let sel = h.reshape((b * s, d))?.index_select(&idx, 0)?;
-                Some(self.lm_head.forward_t(&sel, None, ctx.differentiable)?)
+                Some(
+                    self.lm_head
+                        .forward_t(&sel, ctx.dropout, ctx.differentiable)?,
+                )
             }
         };
         let logits = match logits {

@@ -379,27 +379,47 @@ impl PackedWeight {
         }
         let kern = self.kernel;
         let mr = kern.mr;
-        // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded.
+        // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded; transposed in
+        // blocks of TB outputs, so that the writes of one block stay in the L1 cache.
+        const TB: usize = 64;
         let tp = m.div_ceil(mr);
         let mp = tp * mr;
-        let mut dyp = vec![0f32; tp * n * mr];
-        dyp.par_chunks_mut(n * mr)
-            .enumerate()
-            .for_each(|(q, panel)| {
-                for t in 0..mr.min(m - q * mr) {
-                    let row = &dy[(q * mr + t) * n..][..n];
-                    for (o, &v) in row.iter().enumerate() {
-                        panel[o * mr + t] = v;
-                    }
-                }
-            });
-        // dx^T [k][mp]: the microkernel writes token-contiguous tiles.
-        let mut dxt = vec![0f32; k * mp];
+        // SAFETY: every panel element is written below (a token's value, or 0 past the last
+        // token).
+        let dyp = unsafe {
+            super::kernels::filled(tp * n * mr, |dyp| {
+                dyp.par_chunks_mut(n * mr)
+                    .enumerate()
+                    .for_each(|(q, panel)| {
+                        let rows = mr.min(m - q * mr);
+                        for o0 in (0..n).step_by(TB) {
+                            let o1 = (o0 + TB).min(n);
+                            for t in 0..mr {
+                                if t < rows {
+                                    let row = &dy[(q * mr + t) * n + o0..][..o1 - o0];
+                                    for (j, &v) in row.iter().enumerate() {
+                                        panel[(o0 + j) * mr + t].write(v);
+                                    }
+                                } else {
+                                    for o in o0..o1 {
+                                        panel[o * mr + t].write(0.0);
+                                    }
+                                }
+                            }
+                        }
+                    });
+            })
+        };
+        // dx^T [k][mp]: the microkernel writes token-contiguous tiles (every token column
+        // below m of every row; the padding columns are never written nor read).
+        let mut dxt: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(k * mp);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { dxt.set_len(k * mp) };
         let panels = n.div_ceil(mr);
         let cols = k.div_ceil(NR);
         let jobs = tp * cols;
         let nt = self.threads(m, jobs);
-        let dst = Shared(dxt.as_mut_ptr());
+        let dst = Shared(dxt.as_mut_ptr() as *mut f32);
         let w = &self.data[..];
         let lhs = &dyp[..];
         let run = |t: usize| {
@@ -431,13 +451,28 @@ impl PackedWeight {
             }
         };
         on_threads(nt, run);
-        let mut dx = vec![0f32; m * k];
-        dx.par_chunks_mut(k).enumerate().for_each(|(t, row)| {
-            for (kk, v) in row.iter_mut().enumerate() {
-                *v = dxt[kk * mp + t];
-            }
-        });
-        dx
+        // dx [m][k] from dx^T, TB tokens by TB inputs at a time.
+        // SAFETY: the blocks cover every row of dx; each element of dxt read (token < m) was
+        // written by a tile above.
+        unsafe {
+            super::kernels::filled(m * k, |dx| {
+                dx.par_chunks_mut(k * TB)
+                    .enumerate()
+                    .for_each(|(tb, rows)| {
+                        let t0 = tb * TB;
+                        let nt = rows.len() / k;
+                        for k0 in (0..k).step_by(TB) {
+                            let k1 = (k0 + TB).min(k);
+                            for t in 0..nt {
+                                let out = &mut rows[t * k + k0..t * k + k1];
+                                for (j, o) in out.iter_mut().enumerate() {
+                                    o.write(dxt[(k0 + j) * mp + t0 + t].assume_init());
+                                }
+                            }
+                        }
+                    });
+            })
+        }
     }
 }
 
