@@ -65,7 +65,7 @@ pub fn name_uid(name: &str) -> u64 {
 
 impl Dropout {
     /// Elements per independently seeded block of a mask (masks are drawn in parallel).
-    const BLOCK: usize = 1 << 14;
+    pub(super) const BLOCK: usize = 1 << 14;
 
     /// An inverted-dropout mask of `shape`: keep/(1-p) or 0, deterministic in (seed, uid).
     /// Each block of [`Dropout::BLOCK`] elements has its own generator, so the mask does not
@@ -95,21 +95,26 @@ impl Dropout {
     /// count): the same values for the same (seed, uid, p).
     pub(super) fn fill(&self, uid: u64, p: f64, out: &mut [f32]) {
         use rayon::prelude::*;
+        out.par_chunks_mut(Self::BLOCK)
+            .enumerate()
+            .for_each(|(bi, chunk)| self.fill_block(uid, p, bi, chunk));
+    }
+
+    /// Block `bi` of that mask (elements `bi * BLOCK..`, `out` at most [`Dropout::BLOCK`]
+    /// long), so that a pass over a tensor can draw its mask block by block instead of
+    /// keeping it.
+    pub(super) fn fill_block(&self, uid: u64, p: f64, bi: usize, out: &mut [f32]) {
         let base = splitmix(self.seed ^ splitmix(uid));
         let keep = 1.0 / (1.0 - p) as f32;
         let thresh = (p * 65536.0).round() as u64;
-        out.par_chunks_mut(Self::BLOCK)
-            .enumerate()
-            .for_each(|(bi, chunk)| {
-                let mut s = splitmix(base ^ spread(bi as u64));
-                for quad in chunk.chunks_mut(4) {
-                    s = splitmix(s);
-                    for (j, e) in quad.iter_mut().enumerate() {
-                        let r = (s >> (16 * j)) & 0xFFFF;
-                        *e = if r < thresh { 0.0 } else { keep };
-                    }
-                }
-            });
+        let mut s = splitmix(base ^ spread(bi as u64));
+        for quad in out.chunks_mut(4) {
+            s = splitmix(s);
+            for (j, e) in quad.iter_mut().enumerate() {
+                let r = (s >> (16 * j)) & 0xFFFF;
+                *e = if r < thresh { 0.0 } else { keep };
+            }
+        }
     }
 }
 
@@ -620,7 +625,8 @@ mod tests {
     /// (the same masks), for an HF-layout and a packed weight.
     #[test]
     fn fused_lora_linear_matches_the_composition_and_its_gradients() {
-        let (m, k, n, r) = (37, 24, 40, 4);
+        // x spans several dropout blocks (of 2^14 values) and a partial one
+        let (m, k, n, r) = (701, 48, 40, 4);
         let w = t(&[n, k], 1.0);
         let (a, b) = (t(&[r, k], 2.0), t(&[n, r], 3.0));
         let x = t(&[m, k], 4.0);

@@ -101,21 +101,24 @@ fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], add: bool, lhs: Mat, rhs: M
     }
 }
 
-/// `x * mask` where the adapter has dropout, else `None` (use `x`).
-fn dropped(x: &[f32], drop: &Option<(Dropout, u64, f64)>) -> Option<(Vec<f32>, Vec<f32>)> {
+/// The adapter's dropout: its seed, the layer's uid and p.
+type Drop = Option<(Dropout, u64, f64)>;
+
+/// `x * mask` where the adapter has dropout, else `None` (use `x`); the mask is drawn block by
+/// block into the output, never kept whole.
+fn dropped(x: &[f32], drop: &Drop) -> Option<Vec<f32>> {
     let (d, uid, p) = drop.as_ref()?;
-    let mut mask = vec![0f32; x.len()];
-    d.fill(*uid, *p, &mut mask);
     let mut xm = vec![0f32; x.len()];
-    xm.par_chunks_mut(1 << 14)
-        .zip(x.par_chunks(1 << 14))
-        .zip(mask.par_chunks(1 << 14))
-        .for_each(|((o, x), m)| {
-            for ((o, x), m) in o.iter_mut().zip(x).zip(m) {
-                *o = x * m;
+    xm.par_chunks_mut(Dropout::BLOCK)
+        .zip(x.par_chunks(Dropout::BLOCK))
+        .enumerate()
+        .for_each(|(bi, (o, x))| {
+            d.fill_block(*uid, *p, bi, o);
+            for (o, x) in o.iter_mut().zip(x) {
+                *o *= x;
             }
         });
-    Some((xm, mask))
+    Some(xm)
 }
 
 /// `x W^T + s (drop(x) A^T) B^T` over `(x [m, k], A [r, k], B [n, r])`, the frozen product by
@@ -124,7 +127,7 @@ pub(super) struct LoraLinear {
     pub base: Box<dyn CustomOp1 + Send + Sync>,
     pub scale: f32,
     /// The dropout of this forward: its seed, the layer's uid and p.
-    pub drop: Option<(Dropout, u64, f64)>,
+    pub drop: Drop,
 }
 
 impl LoraLinear {
@@ -165,7 +168,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         let a = f32_slice(sa, la, "lora-linear (A)")?;
         let b = f32_slice(sb, lb, "lora-linear (B)")?;
         let xm = dropped(x, &self.drop);
-        let xm = xm.as_ref().map_or(x, |(xm, _)| xm);
+        let xm = xm.as_deref().unwrap_or(x);
         let mut h = vec![0f32; m * r]; // [m, r]
         mm(m, r, k, &mut h, false, Mat::rows(xm, k), Mat::t(a, k), 1.0);
         mm(
@@ -193,67 +196,26 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (r, _) = a.dims2()?;
         let (n, _) = b.dims2()?;
         let dy = dy.contiguous()?;
-        let base_dx = self.base.bwd(x, res, &dy)?;
-        let Some(base_dx) = base_dx else {
-            candle_core::bail!("lora-linear: the frozen product has no input gradient");
+        // The input of the first block's projections (the embeddings, or patched activations
+        // that are constants) needs no gradient.
+        let base_dx = match x.track_op() {
+            true => match self.base.bwd(x, res, &dy)? {
+                Some(t) => Some(t),
+                None => candle_core::bail!("lora-linear: the frozen product has no input gradient"),
+            },
+            false => None,
         };
-        let s = self.scale;
-        let (dx, da, db) = with_f32(&dy, "dy", |dy| {
-            with_f32(x, "x", |x| {
-                with_f32(a, "A", |a| {
-                    with_f32(b, "B", |b| {
-                        let dropped = dropped(x, &self.drop);
-                        let xm = dropped.as_ref().map_or(x, |(xm, _)| xm);
-                        let mut h = vec![0f32; m * r]; // [m, r]
-                        mm(m, r, k, &mut h, false, Mat::rows(xm, k), Mat::t(a, k), 1.0);
-                        let mut g = vec![0f32; m * r]; // s dy B [m, r]
-                        mm(m, r, n, &mut g, false, Mat::rows(dy, n), Mat::rows(b, r), s);
-                        let mut db = vec![0f32; n * r]; // s dy^T h [n, r]
-                        mm(n, r, m, &mut db, false, Mat::t(dy, n), Mat::rows(&h, r), s);
-                        let mut da = vec![0f32; r * k]; // g^T xm [r, k]
-                        mm(
-                            r,
-                            k,
-                            m,
-                            &mut da,
-                            false,
-                            Mat::t(&g, r),
-                            Mat::rows(xm, k),
-                            1.0,
-                        );
-                        let mut dx = vec![0f32; m * k]; // g A [m, k], then masked + dy W
-                        mm(
-                            m,
-                            k,
-                            r,
-                            &mut dx,
-                            false,
-                            Mat::rows(&g, r),
-                            Mat::rows(a, k),
-                            1.0,
-                        );
-                        with_f32(&base_dx, "dy W", |bx| {
-                            const C: usize = 1 << 14;
-                            match &dropped {
-                                Some((_, mask)) => dx
-                                    .par_chunks_mut(C)
-                                    .zip(bx.par_chunks(C))
-                                    .zip(mask.par_chunks(C))
-                                    .for_each(|((d, bx), mk)| {
-                                        for ((d, bx), mk) in d.iter_mut().zip(bx).zip(mk) {
-                                            *d = bx + *d * mk;
-                                        }
-                                    }),
-                                None => dx.par_chunks_mut(C).zip(bx.par_chunks(C)).for_each(
-                                    |(d, bx)| {
-                                        for (d, bx) in d.iter_mut().zip(bx) {
-                                            *d += bx;
-                                        }
-                                    },
-                                ),
-                            }
-                            Ok(())
-                        })?;
+        let (dx, da, db) = with_f32(&dy, "lora-linear (dy)", |dy| {
+            with_f32(x, "lora-linear (x)", |x| {
+                with_f32(a, "lora-linear (A)", |a| {
+                    with_f32(b, "lora-linear (B)", |b| {
+                        let (da, db, g) = self.factor_grads(x, a, b, dy, (m, k, r, n));
+                        let dx = match &base_dx {
+                            Some(t) => Some(with_f32(t, "lora-linear (dy W)", |bx| {
+                                Ok(self.input_grad(bx, &g, a, (m, k, r)))
+                            })?),
+                            None => None,
+                        };
                         Ok((dx, da, db))
                     })
                 })
@@ -261,10 +223,93 @@ impl candle_core::CustomOp3 for LoraLinear {
         })?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(db, (n, r), dev)?),
         ))
+    }
+}
+
+impl LoraLinear {
+    /// `dA = g^T drop(x)` `[r, k]` and `dB = s dy^T h` `[n, r]`, with `g = s dy B` `[m, r]`,
+    /// which the input's gradient needs (the dropout mask drawn again).
+    fn factor_grads(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        dy: &[f32],
+        (m, k, r, n): (usize, usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.scale;
+        let dropped = dropped(x, &self.drop);
+        let xm = dropped.as_deref().unwrap_or(x);
+        let mut h = vec![0f32; m * r]; // drop(x) A^T [m, r]
+        mm(m, r, k, &mut h, false, Mat::rows(xm, k), Mat::t(a, k), 1.0);
+        let mut g = vec![0f32; m * r]; // s dy B [m, r]
+        mm(m, r, n, &mut g, false, Mat::rows(dy, n), Mat::rows(b, r), s);
+        let mut db = vec![0f32; n * r]; // s dy^T h [n, r]
+        mm(n, r, m, &mut db, false, Mat::t(dy, n), Mat::rows(&h, r), s);
+        let mut da = vec![0f32; r * k]; // g^T drop(x) [r, k]
+        mm(
+            r,
+            k,
+            m,
+            &mut da,
+            false,
+            Mat::t(&g, r),
+            Mat::rows(xm, k),
+            1.0,
+        );
+        (da, db, g)
+    }
+
+    /// `dx = dy W + (g A) * mask` `[m, k]` from the frozen product's `dy W` (`bx`), the mask
+    /// drawn again block by block.
+    fn input_grad(
+        &self,
+        bx: &[f32],
+        g: &[f32],
+        a: &[f32],
+        (m, k, r): (usize, usize, usize),
+    ) -> Vec<f32> {
+        const C: usize = Dropout::BLOCK;
+        let mut dx = vec![0f32; m * k]; // g A, then masked, plus dy W
+        mm(
+            m,
+            k,
+            r,
+            &mut dx,
+            false,
+            Mat::rows(g, r),
+            Mat::rows(a, k),
+            1.0,
+        );
+        match &self.drop {
+            Some((d, uid, p)) => dx
+                .par_chunks_mut(C)
+                .zip(bx.par_chunks(C))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; C],
+                    |mk, (bi, (dx, bx))| {
+                        let mk = &mut mk[..dx.len()];
+                        d.fill_block(*uid, *p, bi, mk);
+                        for ((d, bx), mk) in dx.iter_mut().zip(bx).zip(mk.iter()) {
+                            *d = bx + *d * mk;
+                        }
+                    },
+                ),
+            None => dx
+                .par_chunks_mut(C)
+                .zip(bx.par_chunks(C))
+                .for_each(|(d, bx)| {
+                    for (d, bx) in d.iter_mut().zip(bx) {
+                        *d += bx;
+                    }
+                }),
+        }
+        dx
     }
 }
 

@@ -128,10 +128,14 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_f32(x, "rms-norm", |xv| {
             with_f32(w, "rms-norm", |wv| {
                 with_f32(dy, "rms-norm", |dyv| {
-                    let mut dx = vec![0f32; xv.len()];
-                    dx.par_chunks_mut(d)
-                        .zip(xv.par_chunks(d).zip(dyv.par_chunks(d)))
-                        .for_each(|(o, (x, dy))| kernels::rms_norm_row_bwd(o, x, wv, dy, eps));
+                    // the first block's input (embeddings, constant patches) needs none
+                    let dx = x.track_op().then(|| {
+                        let mut dx = vec![0f32; xv.len()];
+                        dx.par_chunks_mut(d)
+                            .zip(xv.par_chunks(d).zip(dyv.par_chunks(d)))
+                            .for_each(|(o, (x, dy))| kernels::rms_norm_row_bwd(o, x, wv, dy, eps));
+                        dx
+                    });
                     let dw = w.track_op().then(|| {
                         let mut dw = vec![0f32; d];
                         for (x, dy) in xv.chunks(d).zip(dyv.chunks(d)) {
@@ -150,7 +154,10 @@ impl CustomOp2 for RmsNorm {
         let dw = dw
             .map(|v| Tensor::from_vec(v, w.shape(), w.device()))
             .transpose()?;
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
+        Ok((dx, dw))
     }
 }
 
