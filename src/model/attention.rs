@@ -20,7 +20,6 @@ use super::ops::{f32_slice, first_key, with_f32};
 use super::packed::Shared;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// A `[rows, cols]` operand of [`mm`] at `ptr`, with row and column strides.
 #[derive(Clone, Copy)]
@@ -94,12 +93,18 @@ unsafe fn mm(
     }
 }
 
-/// Causal attention of `q` `[b, heads, s, hd]` over `k`, `v` `[b, kv_heads, s, hd]`, with each
-/// row's left padding `pads` and an optional sliding `window`; the output `[b, s, heads * hd]`.
+/// Causal attention of `q` `[b, s, heads * hd]` over `k`, `v` `[b, s, kv_heads * hd]` (the
+/// projections' layout), queries and keys rotated by half-rotation RoPE inside (`cos`/`sin`
+/// `[b, s, hd/2]`), with each row's left padding `pads` and an optional sliding `window`; the
+/// output `[b, s, heads * hd]`.
 pub(super) struct CausalAttention {
+    pub heads: usize,
+    pub kv_heads: usize,
     pub scale: f32,
     pub pads: Vec<usize>,
     pub window: Option<usize>,
+    /// RoPE cos and sin `[b, s, hd/2]` (constants of the positions).
+    pub rope: Option<(Tensor, Tensor)>,
 }
 
 struct Dims {
@@ -110,31 +115,82 @@ struct Dims {
     hd: usize,
 }
 
+impl Dims {
+    /// The query heads that share a KV head.
+    fn rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+}
+
+/// One head's `[s, hd]` block of a row: token `i`'s values at `x[i * stride..][..hd]`.
+struct Head<'a> {
+    x: &'a [f32],
+    stride: usize,
+}
+
 impl CausalAttention {
     fn dims(&self, q: &Shape, k: &Shape, v: &Shape) -> Result<Dims> {
-        let (b, nh, s, hd) = q.dims4()?;
-        let (bk, nkv, sk, hdk) = k.dims4()?;
-        if (bk, sk, hdk) != (b, s, hd)
-            || v.dims() != k.dims()
-            || nkv == 0
-            || nh % nkv != 0
-            || self.pads.len() != b
-        {
+        let (b, s, qw) = q.dims3()?;
+        let (bk, sk, kw) = k.dims3()?;
+        let (nh, nkv) = (self.heads, self.kv_heads);
+        let ok = nh > 0
+            && nkv > 0
+            && nh % nkv == 0
+            && qw % nh == 0
+            && (bk, sk) == (b, s)
+            && kw == nkv * (qw / nh)
+            && v.dims() == k.dims()
+            && self.pads.len() == b
+            && (qw / nh) % 2 == 0;
+        if !ok {
             candle_core::bail!(
-                "causal-attention: q {q:?}, k {k:?}, v {v:?} with {} row pads",
+                "causal-attention: q {q:?}, k {k:?}, v {v:?} for {nh} heads on {nkv} KV heads \
+                 with {} row pads",
                 self.pads.len()
             );
         }
-        Ok(Dims { b, nh, nkv, s, hd })
+        Ok(Dims {
+            b,
+            nh,
+            nkv,
+            s,
+            hd: qw / nh,
+        })
     }
 
-    /// Head `hh` of row `bi`: the probabilities `[s, s]` of `q_h k^T` into `p`.
-    fn probs(&self, d: &Dims, q: &[f32], k: &[f32], bi: usize, hh: usize, p: &mut [f32]) {
+    /// The rotated `[s, hd]` block of head `head` of row `bi` of `x` (`[b, s, heads * hd]`).
+    fn rotated(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        heads: usize,
+        bi: usize,
+        head: usize,
+        cs: (&[f32], &[f32]),
+    ) -> Vec<f32> {
         let (s, hd) = (d.s, d.hd);
-        let qh = &q[(bi * d.nh + hh) * s * hd..][..s * hd];
-        let kh = &k[(bi * d.nkv + hh / (d.nh / d.nkv)) * s * hd..][..s * hd];
+        let half = hd / 2;
+        let src = &x[bi * s * heads * hd + head * hd..];
+        let (c, sn) = match cs.0.is_empty() {
+            true => (cs.0, cs.1),
+            false => (
+                &cs.0[bi * s * half..][..s * half],
+                &cs.1[bi * s * half..][..s * half],
+            ),
+        };
+        // SAFETY: split_head writes every element of its [s, hd] block.
+        unsafe {
+            kernels::filled(s * hd, |o| {
+                kernels::split_head(o, src, heads * hd, hd, c, sn)
+            })
+        }
+    }
+
+    /// The probabilities `[s, s]` of `q_h k_h^T` (rotated blocks) for row `bi`.
+    fn probs(&self, d: &Dims, qh: &[f32], kh: &[f32], bi: usize) -> Vec<f32> {
+        let (s, hd) = (d.s, d.hd);
         let mut scores = vec![0f32; s * s];
-        // SAFETY: scores is [s, s]; qh [s, hd] row-major; kh^T reads kh [s, hd] row-major.
+        // SAFETY: scores is [s, s]; qh and kh are [s, hd] row-major.
         unsafe {
             mm(
                 s,
@@ -148,16 +204,84 @@ impl CausalAttention {
             )
         };
         let pad = self.pads[bi];
-        for (i, (row, out)) in scores.chunks(s).zip(p.chunks_mut(s)).enumerate() {
-            // SAFETY: f32 and MaybeUninit<f32> have the same layout; every element is written.
-            let out = unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-            kernels::masked_softmax_row(
-                out,
-                row,
-                self.scale,
-                first_key(pad, i, self.window),
-                i + 1,
+        // SAFETY: every row of the output is written by masked_softmax_row.
+        unsafe {
+            kernels::filled(s * s, |p| {
+                for (i, (row, out)) in scores.chunks(s).zip(p.chunks_mut(s)).enumerate() {
+                    kernels::masked_softmax_row(
+                        out,
+                        row,
+                        self.scale,
+                        first_key(pad, i, self.window),
+                        i + 1,
+                    );
+                }
+            })
+        }
+    }
+
+    /// `f(cos, sin)` with the RoPE tables as slices (empty without RoPE).
+    fn with_rope<R>(&self, f: impl FnOnce((&[f32], &[f32])) -> Result<R>) -> Result<R> {
+        match &self.rope {
+            Some((c, sn)) => with_f32(c, "causal-attention (cos)", |c| {
+                with_f32(sn, "causal-attention (sin)", |sn| f((c, sn)))
+            }),
+            None => f((&[], &[])),
+        }
+    }
+
+    /// Head `hh` of row `bi`: `y_h = P v_h`, written into `y` `[b, s, nh * hd]`.
+    fn head_forward(
+        &self,
+        d: &Dims,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        cs: (&[f32], &[f32]),
+        t: usize,
+        y: Shared,
+    ) {
+        let (s, hd, nh, nkv) = (d.s, d.hd, d.nh, d.nkv);
+        let (bi, hh) = (t / nh, t % nh);
+        let g = hh / d.rep();
+        let qr = self.rotated(d, q, nh, bi, hh, cs);
+        let kr = self.rotated(d, k, nkv, bi, g, cs);
+        let p = self.probs(d, &qr, &kr, bi);
+        let vh = Head {
+            x: &v[bi * s * nkv * hd + g * hd..],
+            stride: nkv * hd,
+        };
+        // SAFETY: this task writes columns hh*hd..(hh+1)*hd of row bi's s tokens of y, which no
+        // other task writes; v_h reads s rows of hd values at its stride inside row bi of v.
+        unsafe {
+            let dst = y.at(bi * s * nh * hd + hh * hd);
+            mm(
+                s,
+                hd,
+                s,
+                dst,
+                nh * hd,
+                false,
+                M::rows(&p, s),
+                M::strided(&vh),
             );
+        }
+    }
+}
+
+impl M {
+    /// A head's `[s, hd]` block at its row stride.
+    fn strided(h: &Head) -> Self {
+        M {
+            ptr: h.x.as_ptr(),
+            rs: h.stride as isize,
+            cs: 1,
+        }
+    }
+    /// Its transpose `[hd, s]`.
+    fn strided_t(h: &Head) -> Self {
+        M {
+            ptr: h.x.as_ptr(),
+            rs: 1,
+            cs: h.stride as isize,
         }
     }
 }
@@ -177,37 +301,20 @@ impl candle_core::CustomOp3 for CausalAttention {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(lq.shape(), lk.shape(), lv.shape())?;
-        let (q, k, v) = (
+        let qkv = (
             f32_slice(sq, lq, "causal-attention")?,
             f32_slice(sk, lk, "causal-attention")?,
             f32_slice(sv, lv, "causal-attention")?,
         );
-        let (s, hd, nh) = (d.s, d.hd, d.nh);
-        let rep = nh / d.nkv;
-        let mut y = vec![0f32; d.b * s * nh * hd];
+        let mut y = vec![0f32; d.b * d.s * d.nh * d.hd];
         let out = Shared(y.as_mut_ptr());
-        (0..d.b * nh).into_par_iter().for_each(|t| {
-            let (bi, hh) = (t / nh, t % nh);
-            let mut p = vec![0f32; s * s];
-            self.probs(&d, q, k, bi, hh, &mut p);
-            let vh = &v[(bi * d.nkv + hh / rep) * s * hd..][..s * hd];
-            // SAFETY: y is [b, s, nh * hd]; this task writes columns hh*hd..(hh+1)*hd of row
-            // bi's s tokens, which no other task writes.
-            unsafe {
-                let dst = out.at(bi * s * nh * hd + hh * hd);
-                mm(
-                    s,
-                    hd,
-                    s,
-                    dst,
-                    nh * hd,
-                    false,
-                    M::rows(&p, s),
-                    M::rows(vh, hd),
-                );
-            }
-        });
-        Ok((CpuStorage::F32(y), Shape::from((d.b, s, nh * hd))))
+        self.with_rope(|cs| {
+            (0..d.b * d.nh)
+                .into_par_iter()
+                .for_each(|t| self.head_forward(&d, qkv, cs, t, out));
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((d.b, d.s, d.nh * d.hd))))
     }
 
     fn bwd(
@@ -219,112 +326,166 @@ impl candle_core::CustomOp3 for CausalAttention {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(q.shape(), k.shape(), v.shape())?;
-        let (s, hd, nh) = (d.s, d.hd, d.nh);
-        let rep = nh / d.nkv;
-        let head = s * hd;
-        let (dq, dk_h, dv_h) = with_f32(q, "causal-attention", |q| {
+        let (dq, dk, dv) = with_f32(q, "causal-attention", |q| {
             with_f32(k, "causal-attention", |k| {
                 with_f32(v, "causal-attention", |v| {
                     with_f32(dy, "causal-attention", |dy| {
-                        // dq [b, nh, s, hd]; dk, dv per query head, summed over groups below
-                        let mut dq = vec![0f32; d.b * nh * head];
-                        let mut dk_h = vec![0f32; d.b * nh * head];
-                        let mut dv_h = vec![0f32; d.b * nh * head];
-                        dq.par_chunks_mut(head)
-                            .zip(dk_h.par_chunks_mut(head).zip(dv_h.par_chunks_mut(head)))
-                            .enumerate()
-                            .for_each(|(t, (dqh, (dkh, dvh)))| {
-                                let (bi, hh) = (t / nh, t % nh);
-                                let mut p = vec![0f32; s * s];
-                                self.probs(&d, q, k, bi, hh, &mut p);
-                                let qh = &q[t * head..][..head];
-                                let g = (bi * d.nkv + hh / rep) * head;
-                                let (kh, vh) = (&k[g..][..head], &v[g..][..head]);
-                                // dy_h: [s, hd] at row stride nh * hd
-                                let dyh = M {
-                                    ptr: dy[bi * s * nh * hd + hh * hd..].as_ptr(),
-                                    rs: (nh * hd) as isize,
-                                    cs: 1,
-                                };
-                                let mut dp = vec![0f32; s * s];
-                                // SAFETY: every destination is a buffer of the named shape,
-                                // row-major; dy_h reads s rows of hd values at stride nh*hd
-                                // inside row bi of dy [b, s, nh*hd]; the others read row-major
-                                // [s, hd] or [s, s] buffers.
-                                unsafe {
-                                    // dv = P^T dy_h [s, hd]
-                                    mm(s, hd, s, dvh.as_mut_ptr(), hd, false, M::t(&p, s), dyh);
-                                    // dP = dy_h v^T [s, s]
-                                    mm(s, s, hd, dp.as_mut_ptr(), s, false, dyh, M::t(vh, hd));
-                                }
-                                let mut ds = vec![0f32; s * s];
-                                for ((o, p), dp) in
-                                    ds.chunks_mut(s).zip(p.chunks(s)).zip(dp.chunks(s))
-                                {
-                                    kernels::softmax_row_bwd(o, p, dp, self.scale);
-                                }
-                                // SAFETY: as above.
-                                unsafe {
-                                    // dq = dS k [s, hd]
-                                    mm(
-                                        s,
-                                        hd,
-                                        s,
-                                        dqh.as_mut_ptr(),
-                                        hd,
-                                        false,
-                                        M::rows(&ds, s),
-                                        M::rows(kh, hd),
-                                    );
-                                    // dk = dS^T q [s, hd]
-                                    mm(
-                                        s,
-                                        hd,
-                                        s,
-                                        dkh.as_mut_ptr(),
-                                        hd,
-                                        false,
-                                        M::t(&ds, s),
-                                        M::rows(qh, hd),
-                                    );
-                                }
-                            });
-                        Ok((dq, dk_h, dv_h))
+                        self.with_rope(|cs| Ok(self.backward(&d, (q, k, v), dy, cs)))
                     })
                 })
             })
         })?;
-        // sum each KV head's gradient over the query heads that read it
-        let group = |h: Vec<f32>| -> Vec<f32> {
-            if rep == 1 {
-                return h;
-            }
-            let mut out = vec![0f32; d.b * d.nkv * head];
-            out.par_chunks_mut(head).enumerate().for_each(|(t, o)| {
-                let (bi, g) = (t / d.nkv, t % d.nkv);
-                for r in 0..rep {
-                    let src = &h[(bi * nh + g * rep + r) * head..][..head];
-                    for (o, s) in o.iter_mut().zip(src) {
-                        *o += s;
-                    }
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+impl CausalAttention {
+    /// `dq`, `dk`, `dv` in the projections' layout (see the module doc).
+    fn backward(
+        &self,
+        d: &Dims,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        dy: &[f32],
+        cs: (&[f32], &[f32]),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (b, s, hd, nh, nkv, rep) = (d.b, d.s, d.hd, d.nh, d.nkv, d.rep());
+        let head = s * hd;
+        let half = hd / 2;
+        // dq rotated back in place; dk, dv per query head (rotated for dk), summed below
+        let mut dq = vec![0f32; b * s * nh * hd];
+        let mut dk_h = vec![0f32; b * nh * head];
+        let mut dv_h = vec![0f32; b * nh * head];
+        let dq_out = Shared(dq.as_mut_ptr());
+        dk_h.par_chunks_mut(head)
+            .zip(dv_h.par_chunks_mut(head))
+            .enumerate()
+            .for_each(|(t, (dkh, dvh))| {
+                let (bi, hh) = (t / nh, t % nh);
+                let g = hh / rep;
+                let qr = self.rotated(d, q, nh, bi, hh, cs);
+                let kr = self.rotated(d, k, nkv, bi, g, cs);
+                let p = self.probs(d, &qr, &kr, bi);
+                let vh = Head {
+                    x: &v[bi * s * nkv * hd + g * hd..],
+                    stride: nkv * hd,
+                };
+                let dyh = Head {
+                    x: &dy[bi * s * nh * hd + hh * hd..],
+                    stride: nh * hd,
+                };
+                let mut dp = vec![0f32; s * s];
+                let mut dqr = vec![0f32; head];
+                // SAFETY: every destination is a row-major buffer of the named shape; the
+                // strided heads read s rows of hd values inside row bi of their tensor.
+                unsafe {
+                    // dv = P^T dy_h [s, hd]
+                    mm(
+                        s,
+                        hd,
+                        s,
+                        dvh.as_mut_ptr(),
+                        hd,
+                        false,
+                        M::t(&p, s),
+                        M::strided(&dyh),
+                    );
+                    // dP = dy_h v_h^T [s, s]
+                    mm(
+                        s,
+                        s,
+                        hd,
+                        dp.as_mut_ptr(),
+                        s,
+                        false,
+                        M::strided(&dyh),
+                        M::strided_t(&vh),
+                    );
+                }
+                let mut ds = vec![0f32; s * s];
+                for ((o, p), dp) in ds.chunks_mut(s).zip(p.chunks(s)).zip(dp.chunks(s)) {
+                    kernels::softmax_row_bwd(o, p, dp, self.scale);
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dq (rotated) = dS k_r [s, hd]
+                    mm(
+                        s,
+                        hd,
+                        s,
+                        dqr.as_mut_ptr(),
+                        hd,
+                        false,
+                        M::rows(&ds, s),
+                        M::rows(&kr, hd),
+                    );
+                    // dk (rotated) = dS^T q_r [s, hd]
+                    mm(
+                        s,
+                        hd,
+                        s,
+                        dkh.as_mut_ptr(),
+                        hd,
+                        false,
+                        M::t(&ds, s),
+                        M::rows(&qr, hd),
+                    );
+                }
+                for i in 0..s {
+                    // SAFETY: this task alone writes head hh's hd columns of row bi's tokens.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            dq_out.at((bi * s + i) * nh * hd + hh * hd),
+                            hd,
+                        )
+                    };
+                    let (c, sn) = match cs.0.is_empty() {
+                        true => (cs.0, cs.1),
+                        false => (
+                            &cs.0[(bi * s + i) * half..][..half],
+                            &cs.1[(bi * s + i) * half..][..half],
+                        ),
+                    };
+                    kernels::merge_token(out, &dqr[i * hd..], hd, hd, c, sn);
                 }
             });
+        // each KV head's gradient: summed over the query heads that read it, rotated back
+        let group = |h: &[f32], rotate: bool| -> Vec<f32> {
+            let mut out = vec![0f32; b * s * nkv * hd];
+            out.par_chunks_mut(nkv * hd).enumerate().for_each_init(
+                || vec![0f32; hd],
+                |sum, (row, o)| {
+                    let (bi, i) = (row / s, row % s);
+                    for (g, o) in o.chunks_mut(hd).enumerate() {
+                        sum.fill(0.0);
+                        for r in 0..rep {
+                            let src = &h[(bi * nh + g * rep + r) * head + i * hd..][..hd];
+                            for (a, x) in sum.iter_mut().zip(src) {
+                                *a += x;
+                            }
+                        }
+                        let (c, sn) = match rotate && !cs.0.is_empty() {
+                            false => (&[][..], &[][..]),
+                            true => (&cs.0[row * half..][..half], &cs.1[row * half..][..half]),
+                        };
+                        kernels::merge_token(o, sum, hd, hd, c, sn);
+                    }
+                },
+            );
             out
         };
-        let dev = q.device();
-        let kv_shape = (d.b, d.nkv, s, hd);
-        Ok((
-            Some(Tensor::from_vec(dq, (d.b, nh, s, hd), dev)?),
-            Some(Tensor::from_vec(group(dk_h), kv_shape, dev)?),
-            Some(Tensor::from_vec(group(dv_h), kv_shape, dev)?),
-        ))
+        (dq, group(&dk_h, true), group(&dv_h, false))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::{attention_probs, Scores};
+    use crate::model::ops::{attention_probs, split_heads, Scores};
     use candle_core::{DType, Device, Var};
 
     fn t(shape: &[usize], seed: f32) -> Tensor {
@@ -333,21 +494,22 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    /// The fused op (f32) against candle's composition in f64 (grouped heads, the mask tensor,
-    /// the composed softmax): the output and the gradients of q, k and v, with left padding,
-    /// with and without a sliding window.
+    /// The fused op (f32) against candle's composition in f64 (head split, RoPE, grouped heads,
+    /// the mask tensor, the composed softmax): the output and the gradients of q, k and v in
+    /// the projections' layout, with left padding, with and without RoPE and a sliding window.
     #[test]
     fn fused_attention_matches_the_composition_and_its_gradients() {
         let (b, nh, nkv, s, hd) = (2, 4, 2, 7, 8);
         let pads = vec![0usize, 3];
         let scale = 0.35;
         let (q, k, v) = (
-            t(&[b, nh, s, hd], 1.0),
-            t(&[b, nkv, s, hd], 2.0),
-            t(&[b, nkv, s, hd], 3.0),
+            t(&[b, s, nh * hd], 1.0),
+            t(&[b, s, nkv * hd], 2.0),
+            t(&[b, s, nkv * hd], 3.0),
         );
+        let (cos, sin) = (t(&[b, s, hd / 2], 5.0), t(&[b, s, hd / 2], 6.0));
         let c = t(&[b, s, nh * hd], 4.0);
-        for window in [None, Some(3)] {
+        for (window, rope) in [(None, true), (Some(3), true), (None, false)] {
             let run = |dt: DType| {
                 let vars: Vec<Var> = [&q, &k, &v]
                     .iter()
@@ -360,9 +522,12 @@ mod tests {
                 );
                 let y = if dt == DType::F32 {
                     let op = CausalAttention {
+                        heads: nh,
+                        kv_heads: nkv,
                         scale: scale as f32,
                         pads: pads.clone(),
                         window,
+                        rope: rope.then(|| (cos.clone(), sin.clone())),
                     };
                     q.apply_op3(k, v, op).unwrap()
                 } else {
@@ -375,6 +540,11 @@ mod tests {
                         }
                     }
                     let mask = Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap();
+                    let cs = (cos.to_dtype(dt).unwrap(), sin.to_dtype(dt).unwrap());
+                    let cs = rope.then_some((&cs.0, &cs.1));
+                    let q = split_heads(q, nh, cs, true).unwrap();
+                    let k = split_heads(k, nkv, cs, true).unwrap();
+                    let v = split_heads(v, nkv, None, true).unwrap();
                     let rep = nh / nkv;
                     let att = q
                         .reshape((b, nkv, rep * s, hd))
@@ -391,7 +561,7 @@ mod tests {
                     let p = attention_probs(&att, &how, Some(&mask), &pads, 0, true).unwrap();
                     p.reshape((b, nkv, rep * s, s))
                         .unwrap()
-                        .matmul(v)
+                        .matmul(&v)
                         .unwrap()
                         .reshape((b, nh, s, hd))
                         .unwrap()
@@ -421,7 +591,7 @@ mod tests {
                 let m: f64 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(
                     d / m < 1e-5,
-                    "window {window:?}: {name} differs by {}",
+                    "window {window:?}, rope {rope}: {name} differs by {}",
                     d / m
                 );
             }

@@ -303,11 +303,7 @@ impl Attention {
         };
         let q = head_norm(q, &self.q_norm, nh)?;
         let k = head_norm(k, &self.k_norm, nkv)?;
-        // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
-        let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
-        let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
-        let v = ops::split_heads(&v, nkv, None, ctx.differentiable)?;
-        // Training on the CPU: the whole attention as one node (see `attention`).
+        // Training on the CPU: the head split, RoPE and attention as one node (see `attention`).
         let fused = cache.is_none()
             && ctx.differentiable
             && q.dtype() == DType::F32
@@ -316,17 +312,27 @@ impl Attention {
             && ctx.offset == 0
             && ctx.pads.len() == b;
         if fused {
-            let y = q.apply_op3(
-                &k,
-                &v,
+            let y = q.contiguous()?.apply_op3(
+                &k.contiguous()?,
+                &v.contiguous()?,
                 attention::CausalAttention {
+                    heads: nh,
+                    kv_heads: nkv,
                     scale: self.scale as f32,
                     pads: ctx.pads.clone(),
                     window: self.window,
+                    rope: Some((
+                        cos.to_dtype(DType::F32)?.contiguous()?,
+                        sin.to_dtype(DType::F32)?.contiguous()?,
+                    )),
                 },
             )?; // [b, s, nh * hd]
             return Ok(self.o.forward_t(&y, ctx.dropout, ctx.track)?);
         }
+        // [b, s, heads*hd] -> [b, heads, s, hd], RoPE on queries and keys
+        let q = ops::split_heads(&q, nh, rope, ctx.differentiable)?;
+        let k = ops::split_heads(&k, nkv, rope, ctx.differentiable)?;
+        let v = ops::split_heads(&v, nkv, None, ctx.differentiable)?;
         let (k, v) = match cache {
             Some((c, layer)) => c.append(layer, k, v)?,
             None => (k, v),
