@@ -486,13 +486,8 @@ impl CausalAttention {
 mod tests {
     use super::*;
     use crate::model::ops::{attention_probs, split_heads, Scores};
+    use crate::model::testing::{rel_diff, t};
     use candle_core::{DType, Device, Var};
-
-    fn t(shape: &[usize], seed: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// The fused op (f32) against candle's composition in f64 (head split, RoPE, grouped heads,
     /// the mask tensor, the composed softmax): the output and the gradients of q, k and v in
@@ -580,19 +575,10 @@ mod tests {
             };
             let (f, c64) = (run(DType::F32), run(DType::F64));
             for (name, (f, c)) in ["y", "dq", "dk", "dv"].iter().zip(f.iter().zip(&c64)) {
-                let d: f64 = (f - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                let m: f64 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let r = rel_diff(f, c);
                 assert!(
-                    d / m < 1e-5,
-                    "window {window:?}, rope {rope}: {name} differs by {}",
-                    d / m
+                    r < 1e-5,
+                    "window {window:?}, rope {rope}: {name} differs by {r}"
                 );
             }
         }

@@ -612,13 +612,7 @@ impl Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
-
-    fn t(shape: &[usize], seed: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::testing::{rel_diff, t};
 
     /// The fused adapted linear (f32: `super::lora_linear`) against candle's composition of the
     /// same layer in f64: the output and the gradients of x, A and B, with and without dropout
@@ -659,20 +653,8 @@ mod tests {
                 };
                 let (f, c) = (run(DType::F32), run(DType::F64));
                 for (name, (f, c)) in ["y", "dx", "dA", "dB"].iter().zip(f.iter().zip(&c)) {
-                    let d: f64 = (f - c)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap();
-                    let s: f64 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                    assert!(
-                        d / s < 1e-5,
-                        "packed {packed}, p {p}: {name} differs by {}",
-                        d / s
-                    );
+                    let r = rel_diff(f, c);
+                    assert!(r < 1e-5, "packed {packed}, p {p}: {name} differs by {r}");
                 }
             }
         }

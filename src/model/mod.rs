@@ -33,6 +33,8 @@ pub mod packed;
 pub mod qgemv;
 pub mod quant;
 pub mod recompute;
+#[cfg(test)]
+mod testing;
 pub mod weights;
 
 use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};

@@ -559,13 +559,8 @@ impl CustomOp2 for SiluMul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::{rel_diff, t};
     use candle_core::Device;
-
-    fn t(shape: &[usize], seed: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -611,18 +606,7 @@ mod tests {
         };
         let (y32, g32) = run(DType::F32);
         let (y64, g64) = run(DType::F64);
-        let rel = |a: &Tensor, b: &Tensor| {
-            let d: f64 = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let m: f64 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            d / m.max(1e-12)
-        };
+        let rel = rel_diff;
         assert!(rel(&y32, &y64) < tol, "outputs differ: {}", rel(&y32, &y64));
         assert!(
             rel(&g32, &g64) < tol,
