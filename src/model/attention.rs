@@ -15,83 +15,12 @@
 //!
 //! The KV heads' gradients are summed over the query heads that share them.
 
+use super::gemm::{matmul, product, product_to, Mat};
 use super::kernels;
 use super::ops::{f32_slice, first_key, with_f32};
 use super::packed::Shared;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// A `[rows, cols]` operand of [`mm`] at `ptr`, with row and column strides.
-#[derive(Clone, Copy)]
-struct M {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl M {
-    fn rows(v: &[f32], cols: usize) -> Self {
-        M {
-            ptr: v.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-    /// The transpose of row-major `v` whose rows have `len` values.
-    fn t(v: &[f32], len: usize) -> Self {
-        M {
-            ptr: v.as_ptr(),
-            rs: 1,
-            cs: len as isize,
-        }
-    }
-}
-
-/// `dst (+)= lhs [m, k] rhs [k, n]`, `dst` with row stride `dst_rs` (columns contiguous), on
-/// this thread.
-///
-/// # Safety
-/// `dst` must be valid for writes of `m` rows of `n` values at row stride `dst_rs`, and each
-/// operand valid for reads of every element its strides name.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    add: bool,
-    lhs: M,
-    rhs: M,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            add,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
 
 /// Causal attention of `q` `[b, s, heads * hd]` over `k`, `v` `[b, s, kv_heads * hd]` (the
 /// projections' layout), queries and keys rotated by half-rotation RoPE inside (`cos`/`sin`
@@ -120,12 +49,6 @@ impl Dims {
     fn rep(&self) -> usize {
         self.nh / self.nkv
     }
-}
-
-/// One head's `[s, hd]` block of a row: token `i`'s values at `x[i * stride..][..hd]`.
-struct Head<'a> {
-    x: &'a [f32],
-    stride: usize,
 }
 
 impl CausalAttention {
@@ -189,20 +112,7 @@ impl CausalAttention {
     /// The probabilities `[s, s]` of `q_h k_h^T` (rotated blocks) for row `bi`.
     fn probs(&self, d: &Dims, qh: &[f32], kh: &[f32], bi: usize) -> Vec<f32> {
         let (s, hd) = (d.s, d.hd);
-        let mut scores = vec![0f32; s * s];
-        // SAFETY: scores is [s, s]; qh and kh are [s, hd] row-major.
-        unsafe {
-            mm(
-                s,
-                s,
-                hd,
-                scores.as_mut_ptr(),
-                s,
-                false,
-                M::rows(qh, hd),
-                M::t(kh, hd),
-            )
-        };
+        let scores = matmul((s, s, hd), Mat::rows(qh, hd), Mat::t(kh, hd), 1.0, false);
         let pad = self.pads[bi];
         // SAFETY: every row of the output is written by masked_softmax_row.
         unsafe {
@@ -245,43 +155,22 @@ impl CausalAttention {
         let qr = self.rotated(d, q, nh, bi, hh, cs);
         let kr = self.rotated(d, k, nkv, bi, g, cs);
         let p = self.probs(d, &qr, &kr, bi);
-        let vh = Head {
-            x: &v[bi * s * nkv * hd + g * hd..],
-            stride: nkv * hd,
-        };
+        // v_h: s rows of hd values at row stride nkv*hd inside row bi of v
+        let vh = Mat::strided(&v[bi * s * nkv * hd + g * hd..], nkv * hd);
         // SAFETY: this task writes columns hh*hd..(hh+1)*hd of row bi's s tokens of y, which no
-        // other task writes; v_h reads s rows of hd values at its stride inside row bi of v.
+        // other task writes.
         unsafe {
             let dst = y.at(bi * s * nh * hd + hh * hd);
-            mm(
-                s,
-                hd,
-                s,
+            product_to(
+                (s, hd, s),
                 dst,
                 nh * hd,
                 false,
-                M::rows(&p, s),
-                M::strided(&vh),
+                Mat::rows(&p, s),
+                vh,
+                1.0,
+                false,
             );
-        }
-    }
-}
-
-impl M {
-    /// A head's `[s, hd]` block at its row stride.
-    fn strided(h: &Head) -> Self {
-        M {
-            ptr: h.x.as_ptr(),
-            rs: h.stride as isize,
-            cs: 1,
-        }
-    }
-    /// Its transpose `[hd, s]`.
-    fn strided_t(h: &Head) -> Self {
-        M {
-            ptr: h.x.as_ptr(),
-            rs: 1,
-            cs: h.stride as isize,
         }
     }
 }
@@ -370,71 +259,35 @@ impl CausalAttention {
                 let qr = self.rotated(d, q, nh, bi, hh, cs);
                 let kr = self.rotated(d, k, nkv, bi, g, cs);
                 let p = self.probs(d, &qr, &kr, bi);
-                let vh = Head {
-                    x: &v[bi * s * nkv * hd + g * hd..],
-                    stride: nkv * hd,
-                };
-                let dyh = Head {
-                    x: &dy[bi * s * nh * hd + hh * hd..],
-                    stride: nh * hd,
-                };
-                let mut dp = vec![0f32; s * s];
-                let mut dqr = vec![0f32; head];
-                // SAFETY: every destination is a row-major buffer of the named shape; the
-                // strided heads read s rows of hd values inside row bi of their tensor.
-                unsafe {
-                    // dv = P^T dy_h [s, hd]
-                    mm(
-                        s,
-                        hd,
-                        s,
-                        dvh.as_mut_ptr(),
-                        hd,
-                        false,
-                        M::t(&p, s),
-                        M::strided(&dyh),
-                    );
-                    // dP = dy_h v_h^T [s, s]
-                    mm(
-                        s,
-                        s,
-                        hd,
-                        dp.as_mut_ptr(),
-                        s,
-                        false,
-                        M::strided(&dyh),
-                        M::strided_t(&vh),
-                    );
-                }
+                // v_h, dy_h: s rows of hd values at their row stride inside row bi
+                let vh = &v[bi * s * nkv * hd + g * hd..];
+                let dyh = Mat::strided(&dy[bi * s * nh * hd + hh * hd..], nh * hd);
+                // dv = P^T dy_h [s, hd]
+                product((s, hd, s), dvh, false, Mat::t(&p, s), dyh, 1.0, false);
+                // dP = dy_h v_h^T [s, s]
+                let dp = matmul((s, s, hd), dyh, Mat::strided_t(vh, nkv * hd), 1.0, false);
                 let mut ds = vec![0f32; s * s];
                 for ((o, p), dp) in ds.chunks_mut(s).zip(p.chunks(s)).zip(dp.chunks(s)) {
                     kernels::softmax_row_bwd(o, p, dp, self.scale);
                 }
-                // SAFETY: as above.
-                unsafe {
-                    // dq (rotated) = dS k_r [s, hd]
-                    mm(
-                        s,
-                        hd,
-                        s,
-                        dqr.as_mut_ptr(),
-                        hd,
-                        false,
-                        M::rows(&ds, s),
-                        M::rows(&kr, hd),
-                    );
-                    // dk (rotated) = dS^T q_r [s, hd]
-                    mm(
-                        s,
-                        hd,
-                        s,
-                        dkh.as_mut_ptr(),
-                        hd,
-                        false,
-                        M::t(&ds, s),
-                        M::rows(&qr, hd),
-                    );
-                }
+                // dq (rotated) = dS k_r [s, hd]
+                let dqr = matmul(
+                    (s, hd, s),
+                    Mat::rows(&ds, s),
+                    Mat::rows(&kr, hd),
+                    1.0,
+                    false,
+                );
+                // dk (rotated) = dS^T q_r [s, hd]
+                product(
+                    (s, hd, s),
+                    dkh,
+                    false,
+                    Mat::t(&ds, s),
+                    Mat::rows(&qr, hd),
+                    1.0,
+                    false,
+                );
                 for i in 0..s {
                     // SAFETY: this task alone writes head hh's hd columns of row bi's tokens.
                     let out = unsafe {

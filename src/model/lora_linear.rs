@@ -13,93 +13,11 @@
 //! - `dA = g^T drop(x)` `[r, k]`
 //! - `dx = dy W + (g A) * mask` `[m, k]` (the frozen product's backward is the wrapped op's)
 
+use super::gemm::{matmul, product, Mat};
 use super::linear::Dropout;
 use super::ops::{f32_slice, with_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// One operand of [`mm`]: a row-major-or-strided `[rows, cols]` matrix.
-struct Mat<'a> {
-    data: &'a [f32],
-    /// stride between rows
-    rs: isize,
-    /// stride between columns
-    cs: isize,
-}
-
-impl<'a> Mat<'a> {
-    /// `[rows, cols]` row-major.
-    fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-    /// The transpose of a row-major `[cols, rows]` matrix (`rows_of_stored` = its row length).
-    fn t(data: &'a [f32], rows_of_stored: usize) -> Self {
-        Mat {
-            data,
-            rs: 1,
-            cs: rows_of_stored as isize,
-        }
-    }
-}
-
-/// `dst [m, n] (+)= beta * lhs [m, k] rhs [k, n]`, dst row-major; accumulates when `add`.
-#[allow(clippy::too_many_arguments)]
-fn mm(m: usize, n: usize, k: usize, dst: &mut [f32], add: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    assert!(
-        dst.len() >= m * n,
-        "mm: dst has {} values, not {m}x{n}",
-        dst.len()
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !add {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    let last = |a: &Mat, r: usize, c: usize| (r - 1) as isize * a.rs + (c - 1) as isize * a.cs;
-    assert!(
-        (last(&lhs, m, k) as usize) < lhs.data.len()
-            && (last(&rhs, k, n) as usize) < rhs.data.len(),
-        "mm: an operand is smaller than its strides say"
-    );
-    let par = if m * n * k >= 1 << 16 {
-        gemm::Parallelism::Rayon(crate::threads::num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: dst holds m*n values row-major; the last element each operand's strides reach
-    // is inside its slice (asserted above), and the strides are non-negative.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            add,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
 
 /// The adapter's dropout: its seed, the layer's uid and p.
 type Drop = Option<(Dropout, u64, f64)>;
@@ -169,18 +87,9 @@ impl candle_core::CustomOp3 for LoraLinear {
         let b = f32_slice(sb, lb, "lora-linear (B)")?;
         let xm = dropped(x, &self.drop);
         let xm = xm.as_deref().unwrap_or(x);
-        let mut h = vec![0f32; m * r]; // [m, r]
-        mm(m, r, k, &mut h, false, Mat::rows(xm, k), Mat::t(a, k), 1.0);
-        mm(
-            m,
-            n,
-            r,
-            &mut y,
-            true,
-            Mat::rows(&h, r),
-            Mat::t(b, r),
-            self.scale,
-        );
+        let h = matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true); // [m, r]
+        let (hm, bt) = (Mat::rows(&h, r), Mat::t(b, r));
+        product((m, n, r), &mut y, true, hm, bt, self.scale, true); // y += s h B^T
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -244,23 +153,10 @@ impl LoraLinear {
         let s = self.scale;
         let dropped = dropped(x, &self.drop);
         let xm = dropped.as_deref().unwrap_or(x);
-        let mut h = vec![0f32; m * r]; // drop(x) A^T [m, r]
-        mm(m, r, k, &mut h, false, Mat::rows(xm, k), Mat::t(a, k), 1.0);
-        let mut g = vec![0f32; m * r]; // s dy B [m, r]
-        mm(m, r, n, &mut g, false, Mat::rows(dy, n), Mat::rows(b, r), s);
-        let mut db = vec![0f32; n * r]; // s dy^T h [n, r]
-        mm(n, r, m, &mut db, false, Mat::t(dy, n), Mat::rows(&h, r), s);
-        let mut da = vec![0f32; r * k]; // g^T drop(x) [r, k]
-        mm(
-            r,
-            k,
-            m,
-            &mut da,
-            false,
-            Mat::t(&g, r),
-            Mat::rows(xm, k),
-            1.0,
-        );
+        let h = matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true); // drop(x) A^T [m, r]
+        let g = matmul((m, r, n), Mat::rows(dy, n), Mat::rows(b, r), s, true); // s dy B [m, r]
+        let db = matmul((n, r, m), Mat::t(dy, n), Mat::rows(&h, r), s, true); // s dy^T h [n, r]
+        let da = matmul((r, k, m), Mat::t(&g, r), Mat::rows(xm, k), 1.0, true); // g^T drop(x) [r, k]
         (da, db, g)
     }
 
@@ -274,17 +170,7 @@ impl LoraLinear {
         (m, k, r): (usize, usize, usize),
     ) -> Vec<f32> {
         const C: usize = Dropout::BLOCK;
-        let mut dx = vec![0f32; m * k]; // g A, then masked, plus dy W
-        mm(
-            m,
-            k,
-            r,
-            &mut dx,
-            false,
-            Mat::rows(g, r),
-            Mat::rows(a, k),
-            1.0,
-        );
+        let mut dx = matmul((m, k, r), Mat::rows(g, r), Mat::rows(a, k), 1.0, true); // g A, then masked, plus dy W
         match &self.drop {
             Some((d, uid, p)) => dx
                 .par_chunks_mut(C)
@@ -310,48 +196,5 @@ impl LoraLinear {
                 }),
         }
         dx
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `mm` against a naive product, every operand layout and tail size, set and accumulate.
-    #[test]
-    fn mm_matches_a_naive_product() {
-        let val = |i: usize| ((i * 7919 % 101) as f32 - 50.0) / 25.0;
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (3, 5, 2),
-            (17, 16, 33),
-            (64, 16, 576),
-            (5, 70, 16),
-        ] {
-            let l: Vec<f32> = (0..m * k).map(val).collect(); // [m, k]
-            let lt: Vec<f32> = (0..m * k).map(|i| val(i + 3)).collect(); // [k, m] stored
-            let r: Vec<f32> = (0..k * n).map(|i| val(i + 11)).collect(); // [k, n]
-            let rt: Vec<f32> = (0..k * n).map(|i| val(i + 5)).collect(); // [n, k] stored
-            let li = |t: bool, i: usize, p: usize| if t { lt[p * m + i] } else { l[i * k + p] };
-            let ri = |t: bool, p: usize, j: usize| if t { rt[j * k + p] } else { r[p * n + j] };
-            for (tl, tr) in [(false, false), (true, false), (false, true), (true, true)] {
-                let lhs = if tl { Mat::t(&lt, m) } else { Mat::rows(&l, k) };
-                let rhs = if tr { Mat::t(&rt, k) } else { Mat::rows(&r, n) };
-                let mut dst: Vec<f32> = (0..m * n).map(|i| val(i + 1)).collect();
-                let before = dst.clone();
-                mm(m, n, k, &mut dst, true, lhs, rhs, 0.5);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f32 = before[i * n + j]
-                            + 0.5 * (0..k).map(|p| li(tl, i, p) * ri(tr, p, j)).sum::<f32>();
-                        let got = dst[i * n + j];
-                        assert!(
-                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                            "{m}x{n}x{k} t=({tl},{tr}) [{i},{j}]: {got} vs {want}"
-                        );
-                    }
-                }
-            }
-        }
     }
 }

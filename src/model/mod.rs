@@ -22,6 +22,7 @@
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
 
 mod attention;
+mod gemm;
 pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
