@@ -64,12 +64,17 @@ impl CausalAttention {
             && kw == nkv * (qw / nh)
             && v.dims() == k.dims()
             && self.pads.len() == b
-            && (qw / nh) % 2 == 0;
+            && (qw / nh) % 2 == 0
+            && self.rope.as_ref().is_none_or(|(c, sn)| {
+                // cos/sin [b, s, hd/2]
+                c.elem_count() == b * s * (qw / nh) / 2 && sn.elem_count() == c.elem_count()
+            });
         if !ok {
             candle_core::bail!(
                 "causal-attention: q {q:?}, k {k:?}, v {v:?} for {nh} heads on {nkv} KV heads \
-                 with {} row pads",
-                self.pads.len()
+                 with {} row pads and RoPE tables of {:?} values",
+                self.pads.len(),
+                self.rope.as_ref().map(|(c, _)| c.elem_count())
             );
         }
         Ok(Dims {
@@ -435,5 +440,25 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Shapes that do not fit (RoPE tables of another head size, heads that do not divide the
+    /// width) are errors, not panics.
+    #[test]
+    fn mismatched_shapes_are_errors() {
+        let (b, s, nh, nkv, hd) = (1, 5, 2, 1, 8);
+        let (q, k) = (t(&[b, s, nh * hd], 1.0), t(&[b, s, nkv * hd], 2.0));
+        let op = |heads: usize, half: usize| CausalAttention {
+            heads,
+            kv_heads: nkv,
+            scale: 1.0,
+            pads: vec![0],
+            window: None,
+            rope: Some((t(&[b, s, half], 3.0), t(&[b, s, half], 4.0))),
+        };
+        assert!(q.apply_op3(&k, &k, op(nh, hd / 2)).is_ok());
+        let e = q.apply_op3(&k, &k, op(nh, hd / 2 - 1)).unwrap_err();
+        assert!(e.to_string().contains("RoPE tables"), "{e}");
+        assert!(q.apply_op3(&k, &k, op(3, hd / 2)).is_err());
     }
 }
