@@ -344,8 +344,8 @@ impl CausalAttention {
 mod tests {
     use super::*;
     use crate::model::ops::{attention_probs, split_heads, Scores};
-    use crate::model::testing::{rel_diff, t};
-    use candle_core::{DType, Device, Var};
+    use crate::model::testing::{causal_mask, rel_diff, t};
+    use candle_core::{DType, Var};
 
     /// The fused op (f32) against candle's composition in f64 (head split, RoPE, grouped heads,
     /// the mask tensor, the composed softmax): the output and the gradients of q, k and v in
@@ -384,15 +384,7 @@ mod tests {
                     };
                     q.apply_op3(k, v, op).unwrap()
                 } else {
-                    let mut m = vec![f64::NEG_INFINITY; b * s * s];
-                    for (bi, &pad) in pads.iter().enumerate() {
-                        for i in 0..s {
-                            for j in first_key(pad, i, window)..=i {
-                                m[(bi * s + i) * s + j] = 0.0;
-                            }
-                        }
-                    }
-                    let mask = Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap();
+                    let mask = causal_mask(&pads, s, window).to_dtype(dt).unwrap();
                     let cs = (cos.to_dtype(dt).unwrap(), sin.to_dtype(dt).unwrap());
                     let cs = rope.then_some((&cs.0, &cs.1));
                     let q = split_heads(q, nh, cs, true).unwrap();

@@ -559,8 +559,7 @@ impl CustomOp2 for SiluMul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{rel_diff, t};
-    use candle_core::Device;
+    use crate::model::testing::{causal_mask, rel_diff, t};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -669,15 +668,7 @@ mod tests {
         let pads = [0usize, 2];
         let scores = t(&[b, h, s, s], 4.0);
         for window in [None, Some(3)] {
-            let mut m = vec![f32::NEG_INFINITY; b * s * s];
-            for (bi, &pad) in pads.iter().enumerate() {
-                for q in 0..s {
-                    for k in first_key(pad, q, window)..=q {
-                        m[(bi * s + q) * s + k] = 0.0;
-                    }
-                }
-            }
-            let mask = Tensor::from_vec(m, (b, 1, s, s), &Device::Cpu).unwrap();
+            let mask = causal_mask(&pads, s, window);
             let how = Scores {
                 scale: 0.7,
                 softcap: None,
