@@ -185,8 +185,8 @@ multiversion! {
 
 multiversion! {
     /// The input gradient of [`rms_norm_row`]: with `r = 1 / sqrt(mean(x^2) + eps)`,
-    /// `dx = r (w dy) - x r^3 mean(w dy x)`.
-    pub fn rms_norm_row_bwd(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32) {
+    /// `dx = r (w dy) - x r^3 mean(w dy x)`, added to `dx` when `add`.
+    pub fn rms_norm_row_bwd(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, add: bool) {
         let (mut acc, mut dot) = ([0f32; LANES], [0f32; LANES]);
         let n = x.len();
         let body = n - n % LANES;
@@ -206,8 +206,17 @@ multiversion! {
         wdx += dot.iter().sum::<f32>();
         let r = 1.0 / (sum / n as f32 + eps).sqrt();
         let c = r * r * r * wdx / n as f32;
-        for i in 0..n {
-            dx[i] = r * w[i] * dy[i] - x[i] * c;
+        match add {
+            true => {
+                for i in 0..n {
+                    dx[i] += r * w[i] * dy[i] - x[i] * c;
+                }
+            }
+            false => {
+                for i in 0..n {
+                    dx[i] = r * w[i] * dy[i] - x[i] * c;
+                }
+            }
         }
     }
 }

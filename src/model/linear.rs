@@ -7,7 +7,7 @@
 //! third of a training step's work. f32 block projections on x86 CPUs are packed once for
 //! gemm's microkernels (`super::packed`), in inference and training alike.
 
-use super::lora_linear::LoraLinear;
+use super::lora_linear::{Grads, LoraLinear};
 use super::ops::{cpu_kernels, f32_slice};
 use super::packed::{self, PackedWeight, Shared};
 use super::quant::{self, QuantWeight};
@@ -446,7 +446,13 @@ impl Linear {
     /// The frozen product `x2 W^T` as the custom op that computes it for f32 activations on the
     /// CPU (packed, quantized, or HF-layout in training), or `None` where `forward_t` takes
     /// another path.
-    fn frozen_op(&self, x2: &Tensor) -> Result<Option<Box<dyn CustomOp1 + Send + Sync>>> {
+    /// `train`: the product is differentiated (HF-layout and transposed weights then take the
+    /// frozen-weight op).
+    fn frozen_op(
+        &self,
+        x2: &Tensor,
+        train: bool,
+    ) -> Result<Option<Box<dyn CustomOp1 + Send + Sync>>> {
         let f32_cpu = x2.dtype() == DType::F32 && x2.device().is_cpu();
         Ok(match &self.w {
             Stored::Quant(q) if f32_cpu => Some(Box::new(quant::QuantMatmul(q.clone()))),
@@ -454,7 +460,7 @@ impl Linear {
             // in training (the frozen-weight backward), and for the lm_head always (see
             // FrozenMatmul's split of matrix-vector products)
             Stored::Hf(w) | Stored::Transposed(w)
-                if (x2.track_op() || matches!(self.w, Stored::Hf(_)))
+                if (train || matches!(self.w, Stored::Hf(_)))
                     && f32_cpu
                     && w.dtype() == DType::F32
                     && cpu_kernels(w.device())
@@ -543,7 +549,7 @@ impl Linear {
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_features();
         }
-        let mut y = match (self.frozen_op(&x2)?, &self.lora) {
+        let mut y = match (self.frozen_op(&x2, x2.track_op())?, &self.lora) {
             // with an adapter, `x W^T + s drop(x) A^T B^T` as one op (see `super::lora_linear`)
             (Some(base), Some(l)) if l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32 => {
                 let (a, b) = match grad {
@@ -578,6 +584,36 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// The layer's forward and backward as functions of untracked tensors `[rows, in]`, with
+    /// the adapter's dropout of this forward, for a node that holds a whole block
+    /// (`super::block_node`): f32 activations on the CPU with an f32 adapter, else `None`.
+    pub(super) fn fns(&self, x2: &Tensor, dropout: Option<Dropout>) -> Result<Option<LayerFns>> {
+        let Some(base) = self.frozen_op(x2, true)? else {
+            return Ok(None);
+        };
+        let kind = match &self.lora {
+            None => LayerKind::Frozen(base),
+            Some(l) if l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32 => {
+                LayerKind::Adapted {
+                    op: LoraLinear {
+                        base,
+                        scale: l.scale as f32,
+                        drop: dropout
+                            .filter(|_| l.dropout > 0.0)
+                            .map(|d| (d, self.uid, l.dropout)),
+                    },
+                    a: l.a.as_tensor().detach().contiguous()?,
+                    b: l.b.as_tensor().detach().contiguous()?,
+                }
+            }
+            Some(_) => return Ok(None),
+        };
+        Ok(Some(LayerFns {
+            kind,
+            bias: self.bias.clone(),
+        }))
+    }
+
     /// `x2 W^T` where [`Self::frozen_op`] has no custom op: other dtypes and devices.
     fn forward_other(&self, x2: &Tensor) -> Result<Tensor> {
         Ok(match &self.w {
@@ -606,6 +642,69 @@ impl Linear {
             Stored::Transposed(w) => x2.matmul(w)?,
             Stored::Hf(w) => x2.matmul(&w.t()?)?,
         })
+    }
+}
+
+/// A layer as plain functions of untracked CPU f32 tensors ([`Linear::fns`]).
+pub(super) struct LayerFns {
+    kind: LayerKind,
+    bias: Option<Tensor>,
+}
+
+enum LayerKind {
+    Frozen(Box<dyn CustomOp1 + Send + Sync>),
+    Adapted {
+        op: LoraLinear,
+        /// `[r, in]`, `[out, r]`
+        a: Tensor,
+        b: Tensor,
+    },
+}
+
+impl LayerFns {
+    /// `x2 W^T + b (+ the adapter)` `[rows, out]` for `x2` `[rows, in]`.
+    pub fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        let x2 = x2.contiguous()?;
+        let y = match &self.kind {
+            LayerKind::Frozen(op) => {
+                let (s, l) = x2.storage_and_layout();
+                let candle_core::Storage::Cpu(s) = &*s else {
+                    candle_core::bail!("linear: not a CPU tensor");
+                };
+                let (out, shape) = op.cpu_fwd(s, l)?;
+                let CpuStorage::F32(v) = out else {
+                    candle_core::bail!("linear: the frozen product is not f32");
+                };
+                Tensor::from_vec(v, shape, x2.device())?
+            }
+            LayerKind::Adapted { op, a, b } => x2.apply_op3_no_bwd(a, b, op)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// From `dy` `[rows, out]`: `dx` when `need_dx`, and the adapter's `(dA, dB)` when it has
+    /// one and `need_factors`.
+    pub fn backward(
+        &self,
+        x2: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        need_factors: bool,
+    ) -> Result<Grads> {
+        match &self.kind {
+            // the frozen ops' backward reads only `dy`
+            LayerKind::Frozen(op) => Ok((
+                match need_dx {
+                    true => op.bwd(x2, dy, dy)?,
+                    false => None,
+                },
+                None,
+            )),
+            LayerKind::Adapted { op, a, b } => op.grads(x2, a, b, dy, need_dx, need_factors),
+        }
     }
 }
 

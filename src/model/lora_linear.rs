@@ -19,6 +19,9 @@ use super::ops::{f32_slice, with_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// A linear layer's gradients: its input's, and its adapter's `(dA, dB)`.
+pub(super) type Grads = (Option<Tensor>, Option<(Tensor, Tensor)>);
+
 /// The adapter's dropout: its seed, the layer's uid and p.
 type Drop = Option<(Dropout, u64, f64)>;
 
@@ -98,50 +101,76 @@ impl candle_core::CustomOp3 for LoraLinear {
         x: &Tensor,
         a: &Tensor,
         b: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The input of the first block's projections (the embeddings, or patched activations
+        // that are constants) needs no gradient.
+        let (dx, dab) = self.grads(x, a, b, dy, x.track_op(), true)?;
+        let (da, db) = dab.unzip();
+        Ok((dx, da, db))
+    }
+}
+
+impl LoraLinear {
+    /// The gradients of `(x, A, B)` from `dy`: `dx` when `need_dx`, `(dA, dB)` when
+    /// `need_factors` (an adapter that is not trained still passes `dx` through itself).
+    pub(super) fn grads(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        need_dx: bool,
+        need_factors: bool,
+    ) -> Result<Grads> {
         let (m, k) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let (n, _) = b.dims2()?;
         let dy = dy.contiguous()?;
-        // The input of the first block's projections (the embeddings, or patched activations
-        // that are constants) needs no gradient.
-        let base_dx = match x.track_op() {
-            true => match self.base.bwd(x, res, &dy)? {
+        let base_dx = match need_dx {
+            // the frozen product's backward reads only `dy`
+            true => match self.base.bwd(x, &dy, &dy)? {
                 Some(t) => Some(t),
                 None => candle_core::bail!("lora-linear: the frozen product has no input gradient"),
             },
             false => None,
         };
-        let (dx, da, db) = with_f32(&dy, "lora-linear (dy)", |dy| {
+        let (dx, dab) = with_f32(&dy, "lora-linear (dy)", |dy| {
             with_f32(x, "lora-linear (x)", |x| {
                 with_f32(a, "lora-linear (A)", |a| {
                     with_f32(b, "lora-linear (B)", |b| {
-                        let (da, db, g) = self.factor_grads(x, a, b, dy, (m, k, r, n));
+                        let (dab, g) = self.factor_grads(x, a, b, dy, (m, k, r, n), need_factors);
                         let dx = match &base_dx {
                             Some(t) => Some(with_f32(t, "lora-linear (dy W)", |bx| {
                                 Ok(self.input_grad(bx, &g, a, (m, k, r)))
                             })?),
                             None => None,
                         };
-                        Ok((dx, da, db))
+                        Ok((dx, dab))
                     })
                 })
             })
         })?;
         let dev = x.device();
+        let dab = match dab {
+            Some((da, db)) => Some((
+                Tensor::from_vec(da, (r, k), dev)?,
+                Tensor::from_vec(db, (n, r), dev)?,
+            )),
+            None => None,
+        };
         Ok((
             dx.map(|v| Tensor::from_vec(v, (m, k), dev)).transpose()?,
-            Some(Tensor::from_vec(da, (r, k), dev)?),
-            Some(Tensor::from_vec(db, (n, r), dev)?),
+            dab,
         ))
     }
 }
 
 impl LoraLinear {
-    /// `dA = g^T drop(x)` `[r, k]` and `dB = s dy^T h` `[n, r]`, with `g = s dy B` `[m, r]`,
-    /// which the input's gradient needs (the dropout mask drawn again).
+    /// `g = s dy B` `[m, r]`, which the input's gradient needs, and when `factors`
+    /// `dA = g^T drop(x)` `[r, k]` and `dB = s dy^T h` `[n, r]` (the dropout mask drawn again).
+    #[allow(clippy::type_complexity)]
     fn factor_grads(
         &self,
         x: &[f32],
@@ -149,15 +178,19 @@ impl LoraLinear {
         b: &[f32],
         dy: &[f32],
         (m, k, r, n): (usize, usize, usize, usize),
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        factors: bool,
+    ) -> (Option<(Vec<f32>, Vec<f32>)>, Vec<f32>) {
         let s = self.scale;
+        let g = matmul((m, r, n), Mat::rows(dy, n), Mat::rows(b, r), s, true); // s dy B [m, r]
+        if !factors {
+            return (None, g);
+        }
         let dropped = dropped(x, &self.drop);
         let xm = dropped.as_deref().unwrap_or(x);
         let h = matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true); // drop(x) A^T [m, r]
-        let g = matmul((m, r, n), Mat::rows(dy, n), Mat::rows(b, r), s, true); // s dy B [m, r]
         let db = matmul((n, r, m), Mat::t(dy, n), Mat::rows(&h, r), s, true); // s dy^T h [n, r]
         let da = matmul((r, k, m), Mat::t(&g, r), Mat::rows(xm, k), 1.0, true); // g^T drop(x) [r, k]
-        (da, db, g)
+        (Some((da, db)), g)
     }
 
     /// `dx = dy W + (g A) * mask` `[m, k]` from the frozen product's `dy W` (`bx`), the mask

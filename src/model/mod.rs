@@ -22,6 +22,7 @@
 //! and an attention mask that hides its pads, so a padded row computes what it would alone.
 
 mod attention;
+mod block_node;
 mod gemm;
 pub mod isa;
 pub mod kernels;
@@ -36,6 +37,7 @@ pub mod quant;
 pub mod recompute;
 #[cfg(test)]
 mod testing;
+mod transpose;
 pub mod weights;
 
 use crate::config::{Activation, LayerType, ModelConfig, RopeScaling};
@@ -82,7 +84,9 @@ pub struct Input {
     /// In a differentiable forward without a KV cache, keep only each block's input for the
     /// backward pass and run the block again there ([`recompute`]): one block's intermediates
     /// alive at a time instead of all of them, for one more block forward each. The backward
-    /// must then be [`recompute::backward`]. Blocks with hooks inside them are kept whole.
+    /// must then be [`recompute::backward`] (blocks trained on the CPU in f32 are single nodes,
+    /// `block_node`, which a plain `backward` also handles). Blocks with hooks inside them are
+    /// kept whole.
     pub recompute: bool,
 }
 
@@ -271,6 +275,22 @@ struct Ctx {
 }
 
 impl Attention {
+    /// This layer's attention as one training node (see `attention`), RoPE inside.
+    fn causal_node(&self, ctx: &Ctx) -> Result<attention::CausalAttention> {
+        let (cos, sin) = &ctx.rope[self.rope];
+        Ok(attention::CausalAttention {
+            heads: self.n_heads,
+            kv_heads: self.n_kv,
+            scale: self.scale as f32,
+            pads: ctx.pads.clone(),
+            window: self.window,
+            rope: Some((
+                cos.to_dtype(DType::F32)?.contiguous()?,
+                sin.to_dtype(DType::F32)?.contiguous()?,
+            )),
+        })
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -318,17 +338,7 @@ impl Attention {
             let y = q.contiguous()?.apply_op3(
                 &k.contiguous()?,
                 &v.contiguous()?,
-                attention::CausalAttention {
-                    heads: nh,
-                    kv_heads: nkv,
-                    scale: self.scale as f32,
-                    pads: ctx.pads.clone(),
-                    window: self.window,
-                    rope: Some((
-                        cos.to_dtype(DType::F32)?.contiguous()?,
-                        sin.to_dtype(DType::F32)?.contiguous()?,
-                    )),
-                },
+                self.causal_node(ctx)?,
             )?; // [b, s, nh * hd]
             return Ok(self.o.forward_t(&y, ctx.dropout, ctx.track)?);
         }
@@ -1014,8 +1024,14 @@ impl Model {
             .min(self.blocks.len() - 1);
         for (i, blk) in self.blocks.iter().enumerate().take(last + 1) {
             let resid_pre = hook(&mut hooks, HookPoint::Block(i, Site::ResidPre), x)?;
-            let resid_post = match &ctxs {
-                Some(c) if !inner_hooked(i, &hooks) => blk.recomputed(i, &resid_pre, c)?,
+            // training on the CPU: the block as one node (see `block_node`)
+            let node = match cache.is_none() && !inner_hooked(i, &hooks) {
+                true => block_node::block_node(blk, &resid_pre, &ctx, recompute)?,
+                false => None,
+            };
+            let resid_post = match (node, &ctxs) {
+                (Some(y), _) => y,
+                (None, Some(c)) if !inner_hooked(i, &hooks) => blk.recomputed(i, &resid_pre, c)?,
                 _ => blk.forward(i, &resid_pre, &ctx, cache.as_deref_mut(), &mut |p, t| {
                     hook(&mut hooks, p, t)
                 })?,

@@ -76,9 +76,19 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
     y.to_dtype(dt)?.broadcast_mul(w)
 }
 
+/// The input gradient of RMSNorm over rows of `w.len()`, row by row in parallel
+/// ([`kernels::rms_norm_row_bwd`]): written into `dx`, or added to it when `add`.
+pub(super) fn rms_norm_dx(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, add: bool) {
+    use rayon::prelude::*;
+    let d = w.len();
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+        .for_each(|(o, (x, dy))| kernels::rms_norm_row_bwd(o, x, w, dy, eps, add));
+}
+
 /// RMSNorm over the last dimension, one vectorised pass per row (candle's sums each row
 /// one value at a time).
-struct RmsNorm(f32);
+pub(super) struct RmsNorm(pub f32);
 
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
@@ -122,7 +132,6 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
         let d = w.elem_count();
         let eps = self.0;
         let (dx, dw) = with_f32(x, "rms-norm", |xv| {
@@ -131,9 +140,7 @@ impl CustomOp2 for RmsNorm {
                     // the first block's input (embeddings, constant patches) needs none
                     let dx = x.track_op().then(|| {
                         let mut dx = vec![0f32; xv.len()];
-                        dx.par_chunks_mut(d)
-                            .zip(xv.par_chunks(d).zip(dyv.par_chunks(d)))
-                            .for_each(|(o, (x, dy))| kernels::rms_norm_row_bwd(o, x, wv, dy, eps));
+                        rms_norm_dx(&mut dx, xv, wv, dyv, eps, false);
                         dx
                     });
                     let dw = w.track_op().then(|| {
@@ -489,7 +496,7 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     g.contiguous()?.apply_op2(&u.contiguous()?, SiluMul)
 }
 
-struct SiluMul;
+pub(super) struct SiluMul;
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {

@@ -12,6 +12,7 @@
 //! model keeps plain layouts and candle's matmul. `LQA_PACKED=0` turns packing off (for A/B
 //! measurements).
 
+use super::transpose::transpose;
 use gemm_common::microkernel::MicroKernelFn;
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -379,9 +380,8 @@ impl PackedWeight {
         }
         let kern = self.kernel;
         let mr = kern.mr;
-        // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded; transposed in
-        // blocks of TB outputs, so that the writes of one block stay in the L1 cache.
-        const TB: usize = 64;
+        // dy^T in token panels [tp][n][mr] (tokens contiguous), zero-padded past the last
+        // token (`super::transpose`'s tiles).
         let tp = m.div_ceil(mr);
         let mp = tp * mr;
         // SAFETY: every panel element is written below (a token's value, or 0 past the last
@@ -392,19 +392,14 @@ impl PackedWeight {
                     .enumerate()
                     .for_each(|(q, panel)| {
                         let rows = mr.min(m - q * mr);
-                        for o0 in (0..n).step_by(TB) {
-                            let o1 = (o0 + TB).min(n);
-                            for t in 0..mr {
-                                if t < rows {
-                                    let row = &dy[(q * mr + t) * n + o0..][..o1 - o0];
-                                    for (j, &v) in row.iter().enumerate() {
-                                        panel[(o0 + j) * mr + t].write(v);
-                                    }
-                                } else {
-                                    for o in o0..o1 {
-                                        panel[o * mr + t].write(0.0);
-                                    }
-                                }
+                        let out = panel.as_mut_ptr() as *mut f32;
+                        // SAFETY: dy rows q*mr.. (rows of them, n wide) exist; the panel is
+                        // [n][mr].
+                        transpose(dy.as_ptr().add(q * mr * n), n, out, mr, rows, n);
+                        if rows < mr {
+                            for o in 0..n {
+                                std::slice::from_raw_parts_mut(out.add(o * mr + rows), mr - rows)
+                                    .fill(0.0);
                             }
                         }
                     });
@@ -451,25 +446,19 @@ impl PackedWeight {
             }
         };
         on_threads(nt, run);
-        // dx [m][k] from dx^T, TB tokens by TB inputs at a time.
+        // dx [m][k] from dx^T, TB tokens at a time.
         // SAFETY: the blocks cover every row of dx; each element of dxt read (token < m) was
         // written by a tile above.
+        const TB: usize = 64;
         unsafe {
             super::kernels::filled(m * k, |dx| {
                 dx.par_chunks_mut(k * TB)
                     .enumerate()
                     .for_each(|(tb, rows)| {
-                        let t0 = tb * TB;
                         let nt = rows.len() / k;
-                        for k0 in (0..k).step_by(TB) {
-                            let k1 = (k0 + TB).min(k);
-                            for t in 0..nt {
-                                let out = &mut rows[t * k + k0..t * k + k1];
-                                for (j, o) in out.iter_mut().enumerate() {
-                                    o.write(dxt[(k0 + j) * mp + t0 + t].assume_init());
-                                }
-                            }
-                        }
+                        // dx^T's rows are the k inputs, its columns tokens tb*TB..+nt
+                        let src = (dxt.as_ptr() as *const f32).add(tb * TB);
+                        transpose(src, mp, rows.as_mut_ptr() as *mut f32, k, k, nt);
                     });
             })
         }

@@ -15,6 +15,11 @@
 //! [`backward`] that is running on this thread, which adds them to the gradients it returns. A
 //! plain `loss.backward()` over a recomputed segment is an error, never silently missing
 //! gradients.
+//!
+//! Blocks trained on the CPU in f32 do not need segments: they are single graph nodes
+//! (`super::block_node`) that recompute themselves and pass their adapters' gradients through
+//! the graph. Segments serve the other devices and dtypes, and the block kinds the node does
+//! not take.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Var};
