@@ -236,9 +236,11 @@ impl BlockNode {
             &bsd(&need(dy)?)?,
         )?;
         let rows = |t: Option<Tensor>| need(t)?.reshape((m, ()));
-        let (dn1, gq) = l[Q].backward(&st.n1, &rows(dq)?, true, nf)?;
-        let (dn1k, gk) = l[K].backward(&st.n1, &rows(dk)?, true, nf)?;
-        let (dn1v, gv) = l[V].backward(&st.n1, &rows(dv)?, true, nf)?;
+        // the first block's input (embeddings, constant patches) needs no gradient, nor do
+        // its q/k/v inputs then
+        let (dn1, gq) = l[Q].backward(&st.n1, &rows(dq)?, need_dx, nf)?;
+        let (dn1k, gk) = l[K].backward(&st.n1, &rows(dk)?, need_dx, nf)?;
+        let (dn1v, gv) = l[V].backward(&st.n1, &rows(dv)?, need_dx, nf)?;
         (grads[Q], grads[K], grads[V]) = (gq, gk, gv);
         if !need_dx {
             return Ok((None, grads));

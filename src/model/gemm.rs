@@ -88,9 +88,22 @@ pub(crate) fn matmul(
     beta: f32,
     parallel: bool,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; dims.0 * dims.1];
-    product(dims, &mut out, false, lhs, rhs, beta, parallel);
-    out
+    let (m, n, _) = dims;
+    // SAFETY: product_to writes all m * n values when it does not add (zeros when k is 0).
+    unsafe {
+        super::kernels::filled(m * n, |out| {
+            product_to(
+                dims,
+                out.as_mut_ptr() as *mut f32,
+                n,
+                false,
+                lhs,
+                rhs,
+                beta,
+                parallel,
+            )
+        })
+    }
 }
 
 /// [`product`] into `m` rows of `n` values at row stride `dst_rs` from `dst`.

@@ -562,6 +562,7 @@ impl Linear {
                     drop: dropout
                         .filter(|_| l.dropout > 0.0)
                         .map(|d| (d, self.uid, l.dropout)),
+                    h: Default::default(),
                 };
                 let mut y = x2
                     .contiguous()?
@@ -601,6 +602,7 @@ impl Linear {
                         drop: dropout
                             .filter(|_| l.dropout > 0.0)
                             .map(|d| (d, self.uid, l.dropout)),
+                        h: Default::default(),
                     },
                     a: l.a.as_tensor().detach().contiguous()?,
                     b: l.b.as_tensor().detach().contiguous()?,

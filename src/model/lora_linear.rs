@@ -18,6 +18,7 @@ use super::linear::Dropout;
 use super::ops::{f32_slice, with_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// A linear layer's gradients: its input's, and its adapter's `(dA, dB)`.
 pub(super) type Grads = (Option<Tensor>, Option<(Tensor, Tensor)>);
@@ -49,6 +50,9 @@ pub(super) struct LoraLinear {
     pub scale: f32,
     /// The dropout of this forward: its seed, the layer's uid and p.
     pub drop: Drop,
+    /// The forward's `h = drop(x) A^T` `[m, r]`, taken by the backward (which computes it
+    /// again if it is not there: a second backward, or a recomputed block).
+    pub h: Mutex<Option<Vec<f32>>>,
 }
 
 impl LoraLinear {
@@ -93,6 +97,9 @@ impl candle_core::CustomOp3 for LoraLinear {
         let h = matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true); // [m, r]
         let (hm, bt) = (Mat::rows(&h, r), Mat::t(b, r));
         product((m, n, r), &mut y, true, hm, bt, self.scale, true); // y += s h B^T
+        if let Ok(mut slot) = self.h.lock() {
+            *slot = Some(h);
+        }
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -187,7 +194,11 @@ impl LoraLinear {
         }
         let dropped = dropped(x, &self.drop);
         let xm = dropped.as_deref().unwrap_or(x);
-        let h = matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true); // drop(x) A^T [m, r]
+        let kept = self.h.lock().ok().and_then(|mut h| h.take());
+        let h = match kept {
+            Some(h) if h.len() == m * r => h,
+            _ => matmul((m, r, k), Mat::rows(xm, k), Mat::t(a, k), 1.0, true), // drop(x) A^T [m, r]
+        };
         let db = matmul((n, r, m), Mat::t(dy, n), Mat::rows(&h, r), s, true); // s dy^T h [n, r]
         let da = matmul((r, k, m), Mat::t(&g, r), Mat::rows(xm, k), 1.0, true); // g^T drop(x) [r, k]
         (Some((da, db)), g)
