@@ -93,6 +93,30 @@ pub fn bandwidth_gbs(bytes: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The f32 compute bound in GFLOPS: the packed microkernels (what the model's projections run)
+/// on a 512 x 576 x 576 product whose weight stays in cache, on every thread, best of 5 runs of
+/// 20 products. `None` where the CPU has no packed kernels.
+pub fn compute_peak_gflops() -> Option<f64> {
+    use lqa::model::packed::{kernel, PackedWeight};
+    let kern = kernel()?;
+    let (m, n, k) = (512usize, 576usize, 576usize);
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 * 0.01).collect();
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.01).collect();
+    let pw = PackedWeight::pack(&w, n, k, kern);
+    std::hint::black_box(pw.forward(&x, m));
+    let reps = 20;
+    let best = (0..5)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(pw.forward(&x, m));
+            }
+            (2 * m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max);
+    Some(best)
+}
+
 /// Rounded run times for the table.
 pub fn rounded(times: &[f64]) -> Vec<f64> {
     times
