@@ -556,14 +556,7 @@ impl Linear {
                     true => (l.a.as_tensor().clone(), l.b.as_tensor().clone()),
                     false => (l.a.as_tensor().detach(), l.b.as_tensor().detach()),
                 };
-                let op = LoraLinear {
-                    base,
-                    scale: l.scale as f32,
-                    drop: dropout
-                        .filter(|_| l.dropout > 0.0)
-                        .map(|d| (d, self.uid, l.dropout)),
-                    h: Default::default(),
-                };
+                let op = self.adapter_op(base, l, dropout);
                 let mut y = x2
                     .contiguous()?
                     .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
@@ -585,6 +578,24 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// The adapted product's op (`super::lora_linear`) over the frozen product `base`, with this
+    /// forward's dropout.
+    fn adapter_op(
+        &self,
+        base: Box<dyn CustomOp1 + Send + Sync>,
+        l: &LoraWeights,
+        dropout: Option<Dropout>,
+    ) -> LoraLinear {
+        LoraLinear {
+            base,
+            scale: l.scale as f32,
+            drop: dropout
+                .filter(|_| l.dropout > 0.0)
+                .map(|d| (d, self.uid, l.dropout)),
+            h: Default::default(),
+        }
+    }
+
     /// The layer's forward and backward as functions of untracked tensors `[rows, in]`, with
     /// the adapter's dropout of this forward, for a node that holds a whole block
     /// (`super::block_node`): f32 activations on the CPU with an f32 adapter, else `None`.
@@ -596,14 +607,7 @@ impl Linear {
             None => LayerKind::Frozen(base),
             Some(l) if l.a.dtype() == DType::F32 && l.b.dtype() == DType::F32 => {
                 LayerKind::Adapted {
-                    op: LoraLinear {
-                        base,
-                        scale: l.scale as f32,
-                        drop: dropout
-                            .filter(|_| l.dropout > 0.0)
-                            .map(|d| (d, self.uid, l.dropout)),
-                        h: Default::default(),
-                    },
+                    op: self.adapter_op(base, l, dropout),
                     a: l.a.as_tensor().detach().contiguous()?,
                     b: l.b.as_tensor().detach().contiguous()?,
                 }
