@@ -18,9 +18,9 @@ use super::format::{DecoderPrompt, ReadPrompt};
 use super::layers::LayerPlan;
 use super::Activations;
 use crate::hooks::{HookPoint, Hooks, Patch, Positions};
-use crate::model::{log_softmax, Input, Logits, Model};
+use crate::model::{token_nll, Input, Logits, Model};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// One example: what the target reads, and the decoder prompt its activations go into.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -369,9 +369,7 @@ pub fn patched_token_nll(
     let logits = out?
         .logits
         .ok_or_else(|| Error::invalid("the decoder returned no logits"))?;
-    let logp = log_softmax(&logits)?; // [total, vocab] f32
-    let tgt = Tensor::from_vec(targets, (total, 1), decoder.device())?;
-    let nll = logp.gather(&tgt, D::Minus1)?.squeeze(1)?.neg()?;
+    let nll = token_nll(&logits, &targets)?; // [total] f32
     Ok(TokenNll { nll, counts })
 }
 

@@ -264,6 +264,47 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `lse = log(sum(e^x))` over one row, the log-softmax's normaliser (`-inf` for an empty
+    /// row).
+    pub fn log_sum_exp_row(x: &[f32], lse: &mut f32) {
+        let mut m = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for c in chunks {
+            for (m, &v) in m.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
+        }
+        max = m.iter().fold(max, |a, &b| a.max(b));
+        if !max.is_finite() {
+            *lse = max;
+            return;
+        }
+        let mut acc = [0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let mut sum: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+        for c in chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += exp(v - max);
+            }
+        }
+        sum += acc.iter().sum::<f32>();
+        *lse = max + sum.ln();
+    }
+}
+
+multiversion! {
+    /// The logits' gradient of one row's `lse - x[target]` scaled by `g`:
+    /// `dx = g (softmax(x) - onehot(target))`, with `softmax(x) = e^(x - lse)`.
+    pub fn nll_row_bwd(dx: &mut [f32], x: &[f32], lse: f32, target: usize, g: f32) {
+        for (d, &v) in dx.iter_mut().zip(x) {
+            *d = g * exp(v - lse);
+        }
+        dx[target] -= g;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

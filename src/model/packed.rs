@@ -161,6 +161,17 @@ pub struct PackedWeight {
     n: usize,
     k: usize,
     kernel: &'static Kernel,
+    /// `W^T` `[k, n]` packed the same way, made at the first backward (see
+    /// [`PackedWeight::backward`]); shared by the clones.
+    transposed: Arc<OnceLock<PackedWeight>>,
+}
+
+/// Whether backward passes multiply by a packed copy of `W^T` (the default) rather than
+/// transposing their operands around the forward's panels. `LQA_PACKED_BACKWARD=0` keeps one
+/// copy of each weight (for f32 training of models whose weights fit in memory only once).
+fn transposed_backward() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LQA_PACKED_BACKWARD").is_ok_and(|v| v == "0"))
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -201,7 +212,22 @@ impl PackedWeight {
             n,
             k,
             kernel,
+            transposed: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// `W^T` packed (made once, on the first call): `dy @ W` is its forward.
+    fn transposed(&self) -> &PackedWeight {
+        self.transposed.get_or_init(|| {
+            let (n, k) = (self.n, self.k);
+            let w = self.unpack(); // [n, k]
+            let mut wt = vec![0f32; k * n]; // [k, n]
+            if n > 0 && k > 0 {
+                // SAFETY: w holds n rows of k values; wt holds k rows of n values.
+                unsafe { transpose(w.as_ptr(), k, wt.as_mut_ptr(), n, n, k) };
+            }
+            PackedWeight::pack(&wt, k, n, self.kernel)
+        })
     }
 
     /// Outputs (rows of `W`).
@@ -364,14 +390,29 @@ impl PackedWeight {
 
     /// `dx = dy @ W`: `dy` row-major `[m, n]`, `dx` row-major `[m, k]` (the input gradient of
     /// [`PackedWeight::forward`]).
+    ///
+    /// The forward's panels hold `mr` outputs per input, so `dy @ W` over them reduces in
+    /// chunks of `mr` and needs `dy` and `dx` transposed around the product (0.7-0.8 of the
+    /// forward's GFLOPS on the default model's shapes, `cargo bench --bench products`). A
+    /// packed copy of `W^T`, made at the first backward, turns the backward into a forward of
+    /// it, at the cost of a second copy of the weight (see [`transposed_backward`]).
     pub fn backward(&self, dy: &[f32], m: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
+        let n = self.n;
         assert_eq!(
             dy.len(),
             m * n,
             "PackedWeight::backward: dy has {} values, not [{m}, {n}]",
             dy.len()
         );
+        if transposed_backward() {
+            return self.transposed().forward(dy, m);
+        }
+        self.backward_over_forward_panels(dy, m)
+    }
+
+    /// [`PackedWeight::backward`] over the forward's panels (no second copy of the weight).
+    fn backward_over_forward_panels(&self, dy: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
         if m == 0 || k == 0 {
             return Vec::new();
         }
@@ -515,7 +556,8 @@ mod tests {
             let pw = PackedWeight::pack(&w, n, k, kern);
             assert_eq!(pw.unpack(), w);
             let y = pw.forward(&x, m);
-            let dx = pw.backward(&dy, m);
+            let dx = pw.backward_over_forward_panels(&dy, m);
+            let dxt = pw.transposed().forward(&dy, m);
             for t in 0..m {
                 for o in 0..n {
                     let r: f64 = (0..k)
@@ -531,11 +573,13 @@ mod tests {
                     let r: f64 = (0..n)
                         .map(|o| dy[t * n + o] as f64 * w[o * k + i] as f64)
                         .sum();
-                    let got = dx[t * k + i] as f64;
-                    assert!(
-                        (got - r).abs() < 1e-4 * (1.0 + r.abs()) * (n as f64).sqrt(),
-                        "backward [{m},{n},{k}] at ({t},{i}): {got} vs {r}"
-                    );
+                    for (how, dx) in [("over the forward's panels", &dx), ("by W^T", &dxt)] {
+                        let got = dx[t * k + i] as f64;
+                        assert!(
+                            (got - r).abs() < 1e-4 * (1.0 + r.abs()) * (n as f64).sqrt(),
+                            "backward {how} [{m},{n},{k}] at ({t},{i}): {got} vs {r}"
+                        );
+                    }
                 }
             }
         }
