@@ -25,7 +25,7 @@
 
 use super::attention::CausalAttention;
 use super::linear::LayerFns;
-use super::ops::{cpu_kernels, rms_norm_dx, with_f32, RmsNorm, SiluMul};
+use super::ops::{cpu_kernels, rms_norm_dx, sum_f32, with_f32, RmsNorm, SiluMul};
 use super::{Block, Ctx};
 use crate::config::Activation;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -163,11 +163,11 @@ impl BlockNode {
             .reshape((b, s, ()))?
             .apply_op3_no_bwd(&k.reshape((b, s, ()))?, &v.reshape((b, s, ()))?, &self.attn)?
             .reshape((m, ()))?;
-        let r = (&x + l[O].forward(&y)?)?;
+        let r = sum_f32(&[&x, &l[O].forward(&y)?])?;
         let n2 = r.apply_op2_no_bwd(&self.norms[1], &RmsNorm(self.eps))?;
         let (g, u) = (l[GATE].forward(&n2)?, l[UP].forward(&n2)?);
         let h = g.apply_op2_no_bwd(&u, &SiluMul)?;
-        let out = (&r + l[DOWN].forward(&h)?)?;
+        let out = sum_f32(&[&r, &l[DOWN].forward(&h)?])?;
         Ok((
             out,
             Stash {
@@ -212,7 +212,7 @@ impl BlockNode {
         let (dn2, gg) = l[GATE].backward(&st.n2, &need(dg)?, true, nf)?;
         let (dn2u, gu) = l[UP].backward(&st.n2, &need(du)?, true, nf)?;
         (grads[GATE], grads[UP]) = (gg, gu);
-        let dn2 = (need(dn2)? + need(dn2u)?)?;
+        let dn2 = sum_f32(&[&need(dn2)?, &need(dn2u)?])?;
         // dr = dout + the MLP norm's input gradient
         let mut dr = dout.flatten_all()?.to_vec1::<f32>()?;
         with_f32(&st.r, "block node (r)", |r| {
@@ -245,7 +245,7 @@ impl BlockNode {
         if !need_dx {
             return Ok((None, grads));
         }
-        let dn1 = ((need(dn1)? + need(dn1k)?)? + need(dn1v)?)?;
+        let dn1 = sum_f32(&[&need(dn1)?, &need(dn1k)?, &need(dn1v)?])?;
         // dx = dr + the attention norm's input gradient
         let mut dx = dr.flatten_all()?.to_vec1::<f32>()?;
         with_f32(x, "block node (x)", |xv| {

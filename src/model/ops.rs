@@ -76,6 +76,52 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
     y.to_dtype(dt)?.broadcast_mul(w)
 }
 
+/// The elementwise sum of CPU f32 tensors of one shape, in one pass on the compute pool
+/// (candle's `add` runs on its own thread pool beside the compute pool's threads, and makes one
+/// pass per pair).
+pub(super) fn sum_f32(parts: &[&Tensor]) -> Result<Tensor> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let Some(first) = parts.first() else {
+        candle_core::bail!("sum_f32: nothing to add");
+    };
+    let parts: Vec<Tensor> = parts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let mut guards = Vec::with_capacity(parts.len());
+    for t in &parts {
+        if t.shape() != first.shape() {
+            candle_core::bail!("sum_f32: {:?} and {:?}", first.shape(), t.shape());
+        }
+        guards.push(t.storage_and_layout());
+    }
+    let mut slices = Vec::with_capacity(parts.len());
+    for (s, l) in &guards {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            candle_core::bail!("sum_f32: not a CPU tensor");
+        };
+        slices.push(f32_slice(s, l, "sum_f32")?);
+    }
+    let n = slices[0].len();
+    // SAFETY: every chunk of the output is written from the first part, then added to.
+    let out = unsafe {
+        kernels::filled(n, |out| {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let at = c * CHUNK;
+                for (o, &v) in o.iter_mut().zip(&slices[0][at..]) {
+                    o.write(v);
+                }
+                // SAFETY: written just above.
+                let o = &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]);
+                for s in &slices[1..] {
+                    for (o, &v) in o.iter_mut().zip(&s[at..]) {
+                        *o += v;
+                    }
+                }
+            })
+        })
+    };
+    Tensor::from_vec(out, first.shape(), first.device())
+}
+
 /// The input gradient of RMSNorm over rows of `w.len()`, row by row in parallel
 /// ([`kernels::rms_norm_row_bwd`]): written into `dx`, or added to it when `add`.
 pub(super) fn rms_norm_dx(dx: &mut [f32], x: &[f32], w: &[f32], dy: &[f32], eps: f32, add: bool) {
