@@ -137,6 +137,36 @@ pub(crate) unsafe fn product_to(
         lhs.covers(m, k) && rhs.covers(k, n),
         "product: an operand is smaller than its strides say"
     );
+    if n == super::thin::W && super::thin::available() {
+        // `[m, 16]` outputs (a rank-16 adapter's thin products): lqa's own kernel, with rhs
+        // as `[k, 16]` rows (copied when it is another view, as A^T is: 16 k values)
+        let packed: Vec<f32>;
+        let r = match (rhs.rs, rhs.cs) {
+            (16, 1) => &rhs.data[..k * 16],
+            _ => {
+                packed = (0..k * 16)
+                    .map(|i| rhs.data[(i / 16) * rhs.rs + (i % 16) * rhs.cs])
+                    .collect();
+                &packed
+            }
+        };
+        // SAFETY: thin kernels are available; lhs covers [m, k] at its strides and r holds
+        // k rows of 16 (asserted above); dst is the caller's.
+        unsafe {
+            super::thin::product16(
+                m,
+                k,
+                dst,
+                dst_rs,
+                add,
+                (lhs.data, lhs.rs, lhs.cs),
+                r,
+                beta,
+                parallel,
+            )
+        };
+        return;
+    }
     let par = if parallel && m * n * k >= 1 << 16 {
         gemm::Parallelism::Rayon(crate::threads::num_threads())
     } else {

@@ -38,6 +38,7 @@ pub mod quant;
 pub mod recompute;
 #[cfg(test)]
 mod testing;
+mod thin;
 mod transpose;
 pub mod weights;
 

@@ -85,7 +85,10 @@ pub(super) fn sum_f32(parts: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = parts.first() else {
         candle_core::bail!("sum_f32: nothing to add");
     };
-    let parts: Vec<Tensor> = parts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let parts: Vec<Tensor> = parts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<_>>()?;
     let mut guards = Vec::with_capacity(parts.len());
     for t in &parts {
         if t.shape() != first.shape() {
