@@ -154,6 +154,7 @@ pub(crate) unsafe fn product_to(
         // k rows of 16 (asserted above); dst is the caller's.
         unsafe {
             super::thin::product16(
+                super::isa::avx512(),
                 m,
                 k,
                 dst,

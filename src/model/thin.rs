@@ -28,48 +28,16 @@ pub(crate) fn available() -> bool {
 }
 
 /// `out[i, j] (+)= beta * sum_p lhs[i * lrs + p * lcs] * rhs[p * 16 + j]` for `i < rows`,
-/// `p < depth`, `j < 16`, `out` rows `out_rs` apart; adds when `add`. On the threads when
-/// `parallel` and the product is large enough.
+/// `p < depth`, `j < 16`, `out` rows `out_rs` apart; adds when `add`. On AVX-512 registers when
+/// `wide` (pass `isa::avx512()`), AVX2 ones otherwise; on the threads when `parallel` and the
+/// product is large enough.
 ///
 /// # Safety
-/// [`available`] must be true; `lhs` must be readable at every index named above, `rhs` hold
-/// `depth * 16` values, and `out` be writable at `i * out_rs + j` with no other reference
-/// using those values meanwhile.
+/// [`available`] must be true, and the CPU have AVX-512F when `wide`; `lhs` must be readable
+/// at every index named above, `rhs` hold `depth * 16` values, and `out` be writable at
+/// `i * out_rs + j` with no other reference using those values meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn product16(
-    rows: usize,
-    depth: usize,
-    out: *mut f32,
-    out_rs: usize,
-    add: bool,
-    (lhs, lrs, lcs): (&[f32], usize, usize),
-    rhs: &[f32],
-    beta: f32,
-    parallel: bool,
-) {
-    // SAFETY: the caller's contract; available() covers the width isa::avx512() picks.
-    unsafe {
-        product16_isa(
-            super::isa::avx512(),
-            rows,
-            depth,
-            out,
-            out_rs,
-            add,
-            (lhs, lrs, lcs),
-            rhs,
-            beta,
-            parallel,
-        )
-    }
-}
-
-/// [`product16`] on AVX-512 registers when `wide`, else on AVX2 ones.
-///
-/// # Safety
-/// As [`product16`], and the CPU must have the registers `wide` asks for.
-#[allow(clippy::too_many_arguments)]
-unsafe fn product16_isa(
     wide: bool,
     rows: usize,
     depth: usize,
@@ -290,7 +258,7 @@ mod tests {
                             let before = out.clone();
                             // SAFETY: available() is true; the operands have the sizes named.
                             unsafe {
-                                product16_isa(
+                                product16(
                                     wide,
                                     rows,
                                     depth,
