@@ -58,23 +58,36 @@ pub(crate) unsafe fn product16(
         rows.max(1)
     };
     let dst = Shared(out);
+    // Thread block b: rows b * block.., in register blocks of the largest size that fits
+    // (AVX-512 12, 8, 4, 1 rows; AVX2 6, 2, 1).
     let run = |b: usize| {
-        let r0 = b * block;
-        let n = block.min(rows - r0);
-        // SAFETY: the caller's contract; block b covers rows r0..r0 + n only.
-        unsafe {
-            rows16(
-                wide,
-                n,
-                depth,
-                dst.at(r0 * out_rs),
-                out_rs,
-                add,
-                lhs.as_ptr().add(r0 * lrs),
-                (lrs, lcs),
-                rhs.as_ptr(),
-                beta,
-            )
+        let end = rows.min((b + 1) * block);
+        let mut r = b * block;
+        while r < end {
+            let left = end - r;
+            let n = match wide {
+                true => [ROWS, 8, 4, 1].into_iter().find(|&b| b <= left),
+                false => [6, 2, 1].into_iter().find(|&b| b <= left),
+            }
+            .unwrap_or(1);
+            // SAFETY: the caller's contract; these are rows r..r + n of this block only.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let (o, l) = (dst.at(r * out_rs), lhs.as_ptr().add(r * lrs));
+                let a = (depth, o, out_rs, add, l, lrs, lcs, rhs.as_ptr(), beta);
+                match (wide, n) {
+                    (true, ROWS) => x86::block512::<ROWS>(a),
+                    (true, 8) => x86::block512::<8>(a),
+                    (true, 4) => x86::block512::<4>(a),
+                    (true, _) => x86::block512::<1>(a),
+                    (false, 6) => x86::block256::<6>(a),
+                    (false, 2) => x86::block256::<2>(a),
+                    (false, _) => x86::block256::<1>(a),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("thin::product16 without x86-64 kernels ({add}, {beta}, {lcs})");
+            r += n;
         }
     };
     let blocks = rows.div_ceil(block);
@@ -87,60 +100,6 @@ pub(crate) unsafe fn product16(
 
 /// Rows per register block (AVX-512: one register per row; AVX2 runs them as two halves).
 const ROWS: usize = 12;
-
-/// One thread's rows of [`product16`].
-///
-/// # Safety
-/// As [`product16`], for `rows` rows from `lhs` and `out`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows16(
-    wide: bool,
-    rows: usize,
-    depth: usize,
-    out: *mut f32,
-    out_rs: usize,
-    add: bool,
-    lhs: *const f32,
-    (lrs, lcs): (usize, usize),
-    rhs: *const f32,
-    beta: f32,
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut r = 0;
-        while r < rows {
-            let left = rows - r;
-            // the largest register block that fits: AVX-512 12, 8, 4, 1 rows; AVX2 6, 2, 1
-            let n = match wide {
-                true => [ROWS, 8, 4, 1].into_iter().find(|&b| b <= left),
-                false => [6, 2, 1].into_iter().find(|&b| b <= left),
-            }
-            .unwrap_or(1);
-            let (o, l) = (out.add(r * out_rs), lhs.add(r * lrs));
-            let a = (depth, o, out_rs, add, l, lrs, lcs, rhs, beta);
-            // SAFETY: the caller's contract, for rows r..r + n.
-            unsafe {
-                match (wide, n) {
-                    (true, ROWS) => x86::block512::<ROWS>(a),
-                    (true, 8) => x86::block512::<8>(a),
-                    (true, 4) => x86::block512::<4>(a),
-                    (true, _) => x86::block512::<1>(a),
-                    (false, 6) => x86::block256::<6>(a),
-                    (false, 2) => x86::block256::<2>(a),
-                    (false, _) => x86::block256::<1>(a),
-                }
-            }
-            r += n;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (
-            wide, rows, depth, out, out_rs, add, lhs, lrs, lcs, rhs, beta,
-        );
-        unreachable!("thin::product16 without x86-64 kernels");
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
