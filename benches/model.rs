@@ -134,16 +134,22 @@ fn bench() -> anyhow::Result<()> {
         .map(|l| l.in_features() * l.out_features())
         .unwrap_or(0);
     let pre_gflop = 2.0 * ((macs - head) * 128 + head) as f64 / 1e9;
-    match common::compute_peak_gflops() {
-        Some(peak) => println!(
-            "compute bound {peak:.0} GFLOPS (the packed microkernels on every thread, measured now): \
-             prefill runs {:.0} GFLOPS in its products, {:.0} % of it",
-            pre_gflop * pre_tps / 128.0,
-            100.0 * pre_gflop * pre_tps / 128.0 / peak
-        ),
-        None => println!("no packed kernels on this CPU: no compute bound measured"),
-    }
-    common::report("prefill", pre_tps, "tok/s", pre_peak);
-    common::report("decode", dec_tps, "tok/s", dec_peak);
+    let pre_of_bound = match common::compute_peak_gflops() {
+        Some(peak) => {
+            println!(
+                "compute bound {peak:.0} GFLOPS (the packed microkernels on every thread, measured now): \
+                 prefill runs {:.0} GFLOPS in its products, {:.0} % of it",
+                pre_gflop * pre_tps / 128.0,
+                100.0 * pre_gflop * pre_tps / 128.0 / peak
+            );
+            pre_gflop * pre_tps / 128.0 / peak
+        }
+        None => {
+            println!("no packed kernels on this CPU: no compute bound measured");
+            f64::NAN
+        }
+    };
+    common::report_bound("prefill", pre_tps, "tok/s", pre_peak, pre_of_bound);
+    common::report_bound("decode", dec_tps, "tok/s", dec_peak, dec_tps / bound);
     Ok(())
 }

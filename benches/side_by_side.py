@@ -84,7 +84,7 @@ def lqa_round(args, benches, pytorch_file):
         env["LQA_BENCH_WEIGHTS"] = args.weights
     if args.isa:
         env["LQA_ISA"] = args.isa
-    got = {}
+    got, of_bound = {}, {}
     for cargo_bench in sorted({LQA_BENCH[b] for b in benches}):
         out = run(["cargo", "bench", "--quiet", "--bench", cargo_bench], env=env,
                   what=f"cargo bench --bench {cargo_bench}")
@@ -92,7 +92,9 @@ def lqa_round(args, benches, pytorch_file):
             if line.startswith("json: "):
                 r = json.loads(line[6:])
                 got[r["bench"]] = (r["value"], r["unit"], r["peak_rss_mib"])
-    return got
+                if r.get("of_bound") is not None:
+                    of_bound[r["bench"]] = r["of_bound"]
+    return got, of_bound
 
 
 def speedup(pt, lqa, unit):
@@ -132,22 +134,23 @@ def main():
         for i in range(args.rounds):
             pt_file = os.path.join(tmp, f"pytorch-{i}.json")
             pt = pytorch_round(args, args.bench, pt_file)
-            lq = lqa_round(args, args.bench, pt_file)
-            rounds.append({"pytorch": pt, "lqa": lq})
+            lq, lq_bound = lqa_round(args, args.bench, pt_file)
+            rounds.append({"pytorch": pt, "lqa": lq, "lqa_of_bound": lq_bound})
             print(f"\nround {i + 1} of {args.rounds}")
-            print("| benchmark | PyTorch | lqa | lqa speed-up | PyTorch peak RSS MiB | lqa peak RSS MiB | RSS ratio |")
-            print("|---|---|---|---|---|---|---|")
+            print("| benchmark | PyTorch | lqa | lqa speed-up | lqa of its bound | PyTorch peak RSS MiB | lqa peak RSS MiB | RSS ratio |")
+            print("|---|---|---|---|---|---|---|---|")
             for b in args.bench:
                 if b not in pt or b not in lq:
-                    print(f"| {b} | {pt.get(b, ('-',))[0]} | {lq.get(b, ('-',))[0]} | - | - | - | - |")
+                    print(f"| {b} | {pt.get(b, ('-',))[0]} | {lq.get(b, ('-',))[0]} | - | - | - | - | - |")
                     continue
                 (pv, unit, prss), (lv, _, lrss) = pt[b], lq[b]
-                print(f"| {b} | {pv:.3f} {unit} | {lv:.3f} {unit} | {speedup(pv, lv, unit):.2f}x | "
+                fb = f"{100 * lq_bound[b]:.0f} %" if b in lq_bound else "-"
+                print(f"| {b} | {pv:.3f} {unit} | {lv:.3f} {unit} | {speedup(pv, lv, unit):.2f}x | {fb} | "
                       f"{prss:.0f} | {lrss:.0f} | {lrss / prss:.2f} |", flush=True)
 
     print(f"\nmedians over {args.rounds} rounds ({kind})")
-    print("| benchmark | lqa speed-up per round | median | RSS ratio per round | median |")
-    print("|---|---|---|---|---|")
+    print("| benchmark | lqa speed-up per round | median | lqa of its bound per round | RSS ratio per round | median |")
+    print("|---|---|---|---|---|---|")
     summary = {}
     for b in args.bench:
         sp = [speedup(r["pytorch"][b][0], r["lqa"][b][0], r["pytorch"][b][1])
@@ -156,8 +159,13 @@ def main():
               for r in rounds if b in r["pytorch"] and b in r["lqa"]]
         if not sp:
             continue
+        fb = [r.get("lqa_of_bound", {}).get(b) for r in rounds]
+        fb = [x for x in fb if x is not None]
         summary[b] = {"speedup": statistics.median(sp), "rss_ratio": statistics.median(rs)}
+        if fb:
+            summary[b]["of_bound"] = statistics.median(fb)
         print(f"| {b} | {', '.join(f'{x:.2f}x' for x in sp)} | {statistics.median(sp):.2f}x | "
+              f"{', '.join(f'{100 * x:.0f} %' for x in fb) or '-'} | "
               f"{', '.join(f'{x:.2f}' for x in rs)} | {statistics.median(rs):.2f} |")
     if args.out:
         tmp_out = args.out + ".tmp"

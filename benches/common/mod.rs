@@ -63,34 +63,57 @@ pub fn report(bench: &str, value: f64, unit: &str, peak_rss_mib: f64) {
     );
 }
 
+/// [`report`] with the figure's fraction of the machine's bound measured in the same run
+/// (prefill: of the compute bound; decode: of the bandwidth bound).
+pub fn report_bound(bench: &str, value: f64, unit: &str, peak_rss_mib: f64, of_bound: f64) {
+    println!(
+        "json: {}",
+        serde_json::json!({"bench": bench, "value": value, "unit": unit,
+                           "peak_rss_mib": peak_rss_mib, "of_bound": of_bound})
+    );
+}
+
 /// The memory bandwidth in GB/s, measured now: the best of 5 multi-threaded streaming reads
 /// (a sum) over a buffer of `bytes` (at least 256 MiB, so that caches don't serve it), on the
-/// compute pool. Decoding reads every weight once per token, so `bandwidth / weight bytes` is
-/// the most tokens per second it can reach.
+/// compute pool, on ordinary pages and on huge pages (as the packed weights are kept), the
+/// faster of the two. Decoding reads every weight once per token, so `bandwidth / weight bytes`
+/// is the most tokens per second it can reach.
 pub fn bandwidth_gbs(bytes: usize) -> f64 {
     use rayon::prelude::*;
     let n = bytes.max(256 << 20) / 4;
-    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
-    (0..5)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            let s: f32 = buf
-                .par_chunks(1 << 16)
-                .map(|c| {
-                    // 16 independent lanes, which the compiler turns into vector adds
-                    let mut a = [0f32; 16];
-                    for ch in c.chunks_exact(16) {
-                        for (aj, v) in a.iter_mut().zip(ch) {
-                            *aj += v;
+    let read = |buf: &[f32]| {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                let s: f32 = buf
+                    .par_chunks(1 << 16)
+                    .map(|c| {
+                        // 16 independent lanes, which the compiler turns into vector adds
+                        let mut a = [0f32; 16];
+                        for ch in c.chunks_exact(16) {
+                            for (aj, v) in a.iter_mut().zip(ch) {
+                                *aj += v;
+                            }
                         }
-                    }
-                    a.iter().sum::<f32>()
-                })
-                .sum();
-            std::hint::black_box(s);
-            (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
-        })
-        .fold(0.0, f64::max)
+                        a.iter().sum::<f32>()
+                    })
+                    .sum();
+                std::hint::black_box(s);
+                (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    };
+    let fill = |b: &mut [f32]| {
+        b.par_iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i % 7) as f32)
+    };
+    let small: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let on_small = read(&small);
+    drop(small);
+    let mut huge = lqa::model::huge_buf::HugeBuf::zeros(n);
+    fill(&mut huge);
+    on_small.max(read(&huge))
 }
 
 /// The f32 compute bound in GFLOPS: the packed microkernels (what the model's projections run)

@@ -750,7 +750,7 @@ impl ControlOptimizer {
 
     /// One optimizer step on the next batch.
     pub fn step(&mut self) -> Result<ControlStats> {
-        crate::threads::install(|| self.step_here())
+        crate::threads::hot(|| self.step_here())
     }
 
     fn step_here(&mut self) -> Result<ControlStats> {

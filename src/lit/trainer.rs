@@ -537,7 +537,7 @@ impl Trainer {
 
     /// One optimizer step (`grad_accum` micro-batches).
     pub fn step(&mut self) -> Result<StepStats> {
-        crate::threads::install(|| self.step_here())
+        crate::threads::hot(|| self.step_here())
     }
 
     fn step_here(&mut self) -> Result<StepStats> {

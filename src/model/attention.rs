@@ -340,12 +340,177 @@ impl CausalAttention {
     }
 }
 
+/// Queries of one head per task of [`cached_attention`].
+const QUERY_BLOCK: usize = 32;
+/// Below this many multiply-adds [`cached_attention`] runs on one thread (a decode step's).
+const ATTN_PARALLEL_MACS: usize = 1 << 18;
+
+/// Inference attention over a KV cache (f32, CPU), without a graph: queries `q`
+/// `[b, nh, s, hd]` (rotated) at positions `offset..offset + s` of the padded sequence, keys
+/// and values `k`, `v` `[b, nkv, kv, hd]` with `kv == offset + s` (the cache after this chunk
+/// was appended; each head's block `kcap`, `vcap >= kv` positions apart, as a cache's
+/// buffers hold them), each row's left padding `pads` and an optional sliding `window`. Returns `y`
+/// `[b, s, nh * hd]`, the heads merged as the output projection reads them.
+///
+/// Each task takes [`QUERY_BLOCK`] queries of one head and only the keys they may see (a
+/// causal prefill skips the keys after its last query), computes their scores, the masked
+/// softmax and the product with the values, and writes its rows of `y` in place: one pass
+/// instead of candle's batched products, mask, softmax and transposes.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cached_attention(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (b, nh, nkv, s, hd): (usize, usize, usize, usize, usize),
+    (kv, kcap, vcap): (usize, usize, usize),
+    scale: f32,
+    pads: &[usize],
+    offset: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    assert!(
+        q.len() == b * nh * s * hd
+            && kcap >= kv
+            && vcap >= kv
+            && k.len() >= ((b * nkv).saturating_sub(1) * kcap + kv) * hd
+            && v.len() >= ((b * nkv).saturating_sub(1) * vcap + kv) * hd
+            && kv == offset + s
+            && pads.len() == b
+            && nkv > 0
+            && nh % nkv == 0,
+        "cached-attention: q {} k {} v {} values for [{b}, {nh}/{nkv}, {s}/{kv}, {hd}]",
+        q.len(),
+        k.len(),
+        v.len()
+    );
+    let rep = nh / nkv;
+    let blocks = s.div_ceil(QUERY_BLOCK);
+    let mut y = vec![0f32; b * s * nh * hd];
+    let out = Shared(y.as_mut_ptr());
+    let task = |t: usize| {
+        let (bh, qb) = (t / blocks, t % blocks);
+        let (bi, hh) = (bh / nh, bh % nh);
+        let g = hh / rep;
+        let (i0, i1) = (qb * QUERY_BLOCK, (qb * QUERY_BLOCK + QUERY_BLOCK).min(s));
+        let rows = i1 - i0;
+        // the keys any of these queries sees: [lo, hi)
+        let lo = super::ops::first_key(pads[bi], offset + i0, window);
+        let hi = offset + i1;
+        let keys = hi - lo;
+        let qh = &q[(bh * s + i0) * hd..][..rows * hd];
+        let kh = &k[((bi * nkv + g) * kcap + lo) * hd..][..keys * hd];
+        let vh = &v[((bi * nkv + g) * vcap + lo) * hd..][..keys * hd];
+        let scores = matmul(
+            (rows, keys, hd),
+            Mat::rows(qh, hd),
+            Mat::t(kh, hd),
+            1.0,
+            false,
+        );
+        // SAFETY: every row of p is written by masked_softmax_row.
+        let p = unsafe {
+            kernels::filled(rows * keys, |p| {
+                for (r, (o, row)) in p.chunks_mut(keys).zip(scores.chunks(keys)).enumerate() {
+                    let pos = offset + i0 + r;
+                    let first = super::ops::first_key(pads[bi], pos, window);
+                    kernels::masked_softmax_row(o, row, scale, first - lo, pos + 1 - lo);
+                }
+            })
+        };
+        // SAFETY: this task alone writes columns hh*hd..(hh+1)*hd of rows i0..i1 of row bi
+        // of y.
+        unsafe {
+            product_to(
+                (rows, hd, keys),
+                out.at((bi * s + i0) * nh * hd + hh * hd),
+                nh * hd,
+                false,
+                Mat::rows(&p, keys),
+                Mat::rows(vh, hd),
+                1.0,
+                false,
+            );
+        }
+    };
+    let tasks = b * nh * blocks;
+    if b * nh * s * kv * hd < ATTN_PARALLEL_MACS {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::{attention_probs, split_heads, Scores};
+    use crate::model::ops::{attention_probs, first_key, split_heads, Scores};
     use crate::model::testing::{causal_mask, rel_diff, t};
     use candle_core::{DType, Var};
+
+    /// Inference attention over a cache against a naive f64 softmax attention: a prefill that
+    /// spans several query blocks (a partial last one, on the threads), a chunk after cached
+    /// tokens and a single decoded token, with left padding, grouped heads and a sliding window.
+    #[test]
+    fn cached_attention_matches_naive_attention() {
+        let (b, nh, nkv, hd) = (2usize, 4usize, 2usize, 16usize);
+        let pads = [0usize, 4];
+        let scale = 0.3f32;
+        let val = |i: usize, seed: usize| (((i + seed) * 7919 % 211) as f32 - 105.0) / 80.0;
+        for (offset, s) in [(0usize, 70usize), (5, 3), (39, 1)] {
+            for window in [None, Some(9)] {
+                let kv = offset + s;
+                // a cache's buffers hold more positions than are filled
+                let (kcap, vcap) = (kv + offset % 3, kv + offset % 5);
+                let q: Vec<f32> = (0..b * nh * s * hd).map(|i| val(i, 1)).collect();
+                let k: Vec<f32> = (0..b * nkv * kcap * hd).map(|i| val(i, 2)).collect();
+                let v: Vec<f32> = (0..b * nkv * vcap * hd).map(|i| val(i, 3)).collect();
+                let y = cached_attention(
+                    (&q, &k, &v),
+                    (b, nh, nkv, s, hd),
+                    (kv, kcap, vcap),
+                    scale,
+                    &pads,
+                    offset,
+                    window,
+                );
+                let mut worst = 0f64;
+                for bi in 0..b {
+                    for h in 0..nh {
+                        let g = h / (nh / nkv);
+                        for i in 0..s {
+                            let pos = offset + i;
+                            let keys = first_key(pads[bi], pos, window)..pos + 1;
+                            let qi = &q[((bi * nh + h) * s + i) * hd..][..hd];
+                            let row = |j: usize, cap: usize| ((bi * nkv + g) * cap + j) * hd;
+                            let sc: Vec<f64> = keys
+                                .clone()
+                                .map(|j| {
+                                    let kj = &k[row(j, kcap)..][..hd];
+                                    let dot: f64 =
+                                        qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum();
+                                    dot * scale as f64
+                                })
+                                .collect();
+                            let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                            for c in 0..hd {
+                                let want: f64 = keys
+                                    .clone()
+                                    .zip(&sc)
+                                    .map(|(j, x)| (x - m).exp() / z * v[row(j, vcap) + c] as f64)
+                                    .sum();
+                                let got = y[(bi * s + i) * nh * hd + h * hd + c] as f64;
+                                worst = worst.max((got - want).abs());
+                            }
+                        }
+                    }
+                }
+                assert!(
+                    worst < 1e-5,
+                    "offset {offset}, {s} queries, window {window:?}: off by {worst}"
+                );
+            }
+        }
+    }
 
     /// The fused op (f32) against candle's composition in f64 (head split, RoPE, grouped heads,
     /// the mask tensor, the composed softmax): the output and the gradients of q, k and v in

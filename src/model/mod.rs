@@ -24,6 +24,7 @@
 mod attention;
 mod block_node;
 mod gemm;
+pub mod huge_buf;
 pub mod isa;
 pub mod kernels;
 pub mod kv_cache;
@@ -354,6 +355,32 @@ impl Attention {
             None => (k, v),
         };
         let kv_len = k.dim(2)?;
+        // Inference on the CPU: one pass per block of queries over the keys they see.
+        if !ctx.differentiable
+            && q.dtype() == DType::F32
+            && ops::cpu_kernels(q.device())
+            && self.softcap.is_none()
+            && ctx.pads.len() == b
+            && kv_len == ctx.offset + s
+        {
+            let y = ops::with_f32(&q, "attention", |qs| {
+                ops::with_f32_heads(&k, "attention", |ks, kcap| {
+                    ops::with_f32_heads(&v, "attention", |vs, vcap| {
+                        Ok(attention::cached_attention(
+                            (qs, ks, vs),
+                            (b, nh, nkv, s, hd),
+                            (kv_len, kcap, vcap),
+                            self.scale as f32,
+                            &ctx.pads,
+                            ctx.offset,
+                            self.window,
+                        ))
+                    })
+                })
+            })?;
+            let y = Tensor::from_vec(y, (b, s, nh * hd), q.device())?;
+            return Ok(self.o.forward_t(&y, ctx.dropout, ctx.track)?);
+        }
         let rep = nh / nkv;
         // Grouped-query attention without copying K/V: fold the query heads that share a KV
         // head into the sequence axis. [b, nkv, rep*s, hd] @ [b, nkv, hd, kv] -> [b, nkv, rep*s, kv]
@@ -481,6 +508,10 @@ impl Model {
                 device,
             )?)
         };
+        if let EmbedTable::Dense(t) = &embed {
+            // read whole by a tied lm_head at every decoded token
+            huge_buf::collapse_in_background(t);
+        }
         // Gemma's (1 + w) norms: fold the 1 in, unless the file already did (GGUF).
         let fold = cfg.norm_unit_offset && !src.norms_include_unit_offset();
         let norm = |src: &mut dyn WeightSource, name: &str, n: usize| -> Result<Tensor> {
@@ -646,7 +677,10 @@ impl Model {
         // its own tensor, or the embedding table (shared, in whatever form it is kept)
         let lm_head = match own_head {
             Some(LinearWeight::Quant(q)) => Linear::new_quant(q, None),
-            Some(LinearWeight::Dense(w)) => Linear::new(w, None),
+            Some(LinearWeight::Dense(w)) => {
+                huge_buf::collapse_in_background(&w);
+                Linear::new(w, None)
+            }
             None => match &embed {
                 EmbedTable::Quant(q) => Linear::new_quant(q.clone(), None),
                 EmbedTable::Dense(t) => Linear::new(t.clone(), None),
@@ -942,7 +976,7 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: Option<&mut Hooks>,
     ) -> Result<Output> {
-        crate::threads::install(|| self.forward_embeds_here(x, input, cache, hooks))
+        crate::threads::hot(|| self.forward_embeds_here(x, input, cache, hooks))
     }
 
     fn forward_embeds_here(

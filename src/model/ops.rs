@@ -52,6 +52,33 @@ pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result
     f(f32_slice(s, l, op)?)
 }
 
+/// The values of a CPU tensor `[b, h, len, d]` that may be a view of the first `len` positions
+/// of a larger buffer `[b, h, cap, d]` (a KV cache), for `f(values, cap)`: position `p` of
+/// head block `i` (`i = bi * h + head`) at `values[(i * cap + p) * d..]`. Such a view is read in
+/// place; other layouts are copied (`cap == len`).
+pub(crate) fn with_f32_heads<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32], usize) -> Result<R>,
+) -> Result<R> {
+    let (b, h, len, d) = t.dims4()?;
+    {
+        let (s, l) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*s {
+            let st = l.stride();
+            if st[3] == 1 && st[2] == d && d > 0 && st[1] % d == 0 && st[0] == h * st[1] {
+                let cap = st[1] / d;
+                let start = l.start_offset();
+                let need = ((b * h).saturating_sub(1) * cap + len) * d;
+                if cap >= len && start + need <= v.len() {
+                    return f(&v[start..start + need], cap);
+                }
+            }
+        }
+    }
+    with_f32(t, op, |v| f(v, len))
+}
+
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`, computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
     if x.dtype() == DType::F32 && w.dtype() == DType::F32 && cpu_kernels(x.device()) {

@@ -12,6 +12,7 @@
 //! model keeps plain layouts and candle's matmul. `LQA_PACKED=0` turns packing off (for A/B
 //! measurements).
 
+use super::huge_buf::HugeBuf;
 use super::transpose::transpose;
 use gemm_common::microkernel::MicroKernelFn;
 use rayon::prelude::*;
@@ -79,13 +80,46 @@ impl Kernel {
     }
 }
 
-/// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`.
+/// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`: this thread runs `work(0)`
+/// and waits for the others spinning (taking pool work meanwhile), not sleeping.
+///
+/// A `join` (rayon's parallel iterators) whose first half ends a little before the second
+/// sleeps on a futex after about 30 yields, and in a VM the wake-up takes tens of
+/// microseconds: a decode step's product of 9 panels on 2 threads (4 and 5) ran at half the
+/// bandwidth of one of 10 panels.
 pub(crate) fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     if nt == 1 {
         work(0);
-    } else {
-        (0..nt).into_par_iter().for_each(work);
+        return;
     }
+    /// Counts a part done when dropped, so that a part that panics is counted too (the scope
+    /// then re-raises its panic).
+    struct Done<'a>(&'a AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Release);
+        }
+    }
+    let left = AtomicUsize::new(nt);
+    let (work, left) = (&work, &left);
+    rayon::scope(|s| {
+        for t in 1..nt {
+            s.spawn(move |_| {
+                let _done = Done(left);
+                work(t)
+            });
+        }
+        {
+            let _done = Done(left);
+            work(0);
+        }
+        while left.load(Ordering::Acquire) > 0 {
+            if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                std::hint::spin_loop();
+            }
+        }
+    });
 }
 
 /// The best microkernels this CPU runs, or `None` where packing is not used.
@@ -157,7 +191,7 @@ struct Plan {
 /// input), the last panel zero-padded.
 #[derive(Clone)]
 pub struct PackedWeight {
-    data: Arc<Vec<f32>>,
+    data: Arc<HugeBuf>,
     n: usize,
     k: usize,
     kernel: &'static Kernel,
@@ -194,7 +228,7 @@ impl PackedWeight {
             w.len()
         );
         let mr = kernel.mr;
-        let mut data = vec![0f32; n.div_ceil(mr) * k * mr];
+        let mut data = HugeBuf::zeros(n.div_ceil(mr) * k * mr);
         if k > 0 {
             data.par_chunks_mut(k * mr)
                 .enumerate()
@@ -517,6 +551,38 @@ mod tests {
 
     /// Several weights of one input in one region: each output exactly its own forward,
     /// including one weight too small to be split and one past MAX_KC.
+    #[test]
+    fn on_threads_runs_each_part_once_and_raises_a_parts_panic() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        crate::threads::install(|| {
+            for nt in [1usize, 2, 3, 7] {
+                let runs: Vec<AtomicUsize> = (0..nt).map(|_| AtomicUsize::new(0)).collect();
+                on_threads(nt, |t| {
+                    runs[t].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    runs.iter().all(|r| r.load(Ordering::Relaxed) == 1),
+                    "{nt} parts"
+                );
+            }
+            // a panicking part (the caller's own or another's) comes back as a panic, after
+            // every other part has run, instead of a hang
+            for bad in [0usize, 2] {
+                let ran = AtomicUsize::new(0);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    on_threads(3, |t| {
+                        ran.fetch_add(1, Ordering::Relaxed);
+                        if t == bad {
+                            panic!("part {t}");
+                        }
+                    })
+                }));
+                assert!(r.is_err(), "the panic of part {bad} was lost");
+                assert_eq!(ran.load(Ordering::Relaxed), 3);
+            }
+        });
+    }
+
     #[test]
     fn forward_many_equals_each_forward() {
         let Some(kern) = kernel() else {
