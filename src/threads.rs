@@ -73,6 +73,12 @@ thread_local! {
     static HOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether [`hot`] keeps workers awake (`LQA_HOT=0` turns it off, for A/B measurements).
+fn hot_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| !std::env::var("LQA_HOT").is_ok_and(|v| v == "0"))
+}
+
 /// How long a kept-warm worker waits for pool work before it returns to rayon (and sleeps).
 const WARM_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
 
@@ -89,7 +95,7 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let p = pool();
         let me = p.current_thread_index();
         let others = p.current_num_threads().saturating_sub(1);
-        if others == 0 || HOT.get() || std::env::var("LQA_HOT").is_ok_and(|v| v == "0") {
+        if others == 0 || HOT.get() || !hot_enabled() {
             return f();
         }
         HOT.set(true);
@@ -117,9 +123,9 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                         if idle_since.elapsed() > WARM_IDLE {
                             return;
                         }
-                        for _ in 0..32 {
-                            std::hint::spin_loop();
-                        }
+                        // a system call that returns at once unless another thread waits
+                        // for this core (more workers than cores)
+                        std::thread::yield_now();
                     }
                 }
             }

@@ -348,8 +348,8 @@ const ATTN_PARALLEL_MACS: usize = 1 << 18;
 /// Inference attention over a KV cache (f32, CPU), without a graph: queries `q`
 /// `[b, nh, s, hd]` (rotated) at positions `offset..offset + s` of the padded sequence, keys
 /// and values `k`, `v` `[b, nkv, kv, hd]` with `kv == offset + s` (the cache after this chunk
-/// was appended; each head's block `kcap`, `vcap >= kv` positions apart, as a cache's
-/// buffers hold them), each row's left padding `pads` and an optional sliding `window`. Returns `y`
+/// was appended; each head's block `kcap`, `vcap >= kv` positions apart, as a cache's buffers
+/// hold them), each row's left padding `pads` and an optional sliding `window`. Returns `y`
 /// `[b, s, nh * hd]`, the heads merged as the output projection reads them.
 ///
 /// Each task takes [`QUERY_BLOCK`] queries of one head and only the keys they may see (a

@@ -114,9 +114,17 @@ pub(crate) fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
             let _done = Done(left);
             work(0);
         }
+        let mut idle = 0u32;
         while left.load(Ordering::Acquire) > 0 {
-            if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+            if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                idle = 0;
+            } else if idle < 256 {
+                idle += 1;
                 std::hint::spin_loop();
+            } else {
+                // a part runs long: give the core to whoever waits for it (more workers than
+                // cores), at the price of a system call that otherwise returns at once
+                std::thread::yield_now();
             }
         }
     });
