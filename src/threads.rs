@@ -90,6 +90,10 @@ const WARM_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
 /// the next region wakes them through the kernel. A decode step is hundreds of short parallel
 /// regions with serial work between them: the sleeping and waking took about 10 % of each
 /// thread's time. Kept warm, the other worker picks each region up without a system call.
+///
+/// Two `hot` calls on different workers (two forwards at once) may each end up running the
+/// other's waiting job inside their own waits; a waiting job leaves after [`WARM_IDLE`] without
+/// work, so neither waits on the other longer than that.
 pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     install(|| {
         let p = pool();
