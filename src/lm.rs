@@ -119,7 +119,10 @@ impl LanguageModel {
     /// Resolve `name` (fetching it if needed) and load it.
     pub fn load(name: &str, opts: &LoadOptions) -> Result<Self> {
         let src = sources::resolve(name)?;
-        Self::from_source(name, &src, opts)
+        let lm = Self::from_source(name, &src, opts);
+        // the loader's f32 copies, freed once packed, stay in malloc's heap otherwise
+        crate::util::release_free_memory();
+        lm
     }
 
     /// [`LanguageModel::load`] as a shared handle: loading the same model (same name, dtype and
