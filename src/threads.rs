@@ -68,6 +68,70 @@ pub fn init() {
     let _ = pool();
 }
 
+/// Spin until `done()`, running the pool's pending work meanwhile (`rayon::yield_now`); after
+/// 256 idle rounds each idle round gives the core up once (a system call that returns at once
+/// unless another thread waits for this core: more workers than cores). With `give_up`, returns
+/// `false` once that long has passed without work.
+fn spin_until(done: impl Fn() -> bool, give_up: Option<std::time::Duration>) -> bool {
+    let (mut idle, mut since) = (0u32, None);
+    while !done() {
+        if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+            (idle, since) = (0, None);
+            continue;
+        }
+        if idle < 256 {
+            idle += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+        if let Some(limit) = give_up {
+            if since.get_or_insert_with(std::time::Instant::now).elapsed() > limit {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`: this thread runs `work(0)`
+/// and waits for the others spinning (taking pool work meanwhile), not sleeping.
+///
+/// A `join` (rayon's parallel iterators) whose first half ends a little before the second
+/// sleeps on a futex after about 30 yields, and in a VM the wake-up takes tens of
+/// microseconds: a decode step's product of 9 panels on 2 threads (4 and 5) ran at half the
+/// bandwidth of one of 10 panels.
+pub(crate) fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if nt == 1 {
+        work(0);
+        return;
+    }
+    /// Counts a part done when dropped, so that a part that panics is counted too (the scope
+    /// then re-raises its panic).
+    struct Done<'a>(&'a AtomicUsize);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Release);
+        }
+    }
+    let left = AtomicUsize::new(nt);
+    let (work, left) = (&work, &left);
+    rayon::scope(|s| {
+        for t in 1..nt {
+            s.spawn(move |_| {
+                let _done = Done(left);
+                work(t)
+            });
+        }
+        {
+            let _done = Done(left);
+            work(0);
+        }
+        spin_until(|| left.load(Ordering::Acquire) == 0, None);
+    });
+}
+
 thread_local! {
     /// Whether this worker is inside [`hot`] (a nested call has nothing to add).
     static HOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -119,20 +183,10 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             if Some(ctx.index()) == me {
                 return;
             }
-            let mut idle_since = std::time::Instant::now();
-            while !flag.load(std::sync::atomic::Ordering::Acquire) {
-                match rayon::yield_now() {
-                    Some(rayon::Yield::Executed) => idle_since = std::time::Instant::now(),
-                    _ => {
-                        if idle_since.elapsed() > WARM_IDLE {
-                            return;
-                        }
-                        // a system call that returns at once unless another thread waits
-                        // for this core (more workers than cores)
-                        std::thread::yield_now();
-                    }
-                }
-            }
+            spin_until(
+                || flag.load(std::sync::atomic::Ordering::Acquire),
+                Some(WARM_IDLE),
+            );
         });
         f()
     })
@@ -142,6 +196,38 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 mod tests {
     use super::*;
     use rayon::prelude::*;
+
+    #[test]
+    fn on_threads_runs_each_part_once_and_raises_a_parts_panic() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        install(|| {
+            for nt in [1usize, 2, 3, 7] {
+                let runs: Vec<AtomicUsize> = (0..nt).map(|_| AtomicUsize::new(0)).collect();
+                on_threads(nt, |t| {
+                    runs[t].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    runs.iter().all(|r| r.load(Ordering::Relaxed) == 1),
+                    "{nt} parts"
+                );
+            }
+            // a panicking part (the caller's own or another's) comes back as a panic, after
+            // every other part has run, instead of a hang
+            for bad in [0usize, 2] {
+                let ran = AtomicUsize::new(0);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    on_threads(3, |t| {
+                        ran.fetch_add(1, Ordering::Relaxed);
+                        if t == bad {
+                            panic!("part {t}");
+                        }
+                    })
+                }));
+                assert!(r.is_err(), "the panic of part {bad} was lost");
+                assert_eq!(ran.load(Ordering::Relaxed), 3);
+            }
+        });
+    }
 
     /// `hot` gives back `f`'s value, nests, lets parallel work inside it use every worker, and
     /// a panic inside it comes back out and leaves the pool usable.

@@ -198,7 +198,7 @@ impl CustomOp1 for FrozenMatmul {
                 );
             }
         };
-        packed::on_threads(parts, part);
+        crate::threads::on_threads(parts, part);
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 

@@ -14,6 +14,7 @@
 
 use super::huge_buf::HugeBuf;
 use super::transpose::transpose;
+use crate::threads::on_threads;
 use gemm_common::microkernel::MicroKernelFn;
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -78,56 +79,6 @@ impl Kernel {
             std::ptr::null(),
         );
     }
-}
-
-/// Run `work(t)` for `t` in `0..nt`, in parallel when `nt > 1`: this thread runs `work(0)`
-/// and waits for the others spinning (taking pool work meanwhile), not sleeping.
-///
-/// A `join` (rayon's parallel iterators) whose first half ends a little before the second
-/// sleeps on a futex after about 30 yields, and in a VM the wake-up takes tens of
-/// microseconds: a decode step's product of 9 panels on 2 threads (4 and 5) ran at half the
-/// bandwidth of one of 10 panels.
-pub(crate) fn on_threads(nt: usize, work: impl Fn(usize) + Sync + Send) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    if nt == 1 {
-        work(0);
-        return;
-    }
-    /// Counts a part done when dropped, so that a part that panics is counted too (the scope
-    /// then re-raises its panic).
-    struct Done<'a>(&'a AtomicUsize);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::Release);
-        }
-    }
-    let left = AtomicUsize::new(nt);
-    let (work, left) = (&work, &left);
-    rayon::scope(|s| {
-        for t in 1..nt {
-            s.spawn(move |_| {
-                let _done = Done(left);
-                work(t)
-            });
-        }
-        {
-            let _done = Done(left);
-            work(0);
-        }
-        let mut idle = 0u32;
-        while left.load(Ordering::Acquire) > 0 {
-            if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-                idle = 0;
-            } else if idle < 256 {
-                idle += 1;
-                std::hint::spin_loop();
-            } else {
-                // a part runs long: give the core to whoever waits for it (more workers than
-                // cores), at the price of a system call that otherwise returns at once
-                std::thread::yield_now();
-            }
-        }
-    });
 }
 
 /// The best microkernels this CPU runs, or `None` where packing is not used.
@@ -559,38 +510,6 @@ mod tests {
 
     /// Several weights of one input in one region: each output exactly its own forward,
     /// including one weight too small to be split and one past MAX_KC.
-    #[test]
-    fn on_threads_runs_each_part_once_and_raises_a_parts_panic() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        crate::threads::install(|| {
-            for nt in [1usize, 2, 3, 7] {
-                let runs: Vec<AtomicUsize> = (0..nt).map(|_| AtomicUsize::new(0)).collect();
-                on_threads(nt, |t| {
-                    runs[t].fetch_add(1, Ordering::Relaxed);
-                });
-                assert!(
-                    runs.iter().all(|r| r.load(Ordering::Relaxed) == 1),
-                    "{nt} parts"
-                );
-            }
-            // a panicking part (the caller's own or another's) comes back as a panic, after
-            // every other part has run, instead of a hang
-            for bad in [0usize, 2] {
-                let ran = AtomicUsize::new(0);
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    on_threads(3, |t| {
-                        ran.fetch_add(1, Ordering::Relaxed);
-                        if t == bad {
-                            panic!("part {t}");
-                        }
-                    })
-                }));
-                assert!(r.is_err(), "the panic of part {bad} was lost");
-                assert_eq!(ran.load(Ordering::Relaxed), 3);
-            }
-        });
-    }
-
     #[test]
     fn forward_many_equals_each_forward() {
         let Some(kern) = kernel() else {
